@@ -1,0 +1,78 @@
+"""Checks at the host boundary: clear TypeError/ValueError before anything is launched or changed."""
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_RANK = 256
+
+
+def _describe(name, t):
+    return f"{name} {tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+def check_lora_linear_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """Validate the operands of `lora_linear`. Raises TypeError (kind, dtype, device) or ValueError (shape, range)."""
+    named = [("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
+    if bias is not None:
+        named.append(("bias", bias))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    devices = {t.device for _, t in named}
+    if len(devices) > 1:
+        raise TypeError("all operands must be on one device; got "
+                        + ", ".join(_describe(n, t) for n, t in named))
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError("weight and bias must have x's dtype; got "
+                        + ", ".join(_describe(n, t) for n, t in named))
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"lora_A and lora_B must share one dtype, x's ({x.dtype}) or float32; got "
+                        f"{_describe('lora_A', lora_A)}, {_describe('lora_B', lora_B)}")
+
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least one dimension (*, in_features); got shape {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (out_features, in_features); got {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x's last dimension must be in_features = {in_features} (weight {tuple(weight.shape)}); "
+                         f"got x {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must be (out_features,) = ({out_features},); got {tuple(bias.shape)}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A must be (r, in_features) = (r, {in_features}); got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(f"rank r = lora_A.shape[0] must be in [1, {MAX_RANK}]; got {r} (lora_A {tuple(lora_A.shape)})")
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_B must be (out_features, r) = ({out_features}, {r}); got {tuple(lora_B.shape)}")
+    for name, t in named:
+        if t is not x and t.dim() >= 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit stride in its last dimension; got strides {t.stride()}")
+    check_scalars(scaling, dropout_p)
+
+
+def check_scalars(scaling, dropout_p):
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise TypeError(f"scaling must be a finite Python float; got {scaling!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a Python float; got {dropout_p!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
+
+
+def check_lora_hyperparameters(in_features, out_features, r, lora_alpha, lora_dropout):
+    for name, value in (("in_features", in_features), ("out_features", out_features), ("r", r)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int; got {value!r}")
+    if in_features <= 0 or out_features <= 0:
+        raise ValueError(f"in_features and out_features must be positive; got ({in_features}, {out_features})")
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(f"r must be in [1, {MAX_RANK}]; got {r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+        raise TypeError(f"lora_alpha must be a finite number; got {lora_alpha!r}")
+    check_scalars(1.0, lora_dropout)

@@ -1,0 +1,215 @@
+"""Backward kernels of the fused LoRA linear.
+
+    V  = s * dY @ B                           [M, R]  (B1, lora_grad_dy_kernel)
+    dB = s * dY^T @ U                         [N, R]  (B1 partials + reduce_partials_kernel)
+    dX = dY @ W + (V @ A) * keep / (1 - p)    [M, K]  (B2, lora_grad_x_kernel)
+    dA = V^T @ Xd                             [R, K]  (lora_grad_a_kernel + reduce_partials_kernel)
+
+Reductions over M are two-stage: each program writes an fp32 partial for its slice of
+rows, then reduce_partials_kernel sums the partials in a fixed order. No atomics, so
+the same inputs give the same bits on every run.
+"""
+
+import triton
+import triton.language as tl
+
+from lorakernels.kernels.dropout import dropout_keep
+from lorakernels.kernels.lora_forward import grouped_tile
+
+
+@triton.jit
+def lora_grad_dy_kernel(
+    dy_ptr,
+    b_ptr,
+    u_ptr,
+    v_ptr,
+    db_part_ptr,
+    M,
+    N,
+    R,
+    stride_dym,
+    stride_bn,
+    stride_um,
+    stride_vm,
+    scaling,
+    COMPUTE_V: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    R_PAD: tl.constexpr,
+):
+    """B1: one pass over a BLOCK_M-row slab of dY gives V (complete) and the slab's dB partial.
+
+    db_part is fp32 [cdiv(M, BLOCK_M), N, R], unscaled; V is fp32 [M, R], scaled by s.
+    Grid: (cdiv(M, BLOCK_M),).
+    """
+    dot_dtype = dy_ptr.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, R_PAD)
+    row_ok = rows < M
+    rank_ok = ranks < R
+    if COMPUTE_DB:
+        u = tl.load(u_ptr + rows[:, None] * stride_um + ranks[None, :],
+                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(dot_dtype)
+        db_part_ptr += pid * N * R
+    v_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        outs = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        out_ok = outs < N
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :],
+                     mask=row_ok[:, None] & out_ok[None, :], other=0.0)
+        if COMPUTE_V:
+            b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :],
+                        mask=out_ok[:, None] & rank_ok[None, :], other=0.0)
+            v_acc = tl.dot(dy, b.to(dot_dtype), v_acc, input_precision=INPUT_PRECISION)
+        if COMPUTE_DB:
+            db = tl.dot(tl.trans(dy), u, input_precision=INPUT_PRECISION)
+            tl.store(db_part_ptr + outs[:, None] * R + ranks[None, :], db,
+                     mask=out_ok[:, None] & rank_ok[None, :])
+    if COMPUTE_V:
+        tl.store(v_ptr + rows[:, None] * stride_vm + ranks[None, :], v_acc * tl.cast(scaling, tl.float32),
+                 mask=row_ok[:, None] & rank_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def lora_grad_x_kernel(
+    dy_ptr,
+    w_ptr,
+    v_ptr,
+    a_ptr,
+    dx_ptr,
+    M,
+    N,
+    K,
+    R,
+    stride_dym,
+    stride_wn,
+    stride_vm,
+    stride_am,
+    stride_dxm,
+    seed,
+    p,
+    BASE_GEMM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    R_PAD: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """B2: dX = dY @ W + (V @ A) * keep / (1 - p), dX written once.
+
+    BLOCK_K tiles dX's columns; BLOCK_N is the reduction step over dY's columns. With
+    BASE_GEMM=False only the masked LoRA term is written (cuBLAS adds dY @ W afterwards).
+    Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K),).
+    """
+    dot_dtype = dy_ptr.dtype.element_ty
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if BASE_GEMM:
+        for n0 in range(0, N, BLOCK_N):
+            outs = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            out_ok = outs < N
+            dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :],
+                         mask=row_ok[:, None] & out_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + outs[:, None] * stride_wn + cols[None, :],
+                        mask=out_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
+
+    # The LoRA term needs its own accumulator: the dropout mask applies to it alone.
+    ranks = tl.arange(0, R_PAD)
+    rank_ok = ranks < R
+    v = tl.load(v_ptr + rows[:, None] * stride_vm + ranks[None, :],
+                mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+    a = tl.load(a_ptr + ranks[:, None] * stride_am + cols[None, :],
+                mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+    lora = tl.dot(v.to(dot_dtype), a.to(dot_dtype), input_precision=INPUT_PRECISION)
+    if HAS_DROPOUT:
+        p = tl.cast(p, tl.float32)
+        keep = dropout_keep(seed, rows, cols, K, p)
+        lora = tl.where(keep, lora * (1.0 / (1.0 - p)), 0.0)
+    acc += lora
+    tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def lora_grad_a_kernel(
+    x_ptr,
+    v_ptr,
+    da_part_ptr,
+    M,
+    K,
+    R,
+    stride_xm,
+    stride_vm,
+    rows_per_split,
+    seed,
+    p,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    R_PAD: tl.constexpr,
+):
+    """dA partials: da_part[s] = V[rows of split s]^T @ Xd[rows of split s], fp32 [S, R, K].
+
+    X is read once, its dropout mask regenerated from the seed. `rows_per_split` is a
+    multiple of BLOCK_M. Grid: (cdiv(K, BLOCK_K), S).
+    """
+    dot_dtype = x_ptr.dtype.element_ty
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(1).to(tl.int64)
+    ranks = tl.arange(0, R_PAD)
+    col_ok = cols < K
+    rank_ok = ranks < R
+    if HAS_DROPOUT:
+        p = tl.cast(p, tl.float32)
+        keep_scale = 1.0 / (1.0 - p)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, M)
+    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_ok = rows < row_end
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rows, cols, K, p)
+            x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(dot_dtype)
+        v_t = tl.load(v_ptr + rows[None, :] * stride_vm + ranks[:, None],
+                      mask=rank_ok[:, None] & row_ok[None, :], other=0.0)
+        acc = tl.dot(v_t.to(dot_dtype), x, acc, input_precision=INPUT_PRECISION)
+    tl.store(da_part_ptr + split * R * K + ranks[:, None] * K + cols[None, :], acc,
+             mask=rank_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def reduce_partials_kernel(
+    part_ptr,
+    out_ptr,
+    num_parts,
+    numel,
+    scaling,
+    BLOCK: tl.constexpr,
+):
+    """out = scaling * sum_i part[i], summed in index order (deterministic), cast once.
+
+    part: fp32 [num_parts, numel] contiguous; out: contiguous [numel]. Grid: (cdiv(numel, BLOCK),).
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    part_ptrs = part_ptr + offs
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _ in range(0, num_parts):
+        acc += tl.load(part_ptrs, mask=ok, other=0.0)
+        part_ptrs += numel
+    tl.store(out_ptr + offs, (acc * tl.cast(scaling, tl.float32)).to(out_ptr.dtype.element_ty), mask=ok)

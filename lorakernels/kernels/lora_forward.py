@@ -1,0 +1,144 @@
+"""Forward kernels of the fused LoRA linear.
+
+    U = Xd @ A^T                   (F1, lora_down_kernel)
+    Y = X @ W^T + b + s * U @ B^T  (F2, lora_linear_fwd_kernel)
+
+X: [M, K], W: [N, K], b: [N], A: [R, K], B: [N, R], U: [M, R] fp32.
+Xd = X * keep / (1 - p) exists only in registers; the mask comes from the seed.
+The rank-R products run on tensor cores in X's dtype (adapters, which may be fp32,
+are cast tile by tile), accumulated in fp32. `R_PAD` >= 16 is the padded rank
+that `tl.dot` needs; ranks >= R are masked to zero.
+"""
+
+import triton
+import triton.language as tl
+
+from lorakernels.kernels.dropout import dropout_keep
+
+
+@triton.jit
+def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Map a linear program id to (pid_m, pid_n), GROUP_M row-tiles at a time, for L2 reuse."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit(do_not_specialize=["seed"])
+def lora_down_kernel(
+    x_ptr,
+    a_ptr,
+    u_ptr,
+    M,
+    K,
+    R,
+    stride_xm,
+    stride_am,
+    stride_um,
+    seed,
+    p,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    R_PAD: tl.constexpr,
+):
+    """F1: one pass over X, dropout applied in registers, U = Xd @ A^T written in fp32.
+
+    Grid: (cdiv(M, BLOCK_M),).
+    """
+    dot_dtype = x_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, R_PAD)
+    row_ok = rows < M
+    rank_ok = ranks < R
+    if HAS_DROPOUT:
+        p = tl.cast(p, tl.float32)
+        keep_scale = 1.0 / (1.0 - p)
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        col_ok = cols < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            # fp32 elementwise math: exact on GPUs, and the interpreter mishandles bf16 arithmetic.
+            keep = dropout_keep(seed, rows, cols, K, p)
+            x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(dot_dtype)
+        a_t = tl.load(a_ptr + ranks[None, :] * stride_am + cols[:, None],
+                      mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+        acc = tl.dot(x, a_t.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
+    tl.store(u_ptr + rows[:, None] * stride_um + ranks[None, :], acc,
+             mask=row_ok[:, None] & rank_ok[None, :])
+
+
+@triton.jit
+def lora_linear_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    u_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    R,
+    stride_xm,
+    stride_wn,
+    stride_um,
+    stride_bn,
+    stride_ym,
+    scaling,
+    HAS_BIAS: tl.constexpr,
+    BASE_GEMM: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    R_PAD: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """F2: Y = X @ W^T + b + s * U @ B^T, one fp32 accumulator, Y rounded and written once.
+
+    With BASE_GEMM=False the X @ W^T term is skipped (Y = b + s U B^T), for the strategy
+    that lets cuBLAS add the base GEMM afterwards (`Y.addmm_(X, W.T)`).
+    Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),).
+    """
+    dot_dtype = x_ptr.dtype.element_ty
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    outs = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    out_ok = outs < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BASE_GEMM:
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            col_ok = cols < K
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            w_t = tl.load(w_ptr + outs[None, :] * stride_wn + cols[:, None],
+                          mask=col_ok[:, None] & out_ok[None, :], other=0.0)
+            acc = tl.dot(x, w_t, acc, input_precision=INPUT_PRECISION)
+
+    # LoRA term into the same accumulator: s is folded into the fp32 U tile before rounding.
+    ranks = tl.arange(0, R_PAD)
+    rank_ok = ranks < R
+    u = tl.load(u_ptr + rows[:, None] * stride_um + ranks[None, :],
+                mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+    b_t = tl.load(b_ptr + outs[None, :] * stride_bn + ranks[:, None],
+                  mask=rank_ok[:, None] & out_ok[None, :], other=0.0)
+    u = (u * tl.cast(scaling, tl.float32)).to(dot_dtype)
+    acc = tl.dot(u, b_t.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + outs, mask=out_ok, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_ym + outs[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & out_ok[None, :])

@@ -1,0 +1,188 @@
+"""Host functions (layer 2) of the fused LoRA linear: allocate, pick the config, launch.
+
+Inputs arrive validated and flattened to 2-D with a unit last-dim stride
+(`lorakernels.functional` does that). Math, shapes and dtypes: see the kernel modules.
+
+Limitations:
+- x, weight and bias share one dtype (fp32, fp16 or bf16); lora_A/lora_B are that dtype
+  or fp32. The rank-R products run in x's dtype with fp32 accumulation (as PEFT under
+  autocast does); U and V are kept in fp32.
+- fp32 inputs use TF32 dots only when `torch.backends.cuda.matmul.allow_tf32` is set,
+  as torch.matmul does; otherwise full-precision fp32 dots.
+- Ranks 1..256 (padded to a power of two >= 16 inside the kernels).
+- Gradients are deterministic: reductions over tokens are two-stage, fixed order.
+- The dropout stream is Triton's Philox; it differs from torch's RNG (the CPU backend)
+  and may differ between Triton versions. Same seed, same Triton: same mask.
+"""
+
+import os
+
+import torch
+import triton
+
+from lorakernels.kernels.dropout import dropout_keep_mask_kernel
+from lorakernels.kernels.lora_backward import (
+    lora_grad_a_kernel,
+    lora_grad_dy_kernel,
+    lora_grad_x_kernel,
+    reduce_partials_kernel,
+)
+from lorakernels.kernels.lora_forward import lora_down_kernel, lora_linear_fwd_kernel
+from lorakernels.ops import configs
+
+BASE_GEMM_ENV = "LORAKERNELS_BASE_GEMM"
+BASE_GEMM_CHOICES = ("triton", "cublas")
+
+
+def _autotuned(kernel):
+    # Candidates are pruned per padded rank so that every launch fits in shared memory.
+    return triton.autotune(
+        configs=configs.GEMM_CANDIDATES,
+        key=["N", "K", "R_PAD"],
+        prune_configs_by={"early_config_prune": lambda cands, nargs, **kw: configs.gemm_configs(kw["R_PAD"])},
+    )(kernel)
+
+
+_lora_linear_fwd_tuned = _autotuned(lora_linear_fwd_kernel)
+_lora_grad_x_tuned = _autotuned(lora_grad_x_kernel)
+
+
+def base_gemm_strategy(requested=None):
+    """Who runs the frozen GEMM: 'triton' (fused kernel, default) or 'cublas' (torch.addmm, LoRA term fused)."""
+    choice = requested or os.environ.get(BASE_GEMM_ENV, "triton")
+    if choice not in BASE_GEMM_CHOICES:
+        raise ValueError(f"base GEMM strategy must be one of {BASE_GEMM_CHOICES} (env {BASE_GEMM_ENV}); got {choice!r}")
+    return choice
+
+
+def _input_precision(dtype, device):
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _launch_gemm(kernel, tuned, num_tiles, args, meta):
+    """Launch F2 or B2: fixed config under the interpreter, autotuned on a GPU."""
+    if configs.interpreting():
+        cfg = configs.INTERPRETER_GEMM_CONFIG
+        kernel[(num_tiles(cfg.kwargs),)](*args, **meta, **cfg.kwargs)
+    else:
+        tuned[lambda m: (num_tiles(m),)](*args, **meta)
+
+
+def _reduce_partials(partials, out, scaling):
+    numel = out.numel()
+    reduce_partials_kernel[(triton.cdiv(numel, configs.REDUCE_CONFIG["BLOCK"]),)](
+        partials, out, partials.shape[0], numel, scaling, **configs.REDUCE_CONFIG)
+    return out
+
+
+def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_gemm="triton"):
+    """Forward of the fused LoRA linear on 2-D inputs.
+
+    Args:
+        x: [M, K], unit last-dim stride. weight: [N, K]. bias: [N] or None.
+        lora_A: [R, K]. lora_B: [N, R]. scaling: s. dropout_p: p (0 disables dropout).
+        seed: Philox seed of the dropout mask. base_gemm: 'triton' or 'cublas'.
+    Returns:
+        (y [M, N] in x's dtype, u [M, R] fp32): u = Xd @ A^T, saved for backward.
+    """
+    M, K = x.shape
+    N, R = lora_B.shape
+    r_pad = configs.padded_rank(R)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    u = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    if M == 0:
+        return y, u
+    precision = _input_precision(x.dtype, x.device)
+
+    down = configs.down_config(r_pad)
+    lora_down_kernel[(triton.cdiv(M, down["BLOCK_M"]),)](
+        x, lora_A, u, M, K, R, x.stride(0), lora_A.stride(0), u.stride(0), seed, float(dropout_p),
+        HAS_DROPOUT=dropout_p > 0, INPUT_PRECISION=precision, R_PAD=r_pad, **down)
+
+    use_triton_gemm = base_gemm == "triton"
+    _launch_gemm(
+        lora_linear_fwd_kernel, _lora_linear_fwd_tuned,
+        lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),
+        (x, weight, bias if bias is not None else y, u, lora_B, y, M, N, K, R,
+         x.stride(0), weight.stride(0), u.stride(0), lora_B.stride(0), y.stride(0), float(scaling)),
+        dict(HAS_BIAS=bias is not None, BASE_GEMM=use_triton_gemm, INPUT_PRECISION=precision, R_PAD=r_pad))
+    if not use_triton_gemm:
+        y.addmm_(x, weight.t())  # cuBLAS adds X W^T to b + s U B^T in its epilogue (beta = 1).
+    return y, u
+
+
+def lora_backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
+                  needs_dx=True, needs_da=True, needs_db=True, base_gemm="triton"):
+    """Backward of the fused LoRA linear on 2-D inputs.
+
+    Args:
+        dy: [M, N] in x's dtype, unit last-dim stride. x, weight, lora_A, lora_B, u, scaling,
+        dropout_p, seed: as in and from `lora_forward`. needs_*: which gradients to compute.
+    Returns:
+        (dx [M, K] or None, dA [R, K] or None, dB [N, R] or None), in x's / the adapters' dtype.
+    """
+    M, K = x.shape
+    N, R = lora_B.shape
+    r_pad = configs.padded_rank(R)
+    device = x.device
+    dx = torch.empty((M, K), device=device, dtype=x.dtype) if needs_dx else None
+    da = torch.zeros_like(lora_A) if needs_da else None
+    db = torch.zeros_like(lora_B) if needs_db else None
+    if M == 0:
+        if dx is not None:
+            dx.zero_()
+        return dx, da, db
+    precision = _input_precision(x.dtype, device)
+    has_dropout = dropout_p > 0
+    needs_v = needs_dx or needs_da
+
+    # B1: V = s dY B and the dB partials, one pass over dY.
+    v = torch.empty((M, R), device=device, dtype=torch.float32) if needs_v else u
+    if needs_v or needs_db:
+        cfg = configs.grad_dy_config(r_pad)
+        num_slabs = triton.cdiv(M, cfg["BLOCK_M"])
+        db_part = torch.empty((num_slabs, N, R), device=device, dtype=torch.float32) if needs_db else u
+        lora_grad_dy_kernel[(num_slabs,)](
+            dy, lora_B, u, v, db_part, M, N, R, dy.stride(0), lora_B.stride(0), u.stride(0), v.stride(0),
+            float(scaling), COMPUTE_V=needs_v, COMPUTE_DB=needs_db, INPUT_PRECISION=precision, R_PAD=r_pad, **cfg)
+        if needs_db:
+            _reduce_partials(db_part, db, float(scaling))
+
+    # B2: dX = dY W + (V A) * keep / (1 - p), written once.
+    if needs_dx:
+        use_triton_gemm = base_gemm == "triton"
+        _launch_gemm(
+            lora_grad_x_kernel, _lora_grad_x_tuned,
+            lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_K"]),
+            (dy, weight, v, lora_A, dx, M, N, K, R, dy.stride(0), weight.stride(0), v.stride(0),
+             lora_A.stride(0), dx.stride(0), seed, float(dropout_p)),
+            dict(BASE_GEMM=use_triton_gemm, HAS_DROPOUT=has_dropout, INPUT_PRECISION=precision, R_PAD=r_pad))
+        if not use_triton_gemm:
+            dx.addmm_(dy, weight)
+
+    # dA = V^T Xd, X read once with its mask regenerated; row slices reduced in fixed order.
+    if needs_da:
+        cfg = configs.grad_a_config(r_pad)
+        col_tiles = triton.cdiv(K, cfg["BLOCK_K"])
+        row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+        splits = max(1, min(row_blocks, triton.cdiv(configs.GRAD_A_TARGET_PROGRAMS, col_tiles)))
+        rows_per_split = triton.cdiv(row_blocks, splits) * cfg["BLOCK_M"]
+        splits = triton.cdiv(M, rows_per_split)
+        da_part = torch.empty((splits, R, K), device=device, dtype=torch.float32)
+        lora_grad_a_kernel[(col_tiles, splits)](
+            x, v, da_part, M, K, R, x.stride(0), v.stride(0), rows_per_split, seed, float(dropout_p),
+            HAS_DROPOUT=has_dropout, INPUT_PRECISION=precision, R_PAD=r_pad, **cfg)
+        _reduce_partials(da_part, da, 1.0)
+    return dx, da, db
+
+
+def dropout_keep_mask(seed, M, K, dropout_p, device):
+    """The (M, K) boolean keep-mask the kernels regenerate for `seed` (tests and debugging only)."""
+    out = torch.empty((M, K), device=device, dtype=torch.int8)
+    if M and K:
+        cfg = configs.DROPOUT_MASK_CONFIG
+        dropout_keep_mask_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))](
+            out, M, K, out.stride(0), seed, float(dropout_p), **cfg)
+    return out.bool()

@@ -1,0 +1,51 @@
+"""Plain-PyTorch backend of the fused LoRA linear: the default on CPU tensors.
+
+Same contract as `lorakernels.ops.lora_linear` (same arguments, same saved state: x, U
+in fp32, the seed), written with whole-tensor torch ops. The dropout mask comes from a
+torch.Generator seeded with the seed, regenerated in backward, never stored; it is a
+different stream from the Triton kernels' Philox mask.
+"""
+
+import torch
+
+
+def torch_keep_mask(seed, M, K, dropout_p, device):
+    """(M, K) boolean keep-mask of the torch backend for `seed`."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return torch.rand((M, K), generator=generator, device=device) >= dropout_p
+
+
+def _dropped(x, seed, dropout_p):
+    """Xd = X * keep / (1 - p) in fp32."""
+    x = x.float()
+    if dropout_p == 0:
+        return x
+    keep = torch_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+    return x * keep / (1.0 - dropout_p)
+
+
+def lora_forward_torch(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_gemm=None):
+    """Torch forward: returns (y [M, N] in x's dtype, u = Xd A^T [M, R] fp32)."""
+    del base_gemm  # one strategy here
+    u = _dropped(x, seed, dropout_p) @ lora_A.float().t()
+    y = torch.nn.functional.linear(x, weight, bias)
+    y = y.addmm_((u * scaling).to(x.dtype), lora_B.to(x.dtype).t())
+    return y, u
+
+
+def lora_backward_torch(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
+                        needs_dx=True, needs_da=True, needs_db=True, base_gemm=None):
+    """Torch backward: returns (dx, dA, dB), None for those not needed."""
+    del base_gemm
+    dy32 = dy.float()
+    v = scaling * (dy32 @ lora_B.float()) if (needs_dx or needs_da) else None
+    db = (scaling * (dy32.t() @ u)).to(lora_B.dtype) if needs_db else None
+    da = (v.t() @ _dropped(x, seed, dropout_p)).to(lora_A.dtype) if needs_da else None
+    dx = None
+    if needs_dx:
+        lora_term = v @ lora_A.float()
+        if dropout_p > 0:
+            lora_term = lora_term * torch_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device) / (1.0 - dropout_p)
+        dx = (dy @ weight).add_(lora_term.to(x.dtype))
+    return dx, da, db
