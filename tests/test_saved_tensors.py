@@ -1,0 +1,72 @@
+"""What autograd keeps for backward: x, U (fp32, M x R) and the parameters; nothing else.
+
+Counted with torch.autograd.graph.saved_tensors_hooks. This catches a stored dropout
+mask, a stored dropped input Xd, an fp32 copy of x, or a saved output.
+"""
+
+import pytest
+import torch
+
+from lorakernels import LoRALinear, lora_linear_ref
+from lorakernels.ops import torch_keep_mask
+
+
+def saved_activation_bytes(run, params):
+    """Bytes autograd packs for backward, minus the parameters (which exist anyway)."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    seen, total = set(), 0
+    for t in packed:
+        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if t.untyped_storage().data_ptr() in param_ptrs or key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total, out
+
+
+CASES = [  # (x dtype, adapter dtype, p)
+    (torch.float32, torch.float32, 0.0),
+    (torch.float32, torch.float32, 0.1),
+    (torch.bfloat16, torch.bfloat16, 0.1),
+    (torch.bfloat16, torch.float32, 0.0),
+    (torch.bfloat16, torch.float32, 0.1),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype, adapter_dtype, p", CASES, ids=str)
+def test_saves_only_x_and_u(dtype, adapter_dtype, p, backend):
+    M, K, N, r = 64, 96, 80, 8
+    layer = LoRALinear(K, N, r=r, lora_dropout=p, dtype=dtype, adapter_dtype=adapter_dtype, backend=backend)
+    x = torch.randn(4, M // 4, K, dtype=dtype, requires_grad=True)
+    saved, y = saved_activation_bytes(lambda: layer(x), list(layer.parameters()))
+    minimal = M * K * x.element_size() + M * r * 4  # x itself + U in fp32
+    assert saved == minimal, f"saved {saved} bytes, expected x + U = {minimal}"
+    y.sum().backward()  # and backward still works from what was saved
+    assert layer.lora_A.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("dtype, adapter_dtype, p", CASES, ids=str)
+def test_peft_style_reference_saves_more(dtype, adapter_dtype, p):
+    """The unfused PEFT-style path (the reference) keeps more whenever there is dropout or a dtype cast
+    (its Xd, its mask, its fp32 copy of x); with neither, it keeps exactly x and U too."""
+    M, K, N, r = 64, 96, 80, 8
+    layer = LoRALinear(K, N, r=r, lora_dropout=p, dtype=dtype, adapter_dtype=adapter_dtype)
+    x = torch.randn(M, K, dtype=dtype, requires_grad=True)
+    keep = torch_keep_mask(0, M, K, p, "cpu") if p else None
+    saved, _ = saved_activation_bytes(
+        lambda: lora_linear_ref(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, keep, p),
+        list(layer.parameters()))
+    minimal = M * K * x.element_size() + M * r * 4
+    if p == 0 and dtype == adapter_dtype:
+        assert saved == minimal
+    else:
+        assert saved > minimal, f"saved {saved} bytes, minimal {minimal}"

@@ -1,0 +1,86 @@
+"""Bad input: a clear TypeError/ValueError that names shapes, dtypes, devices; nothing modified."""
+
+import pytest
+import torch
+
+from lorakernels import LoRALinear, lora_linear
+from tests.utils import make_inputs
+
+
+def operands():
+    x, weight, b, lora_A, lora_B = make_inputs(5, 12, 10, 4, torch.float32)
+    return dict(x=x, weight=weight, bias=b, lora_A=lora_A, lora_B=lora_B, scaling=1.0, dropout_p=0.0)
+
+
+def call(**overrides):
+    args = operands()
+    args.update(overrides)
+    snapshot = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor) and not v.is_meta}
+    try:
+        lora_linear(**args)
+    finally:
+        for k, before in snapshot.items():
+            assert torch.equal(args[k], before), f"{k} was modified by a rejected call"
+
+
+BAD = [
+    (dict(x=torch.randn(5, 11)), ValueError, r"in_features = 12.*\(5, 11\)"),
+    (dict(weight=torch.randn(10, 12, 1)), ValueError, r"weight must be \(out_features, in_features\)"),
+    (dict(bias=torch.randn(9)), ValueError, r"bias must be \(out_features,\) = \(10,\); got \(9,\)"),
+    (dict(lora_A=torch.randn(4, 13)), ValueError, r"lora_A must be \(r, in_features\) = \(r, 12\); got \(4, 13\)"),
+    (dict(lora_B=torch.randn(10, 3)), ValueError, r"lora_B must be \(out_features, r\) = \(10, 4\); got \(10, 3\)"),
+    (dict(lora_A=torch.randn(0, 12), lora_B=torch.randn(10, 0)), ValueError, r"rank r .* got 0"),
+    (dict(lora_A=torch.randn(257, 12), lora_B=torch.randn(10, 257)), ValueError, r"\[1, 256\]; got 257"),
+    (dict(x=torch.randint(0, 3, (5, 12))), TypeError, r"x must be float32.*torch.int64"),
+    (dict(weight=torch.randint(0, 3, (10, 12))), TypeError, r"weight and bias must have x's dtype.*torch.int64"),
+    (dict(lora_A=torch.randn(4, 12, dtype=torch.float64)), TypeError, r"lora_A and lora_B .*torch.float64"),
+    (dict(x=torch.randn(5, 12, device="meta")), TypeError, r"one device.*x \(5, 12\) torch.float32 on meta"),
+    (dict(x=[1.0]), TypeError, r"x must be a torch.Tensor; got list"),
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\); got 1.0"),
+    (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\); got -0.1"),
+    (dict(scaling=float("nan")), TypeError, r"scaling must be a finite"),
+    (dict(weight=torch.randn(10, 12, requires_grad=True)), ValueError, r"frozen.*\(10, 12\)"),
+    (dict(lora_A=torch.randn(12, 4).t()), ValueError, r"lora_A must have a unit stride"),
+]
+
+
+@pytest.mark.parametrize("overrides, error, message", BAD, ids=[m for _, _, m in BAD])
+def test_rejects_bad_input(overrides, error, message):
+    with pytest.raises(error, match=message):
+        call(**overrides)
+
+
+def test_rejects_unknown_backend_and_strategy():
+    with pytest.raises(ValueError, match=r"backend must be one of .* got 'cuda'"):
+        call(backend="cuda")
+    with pytest.raises(ValueError, match=r"base GEMM strategy must be one of .* got 'magma'"):
+        call(base_gemm="magma")
+
+
+def test_forced_triton_backend_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"backend 'triton' needs CUDA tensors.*TRITON_INTERPRET=1.*got tensors on cpu"):
+        call(backend="triton")
+    monkeypatch.setenv("LORAKERNELS_BACKEND", "triton")
+    with pytest.raises(ValueError, match=r"backend 'triton' needs CUDA"):
+        call()
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(r=0), ValueError, r"r must be in \[1, 256\]; got 0"),
+    (dict(r=2.5), TypeError, r"r must be an int; got 2.5"),
+    (dict(lora_dropout=1.5), ValueError, r"dropout_p must be in \[0, 1\); got 1.5"),
+    (dict(lora_alpha="8"), TypeError, r"lora_alpha must be a finite number; got '8'"),
+])
+def test_module_rejects_bad_hyperparameters(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        LoRALinear(12, 10, **kwargs)
+
+
+def test_from_linear_rejects_bad_rank_without_touching_the_linear():
+    linear = torch.nn.Linear(12, 10)
+    with pytest.raises(ValueError, match=r"r must be in \[1, 256\]; got 300"):
+        LoRALinear.from_linear(linear, r=300)
+    assert linear.weight.requires_grad  # not frozen by a rejected call
+    with pytest.raises(TypeError, match=r"expects an nn.Linear; got Conv1d"):
+        LoRALinear.from_linear(torch.nn.Conv1d(3, 3, 1))
