@@ -9,27 +9,7 @@ import torch
 
 from lorakernels import LoRALinear, lora_linear_ref
 from lorakernels.ops import torch_keep_mask
-
-
-def saved_activation_bytes(run, params):
-    """Bytes autograd packs for backward, minus the parameters (which exist anyway)."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-    packed = []
-
-    def pack(t):
-        packed.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    seen, total = set(), 0
-    for t in packed:
-        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape), t.stride())
-        if t.untyped_storage().data_ptr() in param_ptrs or key in seen:
-            continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
-    return total, out
+from lorakernels.testing import saved_activation_bytes
 
 
 CASES = [  # (x dtype, adapter dtype, p)

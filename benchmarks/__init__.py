@@ -1,0 +1,1 @@
+"""Benchmarks and verification scripts for lorakernels (`python -m benchmarks`)."""

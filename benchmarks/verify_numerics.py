@@ -1,0 +1,109 @@
+"""Numerics verification: the fused kernels against the fp64 reference, on the default device.
+
+On a CUDA machine the compiled Triton kernels run; elsewhere the same kernels run on CPU
+tensors through the Triton interpreter (set up here, before lorakernels is imported).
+For every dtype and dropout rate it reports the relative error of y, dx, dA and dB next
+to plain PyTorch's at the same precision, checks them with the test suite's error rule,
+and reports the activation bytes saved for backward against the PEFT-style path.
+Writes numerics.json and numerics.md to --output-dir; exits 1 if any check fails.
+
+    python -m benchmarks [--output-dir DIR] [--device cpu|cuda]
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", default="benchmarks/results", help="where numerics.{json,md} go")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = _parse(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated
+    import triton
+
+    from lorakernels import LoRALinear, lora_linear, lora_linear_ref, testing
+
+    if device == "cpu":
+        testing.patch_interpreter_bf16()
+    # Small shapes on the interpreter (it is slow); GPU shapes span several tiles.
+    shape = (512, 1024, 768, 16) if device == "cuda" else (96, 80, 72, 16)
+    M, K, N, r = shape
+    rows, failures = [], 0
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for adapter_dtype in sorted({dtype, torch.float32}, key=str):
+            for p in (0.0, 0.1):
+                x, weight, bias, lora_A, lora_B = testing.make_inputs(M, K, N, r, dtype, adapter_dtype, device=device)
+                leaves = [t.clone().requires_grad_() for t in (x, lora_A, lora_B)]
+                rng_state = torch.get_rng_state()
+                y = lora_linear(leaves[0], weight, bias, leaves[1], leaves[2], 0.5, p, backend="triton")
+                keep = testing.replay_keep_mask(rng_state, M, K, p, "triton", device)
+                dy = torch.randn_like(y)
+                y.backward(dy)
+                ref = testing.reference_grads(x, weight, bias, lora_A, lora_B, 0.5, keep, p, dy.double(), True)
+                low = testing.reference_grads(x, weight, bias, lora_A, lora_B, 0.5, keep, p, dy, False)
+                results = zip(("y", "dx", "dA", "dB"), [y.detach()] + [t.grad for t in leaves],
+                              [ref[0]] + ref[1], [low[0]] + low[1])
+                for name, actual, exp64, lowp in results:
+                    scale = exp64.abs().max().item()
+                    err = testing.max_error(actual, exp64)
+                    ok = err <= testing.error_bound(exp64, lowp, dtype)
+                    failures += not ok
+                    rows.append(dict(dtype=str(dtype).replace("torch.", ""),
+                                     adapter_dtype=str(adapter_dtype).replace("torch.", ""), dropout=p, tensor=name,
+                                     rel_err=err / scale, torch_rel_err=testing.max_error(lowp, exp64) / scale, ok=ok))
+
+    saved = []
+    for dtype, adapter_dtype, p in ((torch.bfloat16, torch.float32, 0.0), (torch.bfloat16, torch.float32, 0.1),
+                                    (torch.bfloat16, torch.bfloat16, 0.1)):
+        layer = LoRALinear(K, N, r=r, lora_dropout=p, dtype=dtype, adapter_dtype=adapter_dtype, device=device)
+        x = torch.randn(M, K, dtype=dtype, device=device, requires_grad=True)
+        params = list(layer.parameters())
+        fused, _ = testing.saved_activation_bytes(lambda: layer(x), params)
+        keep = testing.ops.torch_keep_mask(0, M, K, p, device) if p else None
+        unfused, _ = testing.saved_activation_bytes(
+            lambda: lora_linear_ref(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, keep, p),
+            params)
+        saved.append(dict(dtype=str(dtype).replace("torch.", ""), adapter_dtype=str(adapter_dtype).replace("torch.", ""),
+                          dropout=p, fused_bytes=fused, peft_style_bytes=unfused, x_bytes=x.numel() * x.element_size()))
+
+    env = dict(device=torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'cpu'}), "
+               "Triton interpreter", torch=torch.__version__, triton=triton.__version__, shape_MKNr=shape,
+               timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "numerics.json").write_text(json.dumps(dict(env=env, errors=rows, saved_bytes=saved), indent=1))
+    lines = [f"Numerics on {env['device']}, torch {env['torch']}, triton {env['triton']}, "
+             f"(M, K, N, r) = {shape}, scaling 0.5. Relative error = max|err| / max|fp64 reference|.", "",
+             "| x dtype | adapters | p | tensor | lorakernels rel. err | PyTorch rel. err, x's dtype (autocast-style) | ok |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['dtype']} | {r['adapter_dtype']} | {r['dropout']} | {r['tensor']} | {r['rel_err']:.2e} | "
+              f"{r['torch_rel_err']:.2e} | {'yes' if r['ok'] else 'NO'} |" for r in rows]
+    lines += ["", "Activation bytes saved for backward (parameters excluded), M x K x-bytes = "
+              f"{saved[0]['x_bytes']}:", "", "| x dtype | adapters | p | lorakernels | PEFT-style | ratio |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {s['dtype']} | {s['adapter_dtype']} | {s['dropout']} | {s['fused_bytes']} | {s['peft_style_bytes']} |"
+              f" {s['peft_style_bytes'] / s['fused_bytes']:.2f}x |" for s in saved]
+    text = "\n".join(lines)
+    (out_dir / "numerics.md").write_text(text + "\n")
+    print(text)
+    print(f"\n{len(rows) - failures} passed, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
