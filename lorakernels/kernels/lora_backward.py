@@ -102,21 +102,23 @@ def lora_grad_x_kernel(
 ):
     """B2: dX = dY @ W + (V @ A) * keep / (1 - p), dX written once.
 
-    BLOCK_K tiles dX's columns; BLOCK_N is the reduction step over dY's columns. With
+    Block names follow the GEMM convention, so that F2's tile configs mean the same here:
+    each program owns a BLOCK_M x BLOCK_N tile of dX ([M, K]: BLOCK_N tiles dX's K columns)
+    and steps through the reduction over dY's N columns BLOCK_K at a time. With
     BASE_GEMM=False only the masked LoRA term is written (cuBLAS adds dY @ W afterwards).
-    Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K),).
+    Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N),).
     """
     dot_dtype = dy_ptr.dtype.element_ty
-    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = pid_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < K
 
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if BASE_GEMM:
-        for n0 in range(0, N, BLOCK_N):
-            outs = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        for n0 in range(0, N, BLOCK_K):
+            outs = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
             out_ok = outs < N
             dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :],
                          mask=row_ok[:, None] & out_ok[None, :], other=0.0)

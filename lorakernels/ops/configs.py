@@ -1,10 +1,11 @@
-"""Launch configurations: the single list that the launchers and the ahead-of-time build gate read.
+"""Launch configurations: the single source that the launchers and the ahead-of-time build gate read.
 
 Under the Triton interpreter (`TRITON_INTERPRET=1`) every kernel runs with one fixed
 config (autotune needs a GPU driver). On a GPU the two large GEMMs (forward F2, dX B2)
-are autotuned over `gemm_configs(r_pad)`; the memory-bound rank-R kernels use one
-config per padded rank. None of these have been tuned on a GPU yet: they are the
-usual Hopper/Ampere starting points, pruned to what fits in shared memory.
+are autotuned over `gemm_configs(r_pad, elem_bytes)`; the memory-bound rank-R kernels use
+one config per padded rank. None of these have been tuned on a GPU yet: they are the
+usual Hopper/Ampere starting points, pruned to what fits in shared memory. Every config
+these functions can return is built for sm_80 and sm_90 by tests/test_aot_build.py.
 """
 
 import os
@@ -13,6 +14,9 @@ import triton
 
 # Shared memory one block may use on the smaller of the supported targets (sm_80: 163 KiB).
 SMEM_BUDGET_BYTES = 163 * 1024
+
+# Padded ranks the kernels are built for: ranks 1..256 padded to a power of two >= 16.
+PADDED_RANKS = (16, 32, 64, 128, 256)
 
 
 def interpreting():
@@ -25,20 +29,21 @@ def padded_rank(r):
     return max(16, triton.next_power_of_2(r))
 
 
-def _gemm_smem_bytes(cfg, r_pad, elem_bytes=2):
+def _gemm(bm, bn, bk, warps, stages, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_warps=warps, num_stages=stages)
+
+
+def _gemm_smem_bytes(cfg, r_pad, elem_bytes):
+    """Estimate: pipelined main-loop tiles plus the LoRA tiles (U or V, and B or A) of the epilogue."""
     kw = cfg.kwargs
     main_loop = cfg.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elem_bytes
     lora_tiles = (kw["BLOCK_M"] + kw["BLOCK_N"]) * r_pad * elem_bytes
     return main_loop + lora_tiles
 
 
-def _gemm(bm, bn, bk, warps, stages, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-                         num_warps=warps, num_stages=stages)
-
-
-# Candidates for the fused GEMMs (F2 forward, B2 dX). For B2, BLOCK_N is the reduction
-# step and BLOCK_K the output-column tile: the same shapes serve both.
+# Candidates for the fused GEMMs (F2 forward, B2 dX): output tile BLOCK_M x BLOCK_N,
+# reduction step BLOCK_K, in both kernels.
 GEMM_CANDIDATES = [
     _gemm(128, 128, 64, 8, 3),
     _gemm(128, 128, 64, 4, 4),
@@ -46,35 +51,40 @@ GEMM_CANDIDATES = [
     _gemm(64, 128, 64, 4, 4),
     _gemm(128, 128, 32, 4, 4),
     _gemm(64, 64, 64, 4, 3),
+    _gemm(64, 64, 32, 4, 2),  # the one that fits fp32 activations at rank 256
 ]
 
 INTERPRETER_GEMM_CONFIG = _gemm(32, 64, 32, 4, 1, group_m=4)
 
 
-def gemm_configs(r_pad):
-    """GPU autotuning candidates for F2/B2 at padded rank `r_pad`, pruned to the shared-memory budget."""
-    return [c for c in GEMM_CANDIDATES if _gemm_smem_bytes(c, r_pad) <= SMEM_BUDGET_BYTES]
+def gemm_configs(r_pad, elem_bytes):
+    """GPU autotuning candidates for F2/B2 at padded rank `r_pad` with `elem_bytes`-byte activations."""
+    return [c for c in GEMM_CANDIDATES if _gemm_smem_bytes(c, r_pad, elem_bytes) <= SMEM_BUDGET_BYTES]
 
 
-def down_config(r_pad):
+def _interpret(interpret):
+    return interpreting() if interpret is None else interpret
+
+
+def down_config(r_pad, interpret=None):
     """F1 (dropout + down-projection): memory-bound, one config per padded rank."""
-    if interpreting():
+    if _interpret(interpret):
         return {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
     block_k = 128 if r_pad <= 64 else 64
     return {"BLOCK_M": 64, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 3}
 
 
-def grad_dy_config(r_pad):
+def grad_dy_config(r_pad, interpret=None):
     """B1 (V and dB partials from one pass over dY). BLOCK_M sets how many dB partials exist."""
-    if interpreting():
+    if _interpret(interpret):
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     block_m = 128 if r_pad <= 64 else 64
     return {"BLOCK_M": block_m, "BLOCK_N": 64, "num_warps": 8 if block_m == 128 else 4, "num_stages": 3}
 
 
-def grad_a_config(r_pad):
+def grad_a_config(r_pad, interpret=None):
     """dA partials (V^T Xd over slices of rows)."""
-    if interpreting():
+    if _interpret(interpret):
         return {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
     block_k = 128 if r_pad <= 64 else 64
     return {"BLOCK_M": 64, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 3}

@@ -35,12 +35,13 @@ BASE_GEMM_CHOICES = ("triton", "cublas")
 
 
 def _autotuned(kernel):
-    # Candidates are pruned per padded rank so that every launch fits in shared memory.
-    return triton.autotune(
-        configs=configs.GEMM_CANDIDATES,
-        key=["N", "K", "R_PAD"],
-        prune_configs_by={"early_config_prune": lambda cands, nargs, **kw: configs.gemm_configs(kw["R_PAD"])},
-    )(kernel)
+    # Candidates are pruned per padded rank and activation size (the first argument) to fit shared memory.
+    def prune(candidates, named_args, **meta):
+        activation = next(iter(named_args.values()))
+        return configs.gemm_configs(meta["R_PAD"], activation.element_size())
+
+    return triton.autotune(configs=configs.GEMM_CANDIDATES, key=["N", "K", "R_PAD"],
+                           prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 _lora_linear_fwd_tuned = _autotuned(lora_linear_fwd_kernel)
@@ -155,7 +156,7 @@ def lora_backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
         use_triton_gemm = base_gemm == "triton"
         _launch_gemm(
             lora_grad_x_kernel, _lora_grad_x_tuned,
-            lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_K"]),
+            lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),
             (dy, weight, v, lora_A, dx, M, N, K, R, dy.stride(0), weight.stride(0), v.stride(0),
              lora_A.stride(0), dx.stride(0), seed, float(dropout_p)),
             dict(BASE_GEMM=use_triton_gemm, HAS_DROPOUT=has_dropout, INPUT_PRECISION=precision, R_PAD=r_pad))
