@@ -1,9 +1,10 @@
 """Backward kernels of the fused LoRA linear.
 
     V  = s * dY @ B                           [M, R]  (B1, lora_grad_dy_kernel)
-    dB = s * dY^T @ U                         [N, R]  (B1 partials + reduce_partials_kernel)
+    dB = s * dY^T @ U                         [N, R]  (B1 partials, or lora_adapter_grad_kernel at
+                                                       large ranks; + reduce_partials_kernel)
     dX = dY @ W + (V @ A) * keep / (1 - p)    [M, K]  (B2, lora_grad_x_kernel)
-    dA = V^T @ Xd                             [R, K]  (lora_grad_a_kernel + reduce_partials_kernel)
+    dA = V^T @ Xd                             [R, K]  (lora_adapter_grad_kernel + reduce_partials_kernel)
 
 Reductions over M are two-stage: each program writes an fp32 partial for its slice of
 rows, then reduce_partials_kernel sums the partials in a fixed order. No atomics, so
@@ -115,7 +116,24 @@ def lora_grad_x_kernel(
     row_ok = rows < M
     col_ok = cols < K
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The masked LoRA term first, rank chunk by rank chunk: it becomes the initial value of the
+    # main loop's accumulator, so only one BLOCK_M x BLOCK_N fp32 tile is ever live.
+    BLOCK_R: tl.constexpr = min(R_PAD, BLOCK_K)
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        rank_ok = ranks < R
+        v = tl.load(v_ptr + rows[:, None] * stride_vm + ranks[None, :],
+                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + ranks[:, None] * stride_am + cols[None, :],
+                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+        lora = tl.dot(v.to(dot_dtype), a.to(dot_dtype), lora, input_precision=INPUT_PRECISION)
+    if HAS_DROPOUT:
+        p = tl.cast(p, tl.float32)
+        keep = dropout_keep(seed, rows, cols, p)
+        lora = tl.where(keep, lora * (1.0 / (1.0 - p)), 0.0)
+    acc = lora
+
     if BASE_GEMM:
         for n0 in range(0, N, BLOCK_K):
             outs = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -125,29 +143,15 @@ def lora_grad_x_kernel(
             w = tl.load(w_ptr + outs[:, None] * stride_wn + cols[None, :],
                         mask=out_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
-
-    # The LoRA term needs its own accumulator: the dropout mask applies to it alone.
-    ranks = tl.arange(0, R_PAD)
-    rank_ok = ranks < R
-    v = tl.load(v_ptr + rows[:, None] * stride_vm + ranks[None, :],
-                mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-    a = tl.load(a_ptr + ranks[:, None] * stride_am + cols[None, :],
-                mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-    lora = tl.dot(v.to(dot_dtype), a.to(dot_dtype), input_precision=INPUT_PRECISION)
-    if HAS_DROPOUT:
-        p = tl.cast(p, tl.float32)
-        keep = dropout_keep(seed, rows, cols, K, p)
-        lora = tl.where(keep, lora * (1.0 / (1.0 - p)), 0.0)
-    acc += lora
     tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["seed"])
-def lora_grad_a_kernel(
+def lora_adapter_grad_kernel(
     x_ptr,
     v_ptr,
-    da_part_ptr,
+    part_ptr,
     M,
     K,
     R,
@@ -162,10 +166,11 @@ def lora_grad_a_kernel(
     BLOCK_K: tl.constexpr,
     R_PAD: tl.constexpr,
 ):
-    """dA partials: da_part[s] = V[rows of split s]^T @ Xd[rows of split s], fp32 [S, R, K].
+    """Adapter-gradient partials: part[s] = V[rows of s]^T @ Xd[rows of s], fp32 [S, R, K].
 
-    X is read once, its dropout mask regenerated from the seed. `rows_per_split` is a
-    multiple of BLOCK_M. Grid: (cdiv(K, BLOCK_K), S).
+    dA: V = s dY B, X = x with its dropout mask regenerated from the seed. dB^T: V = U,
+    X = dY, no dropout. X is read once. `rows_per_split` is a multiple of BLOCK_M.
+    Grid: (cdiv(K, BLOCK_K), S).
     """
     dot_dtype = x_ptr.dtype.element_ty
     cols = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -185,12 +190,12 @@ def lora_grad_a_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :],
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows, cols, K, p)
+            keep = dropout_keep(seed, rows, cols, p)
             x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(dot_dtype)
         v_t = tl.load(v_ptr + rows[None, :] * stride_vm + ranks[:, None],
                       mask=rank_ok[:, None] & row_ok[None, :], other=0.0)
         acc = tl.dot(v_t.to(dot_dtype), x, acc, input_precision=INPUT_PRECISION)
-    tl.store(da_part_ptr + split * R * K + ranks[:, None] * K + cols[None, :], acc,
+    tl.store(part_ptr + split * R * K + ranks[:, None] * K + cols[None, :], acc,
              mask=rank_ok[:, None] & col_ok[None, :])
 
 

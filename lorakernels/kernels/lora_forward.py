@@ -7,7 +7,7 @@ X: [M, K], W: [N, K], b: [N], A: [R, K], B: [N, R], U: [M, R] fp32.
 Xd = X * keep / (1 - p) exists only in registers; the mask comes from the seed.
 The rank-R products run on tensor cores in X's dtype (adapters, which may be fp32,
 are cast tile by tile), accumulated in fp32. `R_PAD` >= 16 is the padded rank
-that `tl.dot` needs; ranks >= R are masked to zero.
+that `tl.dot` needs; ranks >= R are masked to zero (and skipped where a loop runs over R).
 """
 
 import triton
@@ -67,7 +67,7 @@ def lora_down_kernel(
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             # fp32 elementwise math: exact on GPUs, and the interpreter mishandles bf16 arithmetic.
-            keep = dropout_keep(seed, rows, cols, K, p)
+            keep = dropout_keep(seed, rows, cols, p)
             x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(dot_dtype)
         a_t = tl.load(a_ptr + ranks[None, :] * stride_am + cols[:, None],
                       mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
@@ -116,7 +116,21 @@ def lora_linear_fwd_kernel(
     row_ok = rows < M
     out_ok = outs < N
 
+    # The LoRA term first, rank chunk by rank chunk (each chunk a tile no larger than a
+    # main-loop step), so that no U or B tile is live next to the main loop's accumulator.
+    # s is folded into the fp32 U tile before rounding to the dot dtype.
+    BLOCK_R: tl.constexpr = min(R_PAD, BLOCK_K)
+    scaling = tl.cast(scaling, tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        rank_ok = ranks < R
+        u = tl.load(u_ptr + rows[:, None] * stride_um + ranks[None, :],
+                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        b_t = tl.load(b_ptr + outs[None, :] * stride_bn + ranks[:, None],
+                      mask=rank_ok[:, None] & out_ok[None, :], other=0.0)
+        acc = tl.dot((u * scaling).to(dot_dtype), b_t.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
+
     if BASE_GEMM:
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -126,16 +140,6 @@ def lora_linear_fwd_kernel(
             w_t = tl.load(w_ptr + outs[None, :] * stride_wn + cols[:, None],
                           mask=col_ok[:, None] & out_ok[None, :], other=0.0)
             acc = tl.dot(x, w_t, acc, input_precision=INPUT_PRECISION)
-
-    # LoRA term into the same accumulator: s is folded into the fp32 U tile before rounding.
-    ranks = tl.arange(0, R_PAD)
-    rank_ok = ranks < R
-    u = tl.load(u_ptr + rows[:, None] * stride_um + ranks[None, :],
-                mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-    b_t = tl.load(b_ptr + outs[None, :] * stride_bn + ranks[:, None],
-                  mask=rank_ok[:, None] & out_ok[None, :], other=0.0)
-    u = (u * tl.cast(scaling, tl.float32)).to(dot_dtype)
-    acc = tl.dot(u, b_t.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + outs, mask=out_ok, other=0.0)

@@ -66,32 +66,48 @@ def _interpret(interpret):
     return interpreting() if interpret is None else interpret
 
 
-def down_config(r_pad, interpret=None):
-    """F1 (dropout + down-projection): memory-bound, one config per padded rank."""
+# The rank-R kernels keep an fp32 [BLOCK, R_PAD] accumulator in registers: past rank 64 they
+# use 8 warps so that it stays at <= 64 registers a thread. fp32 activations halve the
+# K/N tile so that tiles (and the Philox mask work on them) cost the same registers.
+
+
+def down_config(r_pad, elem_bytes, interpret=None):
+    """F1 (dropout + down-projection): memory-bound, one config per padded rank and dtype size."""
     if _interpret(interpret):
         return {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
-    block_k = 128 if r_pad <= 64 else 64
-    return {"BLOCK_M": 64, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_K": 64 if elem_bytes == 2 else 32, "num_warps": 4 if r_pad <= 64 else 8,
+            "num_stages": 3}
 
 
-def grad_dy_config(r_pad, interpret=None):
-    """B1 (V and dB partials from one pass over dY). BLOCK_M sets how many dB partials exist."""
+def grad_dy_config(r_pad, elem_bytes, interpret=None):
+    """B1 (V, and at small ranks the dB partials, from one pass over dY).
+
+    BLOCK_M sets how many dB partials exist (M / BLOCK_M slabs of N x R fp32 each).
+    """
     if _interpret(interpret):
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    block_m = 128 if r_pad <= 64 else 64
-    return {"BLOCK_M": block_m, "BLOCK_N": 64, "num_warps": 8 if block_m == 128 else 4, "num_stages": 3}
+    block_n = 64 if elem_bytes == 2 else 32
+    if r_pad <= 64:
+        return {"BLOCK_M": 128, "BLOCK_N": block_n, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
 
 
-def grad_a_config(r_pad, interpret=None):
-    """dA partials (V^T Xd over slices of rows)."""
+def adapter_grad_config(r_pad, elem_bytes, interpret=None):
+    """dA and (at large ranks) dB^T partials: V^T Xd over slices of rows."""
     if _interpret(interpret):
         return {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
-    block_k = 128 if r_pad <= 64 else 64
-    return {"BLOCK_M": 64, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_K": 64 if elem_bytes == 2 else 32, "num_warps": 4 if r_pad <= 64 else 8,
+            "num_stages": 3 if elem_bytes == 2 or r_pad <= 64 else 2}
+
+
+# dB joins B1's pass over dY up to this padded rank. Its partials cost 2 x (M / BLOCK_M) x N x R x 4
+# bytes (written, then read by the reduction) against M x N x 2 for a second read of bf16 dY:
+# cheaper while R < BLOCK_M / 4 = 32 at BLOCK_M = 128.
+FUSED_DB_MAX_RANK = 32
 
 
 REDUCE_CONFIG = {"BLOCK": 1024, "num_warps": 4, "num_stages": 1}
 DROPOUT_MASK_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
 
-# dA: enough (column-tile, row-slice) programs to fill a GPU twice over.
-GRAD_A_TARGET_PROGRAMS = 2 * 132
+# Adapter gradients: enough (column-tile, row-slice) programs to fill a GPU (132 SMs) twice over.
+ADAPTER_GRAD_TARGET_PROGRAMS = 2 * 132

@@ -22,7 +22,7 @@ import triton
 
 from lorakernels.kernels.dropout import dropout_keep_mask_kernel
 from lorakernels.kernels.lora_backward import (
-    lora_grad_a_kernel,
+    lora_adapter_grad_kernel,
     lora_grad_dy_kernel,
     lora_grad_x_kernel,
     reduce_partials_kernel,
@@ -97,7 +97,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base
         return y, u
     precision = _input_precision(x.dtype, x.device)
 
-    down = configs.down_config(r_pad)
+    down = configs.down_config(r_pad, x.element_size())
     lora_down_kernel[(triton.cdiv(M, down["BLOCK_M"]),)](
         x, lora_A, u, M, K, R, x.stride(0), lora_A.stride(0), u.stride(0), seed, float(dropout_p),
         HAS_DROPOUT=dropout_p > 0, INPUT_PRECISION=precision, R_PAD=r_pad, **down)
@@ -112,6 +112,28 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base
     if not use_triton_gemm:
         y.addmm_(x, weight.t())  # cuBLAS adds X W^T to b + s U B^T in its epilogue (beta = 1).
     return y, u
+
+
+def _adapter_grad(v, x, out, scaling, seed, dropout_p):
+    """out [R, K] = scaling * V^T @ (X * keep / (1 - p)): dA (V = s dY B, X = x) or dB^T (V = U, X = dY).
+
+    Rows are cut into slices (enough programs to fill the GPU); each slice's fp32 partial is
+    summed in slice order by reduce_partials_kernel.
+    """
+    M, K = x.shape
+    R = v.shape[1]
+    r_pad = configs.padded_rank(R)
+    cfg = configs.adapter_grad_config(r_pad, x.element_size())
+    col_tiles = triton.cdiv(K, cfg["BLOCK_K"])
+    row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+    splits = max(1, min(row_blocks, triton.cdiv(configs.ADAPTER_GRAD_TARGET_PROGRAMS, col_tiles)))
+    rows_per_split = triton.cdiv(row_blocks, splits) * cfg["BLOCK_M"]
+    splits = triton.cdiv(M, rows_per_split)
+    partials = torch.empty((splits, R, K), device=x.device, dtype=torch.float32)
+    lora_adapter_grad_kernel[(col_tiles, splits)](
+        x, v, partials, M, K, R, x.stride(0), v.stride(0), rows_per_split, seed, float(dropout_p),
+        HAS_DROPOUT=dropout_p > 0, INPUT_PRECISION=_input_precision(x.dtype, x.device), R_PAD=r_pad, **cfg)
+    return _reduce_partials(partials, out, scaling)
 
 
 def lora_backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
@@ -129,27 +151,30 @@ def lora_backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
     r_pad = configs.padded_rank(R)
     device = x.device
     dx = torch.empty((M, K), device=device, dtype=x.dtype) if needs_dx else None
-    da = torch.zeros_like(lora_A) if needs_da else None
-    db = torch.zeros_like(lora_B) if needs_db else None
+    da = torch.empty_like(lora_A) if needs_da else None
+    db = torch.empty_like(lora_B) if needs_db else None
     if M == 0:
-        if dx is not None:
-            dx.zero_()
-        return dx, da, db
+        return tuple(g.zero_() if g is not None else None for g in (dx, da, db))
     precision = _input_precision(x.dtype, device)
-    has_dropout = dropout_p > 0
     needs_v = needs_dx or needs_da
+    # dB rides along B1's pass over dY while its per-slab partials (M / BLOCK_M x N x R fp32)
+    # cost fewer bytes than a second read of dY; at larger ranks a separate pass is cheaper.
+    fuse_db = needs_db and r_pad <= configs.FUSED_DB_MAX_RANK
 
-    # B1: V = s dY B and the dB partials, one pass over dY.
+    # B1: V = s dY B (and, at small ranks, the dB partials), one pass over dY.
     v = torch.empty((M, R), device=device, dtype=torch.float32) if needs_v else u
-    if needs_v or needs_db:
-        cfg = configs.grad_dy_config(r_pad)
+    if needs_v or fuse_db:
+        cfg = configs.grad_dy_config(r_pad, dy.element_size())
         num_slabs = triton.cdiv(M, cfg["BLOCK_M"])
-        db_part = torch.empty((num_slabs, N, R), device=device, dtype=torch.float32) if needs_db else u
+        db_part = torch.empty((num_slabs, N, R), device=device, dtype=torch.float32) if fuse_db else u
         lora_grad_dy_kernel[(num_slabs,)](
             dy, lora_B, u, v, db_part, M, N, R, dy.stride(0), lora_B.stride(0), u.stride(0), v.stride(0),
-            float(scaling), COMPUTE_V=needs_v, COMPUTE_DB=needs_db, INPUT_PRECISION=precision, R_PAD=r_pad, **cfg)
-        if needs_db:
+            float(scaling), COMPUTE_V=needs_v, COMPUTE_DB=fuse_db, INPUT_PRECISION=precision, R_PAD=r_pad, **cfg)
+        if fuse_db:
             _reduce_partials(db_part, db, float(scaling))
+    if needs_db and not fuse_db:
+        db_t = _adapter_grad(u, dy, torch.empty((R, N), device=device, dtype=lora_B.dtype), float(scaling), 0, 0.0)
+        db.copy_(db_t.t())
 
     # B2: dX = dY W + (V A) * keep / (1 - p), written once.
     if needs_dx:
@@ -159,23 +184,13 @@ def lora_backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
             lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),
             (dy, weight, v, lora_A, dx, M, N, K, R, dy.stride(0), weight.stride(0), v.stride(0),
              lora_A.stride(0), dx.stride(0), seed, float(dropout_p)),
-            dict(BASE_GEMM=use_triton_gemm, HAS_DROPOUT=has_dropout, INPUT_PRECISION=precision, R_PAD=r_pad))
+            dict(BASE_GEMM=use_triton_gemm, HAS_DROPOUT=dropout_p > 0, INPUT_PRECISION=precision, R_PAD=r_pad))
         if not use_triton_gemm:
             dx.addmm_(dy, weight)
 
-    # dA = V^T Xd, X read once with its mask regenerated; row slices reduced in fixed order.
+    # dA = V^T Xd, X read once with its mask regenerated.
     if needs_da:
-        cfg = configs.grad_a_config(r_pad)
-        col_tiles = triton.cdiv(K, cfg["BLOCK_K"])
-        row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
-        splits = max(1, min(row_blocks, triton.cdiv(configs.GRAD_A_TARGET_PROGRAMS, col_tiles)))
-        rows_per_split = triton.cdiv(row_blocks, splits) * cfg["BLOCK_M"]
-        splits = triton.cdiv(M, rows_per_split)
-        da_part = torch.empty((splits, R, K), device=device, dtype=torch.float32)
-        lora_grad_a_kernel[(col_tiles, splits)](
-            x, v, da_part, M, K, R, x.stride(0), v.stride(0), rows_per_split, seed, float(dropout_p),
-            HAS_DROPOUT=has_dropout, INPUT_PRECISION=precision, R_PAD=r_pad, **cfg)
-        _reduce_partials(da_part, da, 1.0)
+        _adapter_grad(v, x, da, 1.0, seed, dropout_p)
     return dx, da, db
 
 

@@ -13,7 +13,7 @@ import itertools
 
 from lorakernels.kernels.dropout import dropout_keep_mask_kernel
 from lorakernels.kernels.lora_backward import (
-    lora_grad_a_kernel,
+    lora_adapter_grad_kernel,
     lora_grad_dy_kernel,
     lora_grad_x_kernel,
     reduce_partials_kernel,
@@ -38,7 +38,7 @@ _ARGS = {
     "lora_grad_x_kernel": dict(act=("dy_ptr", "w_ptr", "dx_ptr"), adapter=("a_ptr",), fp32=("v_ptr",),
                                aligned=("N", "K", "stride_dym", "stride_wn", "stride_am", "stride_dxm"),
                                floats=("p",)),
-    "lora_grad_a_kernel": dict(act=("x_ptr",), adapter=(), fp32=("v_ptr", "da_part_ptr"),
+    "lora_adapter_grad_kernel": dict(act=("x_ptr",), adapter=(), fp32=("v_ptr", "part_ptr"),
                                aligned=("K", "stride_xm"), floats=("p",)),
     "reduce_partials_kernel": dict(act=(), adapter=("out_ptr",), fp32=("part_ptr",), aligned=("numel",),
                                    floats=("scaling",)),
@@ -102,49 +102,80 @@ def _variant(kernel, dtype, adapter_dtype, config, aligned=True, **flags):
                          aligned)
 
 
-def _precision(dtype):
-    # fp32 activations take the TF32 tensor-core path when torch allows TF32, IEEE FMA otherwise.
-    return ("tf32", "ieee") if dtype == "fp32" else ("ieee",)
-
-
 def _gemm_config(cfg):
     return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
-def all_variants():
-    """Every variant the launchers can launch on a GPU (see the module docstring)."""
+def _gemm_variants(kernel, dtype, adapter, precision, cfg, r_pad, all_flags=False):
+    """F2 or B2 at one config; every feature-flag combination when all_flags, else the heaviest."""
+    flag_names = ("HAS_BIAS", "BASE_GEMM") if kernel is lora_linear_fwd_kernel else ("HAS_DROPOUT", "BASE_GEMM")
+    combos = itertools.product((True, False), repeat=2) if all_flags else [(True, True)]
+    return [_variant(kernel, dtype, adapter, _gemm_config(cfg), INPUT_PRECISION=precision, R_PAD=r_pad,
+                     **dict(zip(flag_names, flags))) for flags in combos]
+
+
+def _gemm_rank_pairs(elem_bytes):
+    """(config, padded rank) pairs covering every GEMM candidate and every padded rank.
+
+    Shared memory and registers grow with the rank, so each candidate is built at the
+    smallest and the largest padded rank it is offered for, and each padded rank with the
+    largest candidate it is offered: every (candidate, rank) the autotuner can pick lies
+    between two built ones.
+    """
+    pairs = []
+    for cfg in configs.GEMM_CANDIDATES:
+        ranks = [r for r in configs.PADDED_RANKS if cfg in configs.gemm_configs(r, elem_bytes)]
+        pairs += [(cfg, ranks[0]), (cfg, ranks[-1])] if ranks else []
+    for r_pad in configs.PADDED_RANKS:
+        pairs.append((configs.gemm_configs(r_pad, elem_bytes)[0], r_pad))
+    return list(dict.fromkeys(pairs))
+
+
+def _small_kernel_variants(dtype, adapter, precision, r_pad, all_flags=False):
+    """F1, dA and B1 (memory-bound rank-R kernels) at one padded rank."""
+    dropout = (True, False) if all_flags else (True,)
+    fused_db = r_pad <= configs.FUSED_DB_MAX_RANK
+    v_db = ((True, fused_db), (True, False), (False, True)) if all_flags and fused_db else ((True, fused_db),)
     out = []
-    for dtype, r_pad in itertools.product(DTYPES, configs.PADDED_RANKS):
-        adapters = ("fp32",) if dtype == "fp32" else (dtype, "fp32")
-        for adapter, precision in itertools.product(adapters, _precision(dtype)):
-            # F2 and B2 with every GEMM candidate; the feature paths are cheap to enumerate at the
-            # heaviest tile (the first candidate that fits), the full config list at the heaviest path.
-            gemms = configs.gemm_configs(r_pad, ELEM_BYTES[dtype])
-            for i, cfg in enumerate(gemms):
-                heavy_only = i > 0 or precision == "ieee" and dtype == "fp32" and r_pad > 16
-                fwd_flags = [(True, True)] if heavy_only else list(itertools.product((True, False), repeat=2))
-                for has_bias, base in fwd_flags:
-                    out.append(_variant(lora_linear_fwd_kernel, dtype, adapter, _gemm_config(cfg), HAS_BIAS=has_bias,
-                                        BASE_GEMM=base, INPUT_PRECISION=precision, R_PAD=r_pad))
-                bwd_flags = [(True, True)] if heavy_only else list(itertools.product((True, False), repeat=2))
-                for base, dropout in bwd_flags:
-                    out.append(_variant(lora_grad_x_kernel, dtype, adapter, _gemm_config(cfg), BASE_GEMM=base,
-                                        HAS_DROPOUT=dropout, INPUT_PRECISION=precision, R_PAD=r_pad))
-            for dropout in (True, False):
-                out.append(_variant(lora_down_kernel, dtype, adapter, configs.down_config(r_pad, False),
-                                    HAS_DROPOUT=dropout, INPUT_PRECISION=precision, R_PAD=r_pad))
-                out.append(_variant(lora_grad_a_kernel, dtype, adapter, configs.grad_a_config(r_pad, False),
-                                    HAS_DROPOUT=dropout, INPUT_PRECISION=precision, R_PAD=r_pad))
-            for compute_v, compute_db in ((True, True), (True, False), (False, True)):
-                out.append(_variant(lora_grad_dy_kernel, dtype, adapter, configs.grad_dy_config(r_pad, False),
-                                    COMPUTE_V=compute_v, COMPUTE_DB=compute_db, INPUT_PRECISION=precision,
-                                    R_PAD=r_pad))
+    for d in dropout:
+        out.append(_variant(lora_down_kernel, dtype, adapter, configs.down_config(r_pad, ELEM_BYTES[dtype], False),
+                            HAS_DROPOUT=d, INPUT_PRECISION=precision, R_PAD=r_pad))
+        out.append(_variant(lora_adapter_grad_kernel, dtype, adapter, configs.adapter_grad_config(r_pad, ELEM_BYTES[dtype], False),
+                            HAS_DROPOUT=d, INPUT_PRECISION=precision, R_PAD=r_pad))
+    for compute_v, compute_db in v_db:
+        out.append(_variant(lora_grad_dy_kernel, dtype, adapter, configs.grad_dy_config(r_pad, ELEM_BYTES[dtype], False),
+                            COMPUTE_V=compute_v, COMPUTE_DB=compute_db, INPUT_PRECISION=precision, R_PAD=r_pad))
+    return out
+
+
+def all_variants():
+    """The variants the gate builds: every config and padded rank the launchers can choose (see
+    `_gemm_rank_pairs`), every dtype, every feature path, fp32 adapters under 16-bit activations."""
+    out = []
+    gemms = (lora_linear_fwd_kernel, lora_grad_x_kernel)
+    # bf16 activations with fp32 adapters (PEFT's default), fp32 activations on the TF32 path:
+    # every candidate and padded rank.
+    for dtype, adapter, precision in (("bf16", "fp32", "ieee"), ("fp32", "fp32", "tf32")):
+        for cfg, r_pad in _gemm_rank_pairs(ELEM_BYTES[dtype]):
+            for kernel in gemms:
+                out += _gemm_variants(kernel, dtype, adapter, precision, cfg, r_pad)
+        for r_pad in configs.PADDED_RANKS:
+            out += _small_kernel_variants(dtype, adapter, precision, r_pad)
+    # fp16, adapters in the activations' dtype, and fp32 on the IEEE (no TF32) path: the smallest and
+    # the largest padded rank at their largest config, every feature path at rank 16.
+    for dtype, adapter, precision in (("fp16", "fp16", "ieee"), ("bf16", "bf16", "ieee"), ("fp32", "fp32", "ieee")):
+        for r_pad in (configs.PADDED_RANKS[0], configs.PADDED_RANKS[-1]):
+            cfg = configs.gemm_configs(r_pad, ELEM_BYTES[dtype])[0]
+            for kernel in gemms:
+                out += _gemm_variants(kernel, dtype, adapter, precision, cfg, r_pad, all_flags=r_pad == 16)
+            out += _small_kernel_variants(dtype, adapter, precision, r_pad, all_flags=r_pad == 16)
     for out_dtype in DTYPES:
         out.append(_variant(reduce_partials_kernel, "fp32", out_dtype, configs.REDUCE_CONFIG))
     out.append(_variant(dropout_keep_mask_kernel, "fp32", "fp32", configs.DROPOUT_MASK_CONFIG))
     # Misaligned tensors (views at odd offsets, odd K or N) take the JIT's unaligned specialization.
-    out.append(_variant(lora_linear_fwd_kernel, "bf16", "fp32", _gemm_config(configs.GEMM_CANDIDATES[0]),
-                        aligned=False, HAS_BIAS=True, BASE_GEMM=True, INPUT_PRECISION="ieee", R_PAD=16))
-    out.append(_variant(lora_grad_x_kernel, "bf16", "fp32", _gemm_config(configs.GEMM_CANDIDATES[0]),
-                        aligned=False, BASE_GEMM=True, HAS_DROPOUT=True, INPUT_PRECISION="ieee", R_PAD=16))
+    cfg = _gemm_config(configs.GEMM_CANDIDATES[0])
+    out.append(_variant(lora_linear_fwd_kernel, "bf16", "fp32", cfg, aligned=False, HAS_BIAS=True, BASE_GEMM=True,
+                        INPUT_PRECISION="ieee", R_PAD=16))
+    out.append(_variant(lora_grad_x_kernel, "bf16", "fp32", cfg, aligned=False, BASE_GEMM=True, HAS_DROPOUT=True,
+                        INPUT_PRECISION="ieee", R_PAD=16))
     return list(dict.fromkeys(out))

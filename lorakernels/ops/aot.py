@@ -1,0 +1,147 @@
+"""Ahead-of-time builds of every kernel variant for real GPUs, on a machine without one.
+
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` runs the whole GPU
+toolchain (TTIR -> TTGIR -> LLVM -> PTX -> ptxas cubin) on the CPU. For each variant in
+`lorakernels.ops.variants.all_variants()` and each target this records what a GPU would
+see: shared memory per block, registers and spills (the cubin's resource usage, read
+with the cuobjdump shipped in the triton wheel), and which MMA instructions the PTX uses.
+
+    python -m lorakernels.ops.aot [--output-dir benchmarks/results] [--json PATH] [--jobs N]
+
+Must run with TRITON_INTERPRET unset or 0 (interpreted kernels cannot be compiled); the
+module sets it before importing the kernels when run as a script.
+"""
+
+import os
+
+if __name__ == "__main__":
+    os.environ["TRITON_INTERPRET"] = "0"
+
+import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import triton  # noqa: E402
+
+# Targets: (name, compute capability, shared memory a block may use in bytes).
+TARGETS = {"sm_90": (90, 227 * 1024), "sm_80": (80, 163 * 1024)}
+
+
+def _cuobjdump():
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _resource_usage(cubin):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    usage = {}
+    for key in ("REG", "STACK", "LOCAL"):
+        match = re.search(rf"\b{key}:(\d+)", text)
+        if match is None:
+            raise RuntimeError(f"cuobjdump -res-usage printed no {key}:\n{text}")
+        usage[key.lower()] = int(match.group(1))
+    return usage
+
+
+def build(variant_index, target):
+    """Compile one variant for one target; returns a result dict (error recorded, not raised)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lorakernels.ops.variants import GEMM_KERNELS, all_variants
+
+    variant = all_variants()[variant_index]
+    cc, smem_limit = TARGETS[target]
+    result = dict(index=variant_index, kernel=variant.name, variant=variant.describe(), target=target,
+                  gemm=variant.name in GEMM_KERNELS, smem_limit=smem_limit)
+    start = time.perf_counter()
+    try:
+        signature, constexprs, attrs = variant.signature()
+        compiled = triton.compile(ASTSource(variant.kernel, signature, constexprs=constexprs, attrs=attrs),
+                                  target=GPUTarget("cuda", cc, 32),
+                                  options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
+        ptx = compiled.asm["ptx"]
+        result.update(ok=True, shared=compiled.metadata.shared, wgmma="wgmma.mma_async" in ptx,
+                      mma_sync="mma.sync" in ptx, **_resource_usage(compiled.asm["cubin"]))
+    except Exception as exc:  # recorded per variant so one failure does not hide the others
+        result.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[-2000:]}")
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def problems(result):
+    """What makes a build unacceptable on its target (an empty list when it passes)."""
+    if not result["ok"]:
+        return [result["error"]]
+    found = []
+    if result["shared"] > result["smem_limit"]:
+        found.append(f"shared memory {result['shared']} B > {result['smem_limit']} B")
+    if result["stack"] or result["local"]:
+        found.append(f"register spills: STACK {result['stack']} B, LOCAL {result['local']} B")
+    # GEMMs must take the tensor-core path of their target (fp32 IEEE dots have none, by definition).
+    if result["gemm"] and "INPUT_PRECISION=ieee" in result["variant"] and result["variant"].split()[1].startswith(
+            "fp32/"):
+        return found
+    if result["gemm"] and result["target"] == "sm_90" and not result["wgmma"]:
+        found.append("no wgmma in the sm_90 PTX (fell back from warpgroup MMA)")
+    if result["gemm"] and result["target"] == "sm_80" and not result["mma_sync"]:
+        found.append("no mma.sync in the sm_80 PTX")
+    return found
+
+
+def build_all(jobs=None):
+    from lorakernels.ops.variants import all_variants
+
+    tasks = [(i, t) for i in range(len(all_variants())) for t in TARGETS]
+    jobs = jobs or os.cpu_count() or 1
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(build, *zip(*tasks)))
+
+
+def markdown(results):
+    lines = [f"Ahead-of-time builds, triton {triton.__version__}: {len(results)} builds, "
+             f"{sum(not problems(r) for r in results)} pass. Generated by `python -m lorakernels.ops.aot`.",
+             "", "| target | kernel variant | regs | shared (B) | spills (stack/local B) | MMA | ok |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["target"], r["kernel"], r["index"])):
+        if r["ok"]:
+            mma = "wgmma" if r["wgmma"] else "mma.sync" if r["mma_sync"] else "none"
+            lines.append(f"| {r['target']} | {r['variant']} | {r['reg']} | {r['shared']} | "
+                         f"{r['stack']}/{r['local']} | {mma} | {'yes' if not problems(r) else 'NO'} |")
+        else:
+            lines.append(f"| {r['target']} | {r['variant']} | - | - | - | - | NO: build failed |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m lorakernels.ops.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", default=None, help="write aot_build.md and aot_build.json here")
+    parser.add_argument("--json", default=None, help="write the raw results to this file")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: all cores)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    results = build_all(args.jobs)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results))
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "aot_build.json").write_text(json.dumps(results, indent=1))
+        (out / "aot_build.md").write_text(markdown(results))
+    failed = [r for r in results if problems(r)]
+    for r in failed:
+        print(f"FAIL {r['target']} {r['variant']}: {'; '.join(problems(r))}")
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed ({time.perf_counter() - start:.0f} s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
