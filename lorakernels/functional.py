@@ -57,8 +57,9 @@ def _as_rows(t):
 class LoRALinearFunction(torch.autograd.Function):
     """y = x W^T + b + s * dropout(x) A^T B^T with fused kernels.
 
-    Saves x, U = dropout(x) A^T (fp32, [M, R]) and the dropout seed for backward (plus the
-    parameters). The dropout mask is regenerated from the seed, never stored.
+    Saves x (only if lora_A needs a gradient), U = dropout(x) A^T (fp32, [M, R]; only if
+    lora_B needs one) and the dropout seed for backward, plus the parameters. The dropout
+    mask is regenerated from the seed, never stored.
     """
 
     @staticmethod
@@ -67,23 +68,25 @@ class LoRALinearFunction(torch.autograd.Function):
         seed = draw_seed() if dropout_p > 0 else 0
         x_rows = _as_rows(x)
         y, u = forward_impl(x_rows, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_gemm=base_gemm)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, u)
-        ctx.hyper = (scaling, dropout_p, seed, backend, base_gemm, bias is not None)
+        needs_da, needs_db = ctx.needs_input_grad[3:5]
+        ctx.save_for_backward(x if needs_da else None, weight, lora_A, lora_B, u if needs_db else None)
+        ctx.hyper = (scaling, dropout_p, seed, backend, base_gemm, bias is not None, x.shape)
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, u = ctx.saved_tensors
-        scaling, dropout_p, seed, backend, base_gemm, has_bias = ctx.hyper
+        scaling, dropout_p, seed, backend, base_gemm, has_bias, x_shape = ctx.hyper
         needs_dx, _, needs_dbias, needs_da, needs_db = ctx.needs_input_grad[:5]
         if needs_dx or needs_da or needs_db:
             _, backward_impl = _IMPLEMENTATIONS[backend]
-            dx, da, db = backward_impl(_as_rows(dy), _as_rows(x), weight, lora_A, lora_B, u, scaling, dropout_p, seed,
-                                       needs_dx=needs_dx, needs_da=needs_da, needs_db=needs_db, base_gemm=base_gemm)
+            dx, da, db = backward_impl(_as_rows(dy), _as_rows(x) if x is not None else None, weight, lora_A, lora_B, u,
+                                       scaling, dropout_p, seed, needs_dx=needs_dx, needs_da=needs_da,
+                                       needs_db=needs_db, base_gemm=base_gemm)
         else:
             dx = da = db = None
         if dx is not None:
-            dx = dx.view(x.shape)
+            dx = dx.view(x_shape)
         dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if has_bias and needs_dbias else None
         return dx, None, dbias, da, db, None, None, None, None
 

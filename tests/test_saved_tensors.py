@@ -50,3 +50,23 @@ def test_peft_style_reference_saves_more(dtype, adapter_dtype, p):
         assert saved == minimal
     else:
         assert saved > minimal, f"saved {saved} bytes, minimal {minimal}"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_frozen_adapter_halves_save_less(backend):
+    """A frozen lora_A (LoRA-FA style) needs no x in backward; a frozen lora_B needs no U."""
+    M, K, N, r = 64, 96, 80, 8
+    layer = LoRALinear(K, N, r=r, lora_dropout=0.1, backend=backend)
+    x = torch.randn(M, K, requires_grad=True)
+    layer.lora_A.requires_grad_(False)
+    saved, y = saved_activation_bytes(lambda: layer(x), list(layer.parameters()))
+    assert saved == M * r * 4, f"saved {saved} bytes with lora_A frozen; expected U only"
+    y.sum().backward()
+    assert layer.lora_B.grad is not None and x.grad is not None and layer.lora_A.grad is None
+
+    layer.lora_A.requires_grad_(True)
+    layer.lora_B.requires_grad_(False)
+    saved, y = saved_activation_bytes(lambda: layer(x), list(layer.parameters()))
+    assert saved == M * K * 4, f"saved {saved} bytes with lora_B frozen; expected x only"
+    y.sum().backward()
+    assert layer.lora_A.grad is not None

@@ -118,7 +118,7 @@ def lora_grad_x_kernel(
 
     # The masked LoRA term first, rank chunk by rank chunk: it becomes the initial value of the
     # main loop's accumulator, so only one BLOCK_M x BLOCK_N fp32 tile is ever live.
-    BLOCK_R: tl.constexpr = min(R_PAD, BLOCK_K)
+    BLOCK_R: tl.constexpr = min(R_PAD, 32)  # wider rank chunks spilled with fp32 adapters (build gate)
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)

@@ -119,7 +119,7 @@ def lora_linear_fwd_kernel(
     # The LoRA term first, rank chunk by rank chunk (each chunk a tile no larger than a
     # main-loop step), so that no U or B tile is live next to the main loop's accumulator.
     # s is folded into the fp32 U tile before rounding to the dot dtype.
-    BLOCK_R: tl.constexpr = min(R_PAD, BLOCK_K)
+    BLOCK_R: tl.constexpr = min(R_PAD, 32)  # wider rank chunks spilled with fp32 adapters (build gate)
     scaling = tl.cast(scaling, tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):

@@ -9,13 +9,19 @@ with the cuobjdump shipped in the triton wheel), and which MMA instructions the 
     python -m lorakernels.ops.aot [--output-dir benchmarks/results] [--json PATH] [--jobs N]
 
 Must run with TRITON_INTERPRET unset or 0 (interpreted kernels cannot be compiled); the
-module sets it before importing the kernels when run as a script.
+module sets it before importing the kernels when run as a script, together with a fresh
+TRITON_CACHE_DIR (unless one is set), so that nothing is reused from earlier builds.
 """
 
 import os
 
 if __name__ == "__main__":
     os.environ["TRITON_INTERPRET"] = "0"
+    # A fresh compile cache unless one is given: every run really builds every variant.
+    if "TRITON_CACHE_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakernels-aot-")
 
 import argparse  # noqa: E402
 import concurrent.futures  # noqa: E402

@@ -44,22 +44,34 @@ def _gemm_smem_bytes(cfg, r_pad, elem_bytes):
 
 # Candidates for the fused GEMMs (F2 forward, B2 dX): output tile BLOCK_M x BLOCK_N,
 # reduction step BLOCK_K, in both kernels.
+# A 128 x 128 tile takes 8 warps: with 4, its fp32 accumulator alone is 128 registers a
+# thread, and the build gate measured spills (dX kernel with dropout: 3-4 KiB of stack on
+# sm_80 and sm_90; benchmarks/results/aot_build.md).
 GEMM_CANDIDATES = [
     _gemm(128, 128, 64, 8, 3),
-    _gemm(128, 128, 64, 4, 4),
+    _gemm(128, 128, 32, 8, 3),
     _gemm(128, 64, 64, 4, 4),
     _gemm(64, 128, 64, 4, 4),
-    _gemm(128, 128, 32, 4, 4),
     _gemm(64, 64, 64, 4, 3),
     _gemm(64, 64, 32, 4, 2),  # the one that fits fp32 activations at rank 256
 ]
+
+# Tensors that miss the JIT's 16-byte alignment (views at odd offsets, sizes or row strides
+# not multiples of 16) get no vectorized loads and need more address registers: the large
+# tiles spill there (measured by the build gate), so such launches take this one config.
+UNALIGNED_GEMM_CONFIG = _gemm(64, 64, 32, 4, 3)
 
 INTERPRETER_GEMM_CONFIG = _gemm(32, 64, 32, 4, 1, group_m=4)
 
 
 def gemm_configs(r_pad, elem_bytes):
-    """GPU autotuning candidates for F2/B2 at padded rank `r_pad` with `elem_bytes`-byte activations."""
-    return [c for c in GEMM_CANDIDATES if _gemm_smem_bytes(c, r_pad, elem_bytes) <= SMEM_BUDGET_BYTES]
+    """GPU autotuning candidates for F2/B2 at padded rank `r_pad` with `elem_bytes`-byte activations.
+
+    fp32 activations take only BLOCK_K <= 32: on the IEEE (non-TF32) path tl.dot runs on FMA
+    units with both operand tiles in registers, and 64-wide K steps spilled (build gate, sm_80).
+    """
+    return [c for c in GEMM_CANDIDATES if _gemm_smem_bytes(c, r_pad, elem_bytes) <= SMEM_BUDGET_BYTES
+            and (elem_bytes == 2 or c.kwargs["BLOCK_K"] <= 32)]
 
 
 def _interpret(interpret):
@@ -67,16 +79,17 @@ def _interpret(interpret):
 
 
 # The rank-R kernels keep an fp32 [BLOCK, R_PAD] accumulator in registers: past rank 64 they
-# use 8 warps so that it stays at <= 64 registers a thread. fp32 activations halve the
-# K/N tile so that tiles (and the Philox mask work on them) cost the same registers.
+# use 8 warps and 32-row tiles so that it and the V/U tiles fit without spills. fp32
+# activations halve the K/N tile so that tiles (and the Philox work on them) cost the same
+# registers. Each choice here was checked for spills by the build gate.
 
 
 def down_config(r_pad, elem_bytes, interpret=None):
     """F1 (dropout + down-projection): memory-bound, one config per padded rank and dtype size."""
     if _interpret(interpret):
         return {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_M": 64, "BLOCK_K": 64 if elem_bytes == 2 else 32, "num_warps": 4 if r_pad <= 64 else 8,
-            "num_stages": 3}
+    return {"BLOCK_M": 64 if r_pad <= 64 else 32, "BLOCK_K": 64 if elem_bytes == 2 else 32,
+            "num_warps": 4 if r_pad <= 64 else 8, "num_stages": 3}
 
 
 def grad_dy_config(r_pad, elem_bytes, interpret=None):
@@ -86,9 +99,9 @@ def grad_dy_config(r_pad, elem_bytes, interpret=None):
     """
     if _interpret(interpret):
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    block_n = 64 if elem_bytes == 2 else 32
     if r_pad <= 64:
-        return {"BLOCK_M": 128, "BLOCK_N": block_n, "num_warps": 8, "num_stages": 3}
+        return {"BLOCK_M": 128 if elem_bytes == 2 else 64, "BLOCK_N": 64 if elem_bytes == 2 else 32,
+                "num_warps": 8, "num_stages": 3}
     return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
 
 
@@ -96,8 +109,9 @@ def adapter_grad_config(r_pad, elem_bytes, interpret=None):
     """dA and (at large ranks) dB^T partials: V^T Xd over slices of rows."""
     if _interpret(interpret):
         return {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_M": 64, "BLOCK_K": 64 if elem_bytes == 2 else 32, "num_warps": 4 if r_pad <= 64 else 8,
-            "num_stages": 3 if elem_bytes == 2 or r_pad <= 64 else 2}
+    if elem_bytes == 2:
+        return {"BLOCK_M": 64 if r_pad <= 64 else 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 32 if r_pad <= 64 else 16, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
 
 
 # dB joins B1's pass over dY up to this padded rank. Its partials cost 2 x (M / BLOCK_M) x N x R x 4

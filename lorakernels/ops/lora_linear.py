@@ -62,11 +62,18 @@ def _input_precision(dtype, device):
     return "ieee"
 
 
-def _launch_gemm(kernel, tuned, num_tiles, args, meta):
-    """Launch F2 or B2: fixed config under the interpreter, autotuned on a GPU."""
-    if configs.interpreting():
-        cfg = configs.INTERPRETER_GEMM_CONFIG
-        kernel[(num_tiles(cfg.kwargs),)](*args, **meta, **cfg.kwargs)
+def _launch_gemm(kernel, tuned, num_tiles, args, meta, aligned_ints):
+    """Launch F2 or B2: fixed config under the interpreter or for unaligned operands, else autotuned.
+
+    `aligned_ints` are the sizes and row strides the fast path expects divisible by 16 (as the
+    JIT specializes them); with the tensors' 16-byte alignment they decide which path runs.
+    """
+    aligned = all(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)) and all(
+        i % 16 == 0 for i in aligned_ints)
+    if configs.interpreting() or not aligned:
+        cfg = configs.INTERPRETER_GEMM_CONFIG if configs.interpreting() else configs.UNALIGNED_GEMM_CONFIG
+        kernel[(num_tiles(cfg.kwargs),)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
+                                         num_stages=cfg.num_stages)
     else:
         tuned[lambda m: (num_tiles(m),)](*args, **meta)
 
@@ -108,7 +115,8 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base
         lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),
         (x, weight, bias if bias is not None else y, u, lora_B, y, M, N, K, R,
          x.stride(0), weight.stride(0), u.stride(0), lora_B.stride(0), y.stride(0), float(scaling)),
-        dict(HAS_BIAS=bias is not None, BASE_GEMM=use_triton_gemm, INPUT_PRECISION=precision, R_PAD=r_pad))
+        dict(HAS_BIAS=bias is not None, BASE_GEMM=use_triton_gemm, INPUT_PRECISION=precision, R_PAD=r_pad),
+        (N, K, x.stride(0), weight.stride(0), y.stride(0)))
     if not use_triton_gemm:
         y.addmm_(x, weight.t())  # cuBLAS adds X W^T to b + s U B^T in its epilogue (beta = 1).
     return y, u
@@ -142,33 +150,39 @@ def lora_backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
 
     Args:
         dy: [M, N] in x's dtype, unit last-dim stride. x, weight, lora_A, lora_B, u, scaling,
-        dropout_p, seed: as in and from `lora_forward`. needs_*: which gradients to compute.
+        dropout_p, seed: as in and from `lora_forward`; x may be None unless needs_da, u
+        unless needs_db. needs_*: which gradients to compute.
     Returns:
         (dx [M, K] or None, dA [R, K] or None, dB [N, R] or None), in x's / the adapters' dtype.
     """
-    M, K = x.shape
-    N, R = lora_B.shape
+    M, N = dy.shape
+    K = weight.shape[1]
+    R = lora_B.shape[1]
     r_pad = configs.padded_rank(R)
-    device = x.device
-    dx = torch.empty((M, K), device=device, dtype=x.dtype) if needs_dx else None
+    device = dy.device
+    dx = torch.empty((M, K), device=device, dtype=dy.dtype) if needs_dx else None
     da = torch.empty_like(lora_A) if needs_da else None
     db = torch.empty_like(lora_B) if needs_db else None
     if M == 0:
         return tuple(g.zero_() if g is not None else None for g in (dx, da, db))
-    precision = _input_precision(x.dtype, device)
+    precision = _input_precision(dy.dtype, device)
     needs_v = needs_dx or needs_da
     # dB rides along B1's pass over dY while its per-slab partials (M / BLOCK_M x N x R fp32)
     # cost fewer bytes than a second read of dY; at larger ranks a separate pass is cheaper.
     fuse_db = needs_db and r_pad <= configs.FUSED_DB_MAX_RANK
 
     # B1: V = s dY B (and, at small ranks, the dB partials), one pass over dY.
-    v = torch.empty((M, R), device=device, dtype=torch.float32) if needs_v else u
+    v = torch.empty((M, R), device=device, dtype=torch.float32) if needs_v else None
     if needs_v or fuse_db:
         cfg = configs.grad_dy_config(r_pad, dy.element_size())
         num_slabs = triton.cdiv(M, cfg["BLOCK_M"])
-        db_part = torch.empty((num_slabs, N, R), device=device, dtype=torch.float32) if fuse_db else u
+        db_part = torch.empty((num_slabs, N, R), device=device, dtype=torch.float32) if fuse_db else None
+        # Unused operands (u without dB, v without V) get a stand-in pointer: their code is compiled out.
+        u_arg = u if fuse_db else dy
+        v_arg = v if needs_v else dy
         lora_grad_dy_kernel[(num_slabs,)](
-            dy, lora_B, u, v, db_part, M, N, R, dy.stride(0), lora_B.stride(0), u.stride(0), v.stride(0),
+            dy, lora_B, u_arg, v_arg, db_part if fuse_db else dy, M, N, R, dy.stride(0), lora_B.stride(0),
+            u_arg.stride(0), v_arg.stride(0),
             float(scaling), COMPUTE_V=needs_v, COMPUTE_DB=fuse_db, INPUT_PRECISION=precision, R_PAD=r_pad, **cfg)
         if fuse_db:
             _reduce_partials(db_part, db, float(scaling))
@@ -184,7 +198,8 @@ def lora_backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
             lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),
             (dy, weight, v, lora_A, dx, M, N, K, R, dy.stride(0), weight.stride(0), v.stride(0),
              lora_A.stride(0), dx.stride(0), seed, float(dropout_p)),
-            dict(BASE_GEMM=use_triton_gemm, HAS_DROPOUT=dropout_p > 0, INPUT_PRECISION=precision, R_PAD=r_pad))
+            dict(BASE_GEMM=use_triton_gemm, HAS_DROPOUT=dropout_p > 0, INPUT_PRECISION=precision, R_PAD=r_pad),
+            (N, K, dy.stride(0), weight.stride(0), lora_A.stride(0), dx.stride(0)))
         if not use_triton_gemm:
             dx.addmm_(dy, weight)
 

@@ -36,8 +36,9 @@ def lora_forward_torch(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed
 
 def lora_backward_torch(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
                         needs_dx=True, needs_da=True, needs_db=True, base_gemm=None):
-    """Torch backward: returns (dx, dA, dB), None for those not needed."""
+    """Torch backward: returns (dx, dA, dB), None for those not needed (x is needed only for dA)."""
     del base_gemm
+    M, K = dy.shape[0], weight.shape[1]
     dy32 = dy.float()
     v = scaling * (dy32 @ lora_B.float()) if (needs_dx or needs_da) else None
     db = (scaling * (dy32.t() @ u)).to(lora_B.dtype) if needs_db else None
@@ -46,6 +47,6 @@ def lora_backward_torch(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, se
     if needs_dx:
         lora_term = v @ lora_A.float()
         if dropout_p > 0:
-            lora_term = lora_term * torch_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device) / (1.0 - dropout_p)
-        dx = (dy @ weight).add_(lora_term.to(x.dtype))
+            lora_term = lora_term * torch_keep_mask(seed, M, K, dropout_p, dy.device) / (1.0 - dropout_p)
+        dx = (dy @ weight).add_(lora_term.to(dy.dtype))
     return dx, da, db

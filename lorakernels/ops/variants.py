@@ -115,20 +115,8 @@ def _gemm_variants(kernel, dtype, adapter, precision, cfg, r_pad, all_flags=Fals
 
 
 def _gemm_rank_pairs(elem_bytes):
-    """(config, padded rank) pairs covering every GEMM candidate and every padded rank.
-
-    Shared memory and registers grow with the rank, so each candidate is built at the
-    smallest and the largest padded rank it is offered for, and each padded rank with the
-    largest candidate it is offered: every (candidate, rank) the autotuner can pick lies
-    between two built ones.
-    """
-    pairs = []
-    for cfg in configs.GEMM_CANDIDATES:
-        ranks = [r for r in configs.PADDED_RANKS if cfg in configs.gemm_configs(r, elem_bytes)]
-        pairs += [(cfg, ranks[0]), (cfg, ranks[-1])] if ranks else []
-    for r_pad in configs.PADDED_RANKS:
-        pairs.append((configs.gemm_configs(r_pad, elem_bytes)[0], r_pad))
-    return list(dict.fromkeys(pairs))
+    """Every (config, padded rank) pair the autotuner can be offered for this activation size."""
+    return [(cfg, r_pad) for r_pad in configs.PADDED_RANKS for cfg in configs.gemm_configs(r_pad, elem_bytes)]
 
 
 def _small_kernel_variants(dtype, adapter, precision, r_pad, all_flags=False):
@@ -172,8 +160,9 @@ def all_variants():
     for out_dtype in DTYPES:
         out.append(_variant(reduce_partials_kernel, "fp32", out_dtype, configs.REDUCE_CONFIG))
     out.append(_variant(dropout_keep_mask_kernel, "fp32", "fp32", configs.DROPOUT_MASK_CONFIG))
-    # Misaligned tensors (views at odd offsets, odd K or N) take the JIT's unaligned specialization.
-    cfg = _gemm_config(configs.GEMM_CANDIDATES[0])
+    # Misaligned tensors (views at odd offsets, K or N not multiples of 16) take the JIT's unaligned
+    # specialization, which the launchers run with one fixed config.
+    cfg = _gemm_config(configs.UNALIGNED_GEMM_CONFIG)
     out.append(_variant(lora_linear_fwd_kernel, "bf16", "fp32", cfg, aligned=False, HAS_BIAS=True, BASE_GEMM=True,
                         INPUT_PRECISION="ieee", R_PAD=16))
     out.append(_variant(lora_grad_x_kernel, "bf16", "fp32", cfg, aligned=False, BASE_GEMM=True, HAS_DROPOUT=True,

@@ -1,0 +1,77 @@
+"""Ahead-of-time build gate: every kernel variant the launchers can choose builds for sm_90
+(H100/H200) and sm_80 (A100), fits the target's shared memory, spills no registers, and the
+GEMM kernels use the target's tensor-core MMA (wgmma on sm_90, mma.sync on sm_80).
+
+The builds run in a subprocess with TRITON_INTERPRET=0 (interpreted kernels cannot be
+compiled); the variant list is `lorakernels.ops.variants.all_variants()`, which reads the
+same config functions the launchers call. This would catch: a config over the shared-memory
+limit, a tile that spills, a `tl.dot` with a dimension under 16, an operation a GPU backend
+rejects, or a GEMM that silently lost its tensor-core path.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lorakernels.ops import configs
+from lorakernels.ops.aot import TARGETS, problems
+from lorakernels.ops.variants import ELEM_BYTES, all_variants
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot") / "builds.json"
+    # A fresh compile cache: every variant is really built, nothing comes from an earlier run.
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(out.parent / "triton-cache")}
+    run = subprocess.run([sys.executable, "-m", "lorakernels.ops.aot", "--json", str(out)], env=env,
+                         capture_output=True, text=True, timeout=1800)
+    assert out.exists(), f"the build script wrote no results:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def test_every_variant_was_built_for_every_target(builds):
+    expected = {(i, t) for i in range(len(all_variants())) for t in TARGETS}
+    assert {(b["index"], b["target"]) for b in builds} == expected
+
+
+def test_every_build_fits_and_uses_tensor_cores(builds):
+    failures = [f"{b['target']} {b['variant']}: {'; '.join(problems(b))}" for b in builds if problems(b)]
+    assert not failures, f"{len(failures)} of {len(builds)} builds fail the gate:\n" + "\n".join(failures)
+
+
+def test_gemm_builds_report_resources(builds):
+    """The gate reads real numbers: registers > 0 and shared memory > 0 for every GEMM build."""
+    gemms = [b for b in builds if b["gemm"] and b["ok"]]
+    assert gemms and all(b["reg"] > 0 and b["shared"] > 0 for b in gemms)
+
+
+def test_every_config_the_launchers_can_pick_is_in_the_gate():
+    """No config escapes: each (GEMM candidate, padded rank, dtype size) the autotuner may pick,
+    the fixed fallbacks, and each rank-R kernel config appear among the built variants."""
+    built = {(v.name, v.dtype, dict(v.constexprs).get("R_PAD"),
+              tuple(sorted((k, val) for k, val in v.constexprs if k.startswith("BLOCK") or k == "GROUP_M")),
+              v.num_warps, v.num_stages) for v in all_variants()}
+
+    def key(name, dtype, r_pad, cfg):
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        return (name, dtype, r_pad, tuple(sorted(cfg.items())), warps, stages)
+
+    missing = []
+    for dtype, r_pad in ((d, r) for d in ("bf16", "fp32") for r in configs.PADDED_RANKS):
+        offered = configs.gemm_configs(r_pad, ELEM_BYTES[dtype])
+        assert offered, f"no GEMM config fits {dtype} at padded rank {r_pad}"
+        for cfg in offered:
+            for name in ("lora_linear_fwd_kernel", "lora_grad_x_kernel"):
+                k = key(name, dtype, r_pad, {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                missing += [k] if k not in built else []
+        for name, fn in (("lora_down_kernel", configs.down_config), ("lora_grad_dy_kernel", configs.grad_dy_config),
+                         ("lora_adapter_grad_kernel", configs.adapter_grad_config)):
+            k = key(name, dtype, r_pad, fn(r_pad, ELEM_BYTES[dtype], False))
+            missing += [k] if k not in built else []
+    assert not missing, f"configs the launchers can pick but the gate does not build: {missing}"
