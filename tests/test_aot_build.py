@@ -51,27 +51,31 @@ def test_gemm_builds_report_resources(builds):
 
 
 def test_every_config_the_launchers_can_pick_is_in_the_gate():
-    """No config escapes: each (GEMM candidate, padded rank, dtype size) the autotuner may pick,
-    the fixed fallbacks, and each rank-R kernel config appear among the built variants."""
-    built = {(v.name, v.dtype, dict(v.constexprs).get("R_PAD"),
+    """No config escapes: each GEMM candidate the autotuner may be offered (per activation size),
+    the unaligned fallback, and each rank-R kernel config at each padded rank are built."""
+    built = {(v.name, v.dtype, v.aligned, dict(v.constexprs).get("R_PAD"),
               tuple(sorted((k, val) for k, val in v.constexprs if k.startswith("BLOCK") or k == "GROUP_M")),
               v.num_warps, v.num_stages) for v in all_variants()}
 
-    def key(name, dtype, r_pad, cfg):
+    def key(name, dtype, r_pad, cfg, aligned=True):
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        return (name, dtype, r_pad, tuple(sorted(cfg.items())), warps, stages)
+        return (name, dtype, aligned, r_pad, tuple(sorted(cfg.items())), warps, stages)
 
-    missing = []
-    for dtype, r_pad in ((d, r) for d in ("bf16", "fp32") for r in configs.PADDED_RANKS):
-        offered = configs.gemm_configs(r_pad, ELEM_BYTES[dtype])
-        assert offered, f"no GEMM config fits {dtype} at padded rank {r_pad}"
-        for cfg in offered:
-            for name in ("lora_linear_fwd_kernel", "lora_grad_x_kernel"):
-                k = key(name, dtype, r_pad, {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-                missing += [k] if k not in built else []
-        for name, fn in (("lora_down_kernel", configs.down_config), ("lora_grad_dy_kernel", configs.grad_dy_config),
-                         ("lora_adapter_grad_kernel", configs.adapter_grad_config)):
-            k = key(name, dtype, r_pad, fn(r_pad, ELEM_BYTES[dtype], False))
-            missing += [k] if k not in built else []
+    def as_dict(cfg):
+        return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+    expected = []
+    for dtype in ("bf16", "fp32"):
+        offered = configs.gemm_configs(ELEM_BYTES[dtype])
+        assert offered, f"no GEMM config for {dtype}"
+        for name in ("lora_linear_fwd_kernel", "lora_grad_x_kernel"):
+            expected += [key(name, dtype, None, as_dict(cfg)) for cfg in offered]
+            expected.append(key(name, dtype, None, as_dict(configs.UNALIGNED_GEMM_CONFIG), aligned=False))
+        for r_pad in configs.PADDED_RANKS:
+            for name, config_of in (("lora_down_kernel", configs.down_config),
+                                    ("lora_grad_dy_kernel", configs.grad_dy_config),
+                                    ("lora_adapter_grad_kernel", configs.adapter_grad_config)):
+                expected.append(key(name, dtype, r_pad, config_of(r_pad, ELEM_BYTES[dtype], False)))
+    missing = [k for k in expected if k not in built]
     assert not missing, f"configs the launchers can pick but the gate does not build: {missing}"

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from lorakernels.kernels.dropout import dropout_keep
-from lorakernels.kernels.lora_forward import grouped_tile
+from lorakernels.kernels.lora_forward import RANK_CHUNK, grouped_tile
 
 
 @triton.jit
@@ -98,7 +98,6 @@ def lora_grad_x_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    R_PAD: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """B2: dX = dY @ W + (V @ A) * keep / (1 - p), dX written once.
@@ -116,12 +115,11 @@ def lora_grad_x_kernel(
     row_ok = rows < M
     col_ok = cols < K
 
-    # The masked LoRA term first, rank chunk by rank chunk: it becomes the initial value of the
-    # main loop's accumulator, so only one BLOCK_M x BLOCK_N fp32 tile is ever live.
-    BLOCK_R: tl.constexpr = min(R_PAD, 32)  # wider rank chunks spilled with fp32 adapters (build gate)
+    # The masked LoRA term first, RANK_CHUNK ranks at a time: it becomes the initial value of
+    # the main loop's accumulator, so only one BLOCK_M x BLOCK_N fp32 tile is ever live.
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, RANK_CHUNK):
+        ranks = r0 + tl.arange(0, RANK_CHUNK)
         rank_ok = ranks < R
         v = tl.load(v_ptr + rows[:, None] * stride_vm + ranks[None, :],
                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0)

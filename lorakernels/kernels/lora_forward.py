@@ -6,14 +6,20 @@
 X: [M, K], W: [N, K], b: [N], A: [R, K], B: [N, R], U: [M, R] fp32.
 Xd = X * keep / (1 - p) exists only in registers; the mask comes from the seed.
 The rank-R products run on tensor cores in X's dtype (adapters, which may be fp32,
-are cast tile by tile), accumulated in fp32. `R_PAD` >= 16 is the padded rank
-that `tl.dot` needs; ranks >= R are masked to zero (and skipped where a loop runs over R).
+are cast tile by tile), accumulated in fp32. In F1 (and the backward's rank-R kernels)
+`R_PAD` >= 16 is the padded rank that `tl.dot` needs, ranks >= R masked to zero; F2 and
+B2 loop over the rank RANK_CHUNK at a time.
 """
 
 import triton
 import triton.language as tl
 
 from lorakernels.kernels.dropout import dropout_keep
+
+# F2 and B2 add the rank-R term 16 ranks at a time (the smallest `tl.dot` K): the tiles it
+# needs stay small whatever the rank, so no register or shared-memory cost grows with R.
+# 32-wide chunks spilled with fp32 adapters on 4-warp 128 x 64 tiles (build gate, sm_80/sm_90).
+RANK_CHUNK = tl.constexpr(16)
 
 
 @triton.jit
@@ -100,7 +106,6 @@ def lora_linear_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    R_PAD: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """F2: Y = X @ W^T + b + s * U @ B^T, one fp32 accumulator, Y rounded and written once.
@@ -116,14 +121,12 @@ def lora_linear_fwd_kernel(
     row_ok = rows < M
     out_ok = outs < N
 
-    # The LoRA term first, rank chunk by rank chunk (each chunk a tile no larger than a
-    # main-loop step), so that no U or B tile is live next to the main loop's accumulator.
-    # s is folded into the fp32 U tile before rounding to the dot dtype.
-    BLOCK_R: tl.constexpr = min(R_PAD, 32)  # wider rank chunks spilled with fp32 adapters (build gate)
+    # The LoRA term first, RANK_CHUNK ranks at a time, so that no U or B tile is live next to
+    # the main loop. s is folded into the fp32 U tile before rounding to the dot dtype.
     scaling = tl.cast(scaling, tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, RANK_CHUNK):
+        ranks = r0 + tl.arange(0, RANK_CHUNK)
         rank_ok = ranks < R
         u = tl.load(u_ptr + rows[:, None] * stride_um + ranks[None, :],
                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0)

@@ -2,18 +2,16 @@
 
 Under the Triton interpreter (`TRITON_INTERPRET=1`) every kernel runs with one fixed
 config (autotune needs a GPU driver). On a GPU the two large GEMMs (forward F2, dX B2)
-are autotuned over `gemm_configs(r_pad, elem_bytes)`; the memory-bound rank-R kernels use
-one config per padded rank. None of these have been tuned on a GPU yet: they are the
-usual Hopper/Ampere starting points, pruned to what fits in shared memory. Every config
-these functions can return is built for sm_80 and sm_90 by tests/test_aot_build.py.
+are autotuned over `gemm_configs(elem_bytes)`; the memory-bound rank-R kernels use one
+config per padded rank. None of these have been tuned on a GPU yet: they are the usual
+Hopper/Ampere starting points, kept to those that build for sm_80 and sm_90 within shared
+memory and without register spills, as tests/test_aot_build.py checks for every config
+these functions can return.
 """
 
 import os
 
 import triton
-
-# Shared memory one block may use on the smaller of the supported targets (sm_80: 163 KiB).
-SMEM_BUDGET_BYTES = 163 * 1024
 
 # Padded ranks the kernels are built for: ranks 1..256 padded to a power of two >= 16.
 PADDED_RANKS = (16, 32, 64, 128, 256)
@@ -32,14 +30,6 @@ def padded_rank(r):
 def _gemm(bm, bn, bk, warps, stages, group_m=8):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
                          num_warps=warps, num_stages=stages)
-
-
-def _gemm_smem_bytes(cfg, r_pad, elem_bytes):
-    """Estimate: pipelined main-loop tiles plus the LoRA tiles (U or V, and B or A) of the epilogue."""
-    kw = cfg.kwargs
-    main_loop = cfg.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elem_bytes
-    lora_tiles = (kw["BLOCK_M"] + kw["BLOCK_N"]) * r_pad * elem_bytes
-    return main_loop + lora_tiles
 
 
 # Candidates for the fused GEMMs (F2 forward, B2 dX): output tile BLOCK_M x BLOCK_N,
@@ -64,14 +54,17 @@ UNALIGNED_GEMM_CONFIG = _gemm(64, 64, 32, 4, 3)
 INTERPRETER_GEMM_CONFIG = _gemm(32, 64, 32, 4, 1, group_m=4)
 
 
-def gemm_configs(r_pad, elem_bytes):
-    """GPU autotuning candidates for F2/B2 at padded rank `r_pad` with `elem_bytes`-byte activations.
+def gemm_configs(elem_bytes):
+    """GPU autotuning candidates for F2/B2 with `elem_bytes`-byte activations (any rank: F2 and
+    B2 add the rank-R term in fixed 16-rank chunks).
 
-    fp32 activations take only BLOCK_K <= 32: on the IEEE (non-TF32) path tl.dot runs on FMA
-    units with both operand tiles in registers, and 64-wide K steps spilled (build gate, sm_80).
+    fp32 activations take only the 64 x 64 x 32 tile: on the IEEE (non-TF32) path tl.dot runs
+    on FMA units with both operand tiles in registers, and the larger tiles spilled (build gate).
     """
-    return [c for c in GEMM_CANDIDATES if _gemm_smem_bytes(c, r_pad, elem_bytes) <= SMEM_BUDGET_BYTES
-            and (elem_bytes == 2 or c.kwargs["BLOCK_K"] <= 32)]
+    if elem_bytes == 2:
+        return list(GEMM_CANDIDATES)
+    return [c for c in GEMM_CANDIDATES if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64
+            and c.kwargs["BLOCK_K"] <= 32]
 
 
 def _interpret(interpret):

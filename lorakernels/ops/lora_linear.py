@@ -35,12 +35,11 @@ BASE_GEMM_CHOICES = ("triton", "cublas")
 
 
 def _autotuned(kernel):
-    # Candidates are pruned per padded rank and activation size (the first argument) to fit shared memory.
+    # Candidates are pruned by activation size (the first argument): fp32 takes the narrow ones.
     def prune(candidates, named_args, **meta):
-        activation = next(iter(named_args.values()))
-        return configs.gemm_configs(meta["R_PAD"], activation.element_size())
+        return configs.gemm_configs(next(iter(named_args.values())).element_size())
 
-    return triton.autotune(configs=configs.GEMM_CANDIDATES, key=["N", "K", "R_PAD"],
+    return triton.autotune(configs=configs.GEMM_CANDIDATES, key=["N", "K"],
                            prune_configs_by={"early_config_prune": prune})(kernel)
 
 
@@ -115,7 +114,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base
         lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),
         (x, weight, bias if bias is not None else y, u, lora_B, y, M, N, K, R,
          x.stride(0), weight.stride(0), u.stride(0), lora_B.stride(0), y.stride(0), float(scaling)),
-        dict(HAS_BIAS=bias is not None, BASE_GEMM=use_triton_gemm, INPUT_PRECISION=precision, R_PAD=r_pad),
+        dict(HAS_BIAS=bias is not None, BASE_GEMM=use_triton_gemm, INPUT_PRECISION=precision),
         (N, K, x.stride(0), weight.stride(0), y.stride(0)))
     if not use_triton_gemm:
         y.addmm_(x, weight.t())  # cuBLAS adds X W^T to b + s U B^T in its epilogue (beta = 1).
@@ -198,7 +197,7 @@ def lora_backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
             lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),
             (dy, weight, v, lora_A, dx, M, N, K, R, dy.stride(0), weight.stride(0), v.stride(0),
              lora_A.stride(0), dx.stride(0), seed, float(dropout_p)),
-            dict(BASE_GEMM=use_triton_gemm, HAS_DROPOUT=dropout_p > 0, INPUT_PRECISION=precision, R_PAD=r_pad),
+            dict(BASE_GEMM=use_triton_gemm, HAS_DROPOUT=dropout_p > 0, INPUT_PRECISION=precision),
             (N, K, dy.stride(0), weight.stride(0), lora_A.stride(0), dx.stride(0)))
         if not use_triton_gemm:
             dx.addmm_(dy, weight)

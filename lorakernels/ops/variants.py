@@ -106,17 +106,12 @@ def _gemm_config(cfg):
     return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
-def _gemm_variants(kernel, dtype, adapter, precision, cfg, r_pad, all_flags=False):
+def _gemm_variants(kernel, dtype, adapter, precision, cfg, all_flags=False):
     """F2 or B2 at one config; every feature-flag combination when all_flags, else the heaviest."""
     flag_names = ("HAS_BIAS", "BASE_GEMM") if kernel is lora_linear_fwd_kernel else ("HAS_DROPOUT", "BASE_GEMM")
     combos = itertools.product((True, False), repeat=2) if all_flags else [(True, True)]
-    return [_variant(kernel, dtype, adapter, _gemm_config(cfg), INPUT_PRECISION=precision, R_PAD=r_pad,
+    return [_variant(kernel, dtype, adapter, _gemm_config(cfg), INPUT_PRECISION=precision,
                      **dict(zip(flag_names, flags))) for flags in combos]
-
-
-def _gemm_rank_pairs(elem_bytes):
-    """Every (config, padded rank) pair the autotuner can be offered for this activation size."""
-    return [(cfg, r_pad) for r_pad in configs.PADDED_RANKS for cfg in configs.gemm_configs(r_pad, elem_bytes)]
 
 
 def _small_kernel_variants(dtype, adapter, precision, r_pad, all_flags=False):
@@ -137,25 +132,29 @@ def _small_kernel_variants(dtype, adapter, precision, r_pad, all_flags=False):
 
 
 def all_variants():
-    """The variants the gate builds: every config and padded rank the launchers can choose (see
-    `_gemm_rank_pairs`), every dtype, every feature path, fp32 adapters under 16-bit activations."""
+    """The variants the gate builds: every config the launchers can choose, every padded rank of
+    the rank-R kernels, every dtype, every feature path, fp32 adapters under 16-bit activations."""
     out = []
     gemms = (lora_linear_fwd_kernel, lora_grad_x_kernel)
-    # bf16 activations with fp32 adapters (PEFT's default), fp32 activations on the TF32 path:
-    # every candidate and padded rank.
-    for dtype, adapter, precision in (("bf16", "fp32", "ieee"), ("fp32", "fp32", "tf32")):
-        for cfg, r_pad in _gemm_rank_pairs(ELEM_BYTES[dtype]):
+    cases = [  # (activations, adapters, dot input precision)
+        ("bf16", "fp32", "ieee"),  # PEFT's default: bf16 model, fp32 adapters
+        ("fp32", "fp32", "tf32"),  # fp32 with torch.backends.cuda.matmul.allow_tf32
+        ("fp32", "fp32", "ieee"),  # fp32 without TF32
+        ("fp16", "fp16", "ieee"),
+        ("bf16", "bf16", "ieee"),
+    ]
+    for case_index, (dtype, adapter, precision) in enumerate(cases):
+        main_case = case_index < 3
+        # GEMMs: every candidate at the heaviest feature path, every feature path at the first candidate.
+        # fp16, and bf16 with bf16 adapters, have the tile sizes of bf16 with fp32 adapters and lighter
+        # adapter loads: their first candidate covers the change of MMA type.
+        gemm_cfgs = configs.gemm_configs(ELEM_BYTES[dtype])
+        for i, cfg in enumerate(gemm_cfgs if main_case else gemm_cfgs[:1]):
             for kernel in gemms:
-                out += _gemm_variants(kernel, dtype, adapter, precision, cfg, r_pad)
-        for r_pad in configs.PADDED_RANKS:
-            out += _small_kernel_variants(dtype, adapter, precision, r_pad)
-    # fp16, adapters in the activations' dtype, and fp32 on the IEEE (no TF32) path: the smallest and
-    # the largest padded rank at their largest config, every feature path at rank 16.
-    for dtype, adapter, precision in (("fp16", "fp16", "ieee"), ("bf16", "bf16", "ieee"), ("fp32", "fp32", "ieee")):
-        for r_pad in (configs.PADDED_RANKS[0], configs.PADDED_RANKS[-1]):
-            cfg = configs.gemm_configs(r_pad, ELEM_BYTES[dtype])[0]
-            for kernel in gemms:
-                out += _gemm_variants(kernel, dtype, adapter, precision, cfg, r_pad, all_flags=r_pad == 16)
+                out += _gemm_variants(kernel, dtype, adapter, precision, cfg, all_flags=i == 0)
+        # Rank-R kernels: every padded rank for the main cases, the extremes for the others.
+        ranks = configs.PADDED_RANKS if main_case else (configs.PADDED_RANKS[0], configs.PADDED_RANKS[-1])
+        for r_pad in ranks:
             out += _small_kernel_variants(dtype, adapter, precision, r_pad, all_flags=r_pad == 16)
     for out_dtype in DTYPES:
         out.append(_variant(reduce_partials_kernel, "fp32", out_dtype, configs.REDUCE_CONFIG))
@@ -163,8 +162,9 @@ def all_variants():
     # Misaligned tensors (views at odd offsets, K or N not multiples of 16) take the JIT's unaligned
     # specialization, which the launchers run with one fixed config.
     cfg = _gemm_config(configs.UNALIGNED_GEMM_CONFIG)
-    out.append(_variant(lora_linear_fwd_kernel, "bf16", "fp32", cfg, aligned=False, HAS_BIAS=True, BASE_GEMM=True,
-                        INPUT_PRECISION="ieee", R_PAD=16))
-    out.append(_variant(lora_grad_x_kernel, "bf16", "fp32", cfg, aligned=False, BASE_GEMM=True, HAS_DROPOUT=True,
-                        INPUT_PRECISION="ieee", R_PAD=16))
+    for dtype in ("bf16", "fp32"):
+        out.append(_variant(lora_linear_fwd_kernel, dtype, "fp32", cfg, aligned=False, HAS_BIAS=True, BASE_GEMM=True,
+                            INPUT_PRECISION="ieee"))
+        out.append(_variant(lora_grad_x_kernel, dtype, "fp32", cfg, aligned=False, BASE_GEMM=True, HAS_DROPOUT=True,
+                            INPUT_PRECISION="ieee"))
     return list(dict.fromkeys(out))
