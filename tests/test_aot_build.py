@@ -71,7 +71,7 @@ def test_every_config_the_launchers_can_pick_is_in_the_gate():
         assert offered, f"no GEMM config for {dtype}"
         for name in ("lora_linear_fwd_kernel", "lora_grad_x_kernel"):
             expected += [key(name, dtype, None, as_dict(cfg)) for cfg in offered]
-            expected.append(key(name, dtype, None, as_dict(configs.UNALIGNED_GEMM_CONFIG), aligned=False))
+            expected.append(key(name, dtype, None, as_dict(configs.unaligned_gemm_config(ELEM_BYTES[dtype])), aligned=False))
         for r_pad in configs.PADDED_RANKS:
             for name, config_of in (("lora_down_kernel", configs.down_config),
                                     ("lora_grad_dy_kernel", configs.grad_dy_config),

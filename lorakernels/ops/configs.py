@@ -43,8 +43,13 @@ GEMM_CANDIDATES = [
     _gemm(128, 64, 64, 4, 4),
     _gemm(64, 128, 64, 4, 4),
     _gemm(64, 64, 64, 4, 3),
-    _gemm(64, 64, 32, 4, 2),  # the one that fits fp32 activations at rank 256
+    _gemm(64, 64, 32, 4, 2),
 ]
+
+# fp32 activations: on the IEEE (non-TF32) path tl.dot runs on FMA units with both operand
+# tiles in registers; 64 x 64 x 32 spilled there (16-32 B of stack on sm_80 and sm_90, build
+# gate), so fp32 launches use 16-wide K steps, TF32 or not.
+FP32_GEMM_CONFIG = _gemm(64, 64, 16, 4, 3)
 
 # Tensors that miss the JIT's 16-byte alignment (views at odd offsets, sizes or row strides
 # not multiples of 16) get no vectorized loads and need more address registers: the large
@@ -56,15 +61,13 @@ INTERPRETER_GEMM_CONFIG = _gemm(32, 64, 32, 4, 1, group_m=4)
 
 def gemm_configs(elem_bytes):
     """GPU autotuning candidates for F2/B2 with `elem_bytes`-byte activations (any rank: F2 and
-    B2 add the rank-R term in fixed 16-rank chunks).
+    B2 add the rank-R term in fixed 16-rank chunks)."""
+    return list(GEMM_CANDIDATES) if elem_bytes == 2 else [FP32_GEMM_CONFIG]
 
-    fp32 activations take only the 64 x 64 x 32 tile: on the IEEE (non-TF32) path tl.dot runs
-    on FMA units with both operand tiles in registers, and the larger tiles spilled (build gate).
-    """
-    if elem_bytes == 2:
-        return list(GEMM_CANDIDATES)
-    return [c for c in GEMM_CANDIDATES if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64
-            and c.kwargs["BLOCK_K"] <= 32]
+
+def unaligned_gemm_config(elem_bytes):
+    """The one F2/B2 config for operands that miss the 16-byte alignment."""
+    return UNALIGNED_GEMM_CONFIG if elem_bytes == 2 else FP32_GEMM_CONFIG
 
 
 def _interpret(interpret):
@@ -81,7 +84,7 @@ def down_config(r_pad, elem_bytes, interpret=None):
     """F1 (dropout + down-projection): memory-bound, one config per padded rank and dtype size."""
     if _interpret(interpret):
         return {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_M": 64 if r_pad <= 64 else 32, "BLOCK_K": 64 if elem_bytes == 2 else 32,
+    return {"BLOCK_M": 64 if r_pad <= 64 and elem_bytes == 2 else 32, "BLOCK_K": 64 if elem_bytes == 2 else 32,
             "num_warps": 4 if r_pad <= 64 else 8, "num_stages": 3}
 
 

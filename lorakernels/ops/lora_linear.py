@@ -70,7 +70,8 @@ def _launch_gemm(kernel, tuned, num_tiles, args, meta, aligned_ints):
     aligned = all(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)) and all(
         i % 16 == 0 for i in aligned_ints)
     if configs.interpreting() or not aligned:
-        cfg = configs.INTERPRETER_GEMM_CONFIG if configs.interpreting() else configs.UNALIGNED_GEMM_CONFIG
+        elem_bytes = args[0].element_size()
+        cfg = configs.INTERPRETER_GEMM_CONFIG if configs.interpreting() else configs.unaligned_gemm_config(elem_bytes)
         kernel[(num_tiles(cfg.kwargs),)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
                                          num_stages=cfg.num_stages)
     else:

@@ -161,8 +161,8 @@ def all_variants():
     out.append(_variant(dropout_keep_mask_kernel, "fp32", "fp32", configs.DROPOUT_MASK_CONFIG))
     # Misaligned tensors (views at odd offsets, K or N not multiples of 16) take the JIT's unaligned
     # specialization, which the launchers run with one fixed config.
-    cfg = _gemm_config(configs.UNALIGNED_GEMM_CONFIG)
     for dtype in ("bf16", "fp32"):
+        cfg = _gemm_config(configs.unaligned_gemm_config(ELEM_BYTES[dtype]))
         out.append(_variant(lora_linear_fwd_kernel, dtype, "fp32", cfg, aligned=False, HAS_BIAS=True, BASE_GEMM=True,
                             INPUT_PRECISION="ieee"))
         out.append(_variant(lora_grad_x_kernel, dtype, "fp32", cfg, aligned=False, BASE_GEMM=True, HAS_DROPOUT=True,
