@@ -3,10 +3,12 @@
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from lorakernels import ops
 from lorakernels._validation import check_lora_hyperparameters
-from lorakernels.functional import lora_linear
+from lorakernels.functional import lora_linear, resolve_backend
 
 
 def lora_scaling(r, lora_alpha, use_rslora=False):
@@ -27,6 +29,11 @@ class LoRALinear(nn.Module):
 
     Parameters: weight [out, in] and bias [out] (frozen), lora_A [r, in] (kaiming-uniform,
     a = sqrt(5)) and lora_B [out, r] (zeros, so a fresh adapter leaves the layer unchanged).
+
+    `merge()` folds the adapter into `weight` (one pass of the merge kernel) so that forward is
+    the plain GEMM; `unmerge()` restores the base weight bit for bit from a copy kept while
+    merged (pass `keep_original=False` to save that memory: unmerge then subtracts, and a
+    16-bit weight can drift by rounding, as with PEFT). Training while merged is refused.
     """
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True,
@@ -57,6 +64,9 @@ class LoRALinear(nn.Module):
         self.use_rslora = use_rslora
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.backend = backend
+        self.merged = False
+        self.adapters_disabled = False
+        self._original_weight = None
         self.weight = base.weight
         self.weight.requires_grad_(False)
         self.bias = base.bias
@@ -73,11 +83,48 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x):
+        if self.merged:
+            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+                raise RuntimeError("LoRALinear is merged: its adapter is folded into weight and cannot be trained. "
+                                   "Call unmerge() first, or eval() / torch.no_grad() for inference.")
+            return F.linear(x, self.weight, self.bias)
+        if self.adapters_disabled:
+            return F.linear(x, self.weight, self.bias)
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                            self.lora_dropout, self.training, backend=self.backend)
+
+    def _merge_backend(self):
+        return resolve_backend(self.backend, self.weight.device)
+
+    @torch.no_grad()
+    def merge(self, keep_original=True):
+        """weight <- weight + scaling * lora_B @ lora_A, in place (shared with a wrapped nn.Linear).
+
+        keep_original: keep a copy of the base weight (same device and dtype: one extra weight
+        of memory while merged) so that `unmerge()` restores it bit for bit.
+        """
+        if self.merged:
+            raise RuntimeError("LoRALinear is already merged; call unmerge() first")
+        self._original_weight = self.weight.detach().clone() if keep_original else None
+        ops.lora_merge(self.weight, self.lora_A, self.lora_B, self.scaling, out=self.weight,
+                       backend=self._merge_backend())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Undo `merge()`: restore the kept base weight, or subtract the adapter if none was kept."""
+        if not self.merged:
+            raise RuntimeError("LoRALinear is not merged")
+        if self._original_weight is not None:
+            self.weight.copy_(self._original_weight)
+        else:
+            ops.lora_merge(self.weight, self.lora_A, self.lora_B, self.scaling, subtract=True, out=self.weight,
+                           backend=self._merge_backend())
+        self._original_weight = None
+        self.merged = False
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
                 f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}, "
-                f"adapter_dtype={self.lora_A.dtype}")
+                f"adapter_dtype={self.lora_A.dtype}, merged={self.merged}")

@@ -116,6 +116,13 @@ def adapter_grad_config(r_pad, elem_bytes, interpret=None):
 FUSED_DB_MAX_RANK = 32
 
 
+def merge_config(interpret=None):
+    """Merge (W + s B A): memory-bound; 64 x 64 fp64 tiles, 8 warps."""
+    if _interpret(interpret):
+        return {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 1}
+
+
 REDUCE_CONFIG = {"BLOCK": 1024, "num_warps": 4, "num_stages": 1}
 DROPOUT_MASK_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
 
