@@ -19,6 +19,7 @@ from lorakernels.kernels.lora_backward import (
     reduce_partials_kernel,
 )
 from lorakernels.kernels.lora_forward import lora_down_kernel, lora_linear_fwd_kernel
+from lorakernels.kernels.lora_merge import lora_merge_kernel
 from lorakernels.ops import configs
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -42,6 +43,8 @@ _ARGS = {
                                aligned=("K", "stride_xm"), floats=("p",)),
     "reduce_partials_kernel": dict(act=(), adapter=("out_ptr",), fp32=("part_ptr",), aligned=("numel",),
                                    floats=("scaling",)),
+    "lora_merge_kernel": dict(act=("w_ptr", "out_ptr"), adapter=("b_ptr", "a_ptr"), fp32=(),
+                              aligned=("K", "stride_wn", "stride_on"), floats=("scaling",)),
     "dropout_keep_mask_kernel": dict(act=(), adapter=(), fp32=(), aligned=("K", "stride_om"), floats=("p",),
                                      int8=("out_ptr",)),
 }
@@ -159,6 +162,10 @@ def all_variants():
     for out_dtype in DTYPES:
         out.append(_variant(reduce_partials_kernel, "fp32", out_dtype, configs.REDUCE_CONFIG))
     out.append(_variant(dropout_keep_mask_kernel, "fp32", "fp32", configs.DROPOUT_MASK_CONFIG))
+    for dtype in DTYPES:
+        for adapter in sorted({dtype, "fp32"}):
+            for subtract in (False, True):
+                out.append(_variant(lora_merge_kernel, dtype, adapter, configs.merge_config(False), SUBTRACT=subtract))
     # Misaligned tensors (views at odd offsets, K or N not multiples of 16) take the JIT's unaligned
     # specialization, which the launchers run with one fixed config.
     for dtype in ("bf16", "fp32"):
