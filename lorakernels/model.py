@@ -110,7 +110,11 @@ def merge_and_unload(model):
 
 @contextlib.contextmanager
 def disable_adapters(model):
-    """Within the block, every LoRALinear computes its base layer only."""
+    """Within the block, every LoRALinear computes its base layer only (the model must not be merged)."""
+    merged = [name for name, m in lora_modules(model) if m.merged]
+    if merged:
+        raise RuntimeError(f"disable_adapters needs unmerged adapters; merged: {merged[:4]}"
+                           f"{' ...' if len(merged) > 4 else ''}. Call unmerge_lora(model) first.")
     modules = [m for _, m in lora_modules(model)]
     previous = [m.adapters_disabled for m in modules]
     for m in modules:

@@ -81,6 +81,9 @@ def test_forward_backward_merge_unmerge_unload_generate():
             torch.testing.assert_close(model(ids).logits, base_logits)
         merge_lora(model)
         torch.testing.assert_close(model(ids).logits, adapted, rtol=1e-4, atol=1e-4)
+        with pytest.raises(RuntimeError, match="needs unmerged adapters"):
+            with disable_adapters(model):
+                pass
         unmerge_lora(model)
         torch.testing.assert_close(model(ids).logits, adapted, rtol=1e-5, atol=1e-5)
         merge_and_unload(model)
