@@ -1,10 +1,9 @@
-"""`python -m benchmarks`: the main job.
+"""`python -m benchmarks`: the benchmark suite (see benchmarks/suite.py), the README's main job.
 
-Until the benchmark suite exists, this runs the numerics verification of the kernels
-against the fp64 reference on the default device (see benchmarks/verify_numerics.py).
+The numerics verification of the kernels runs separately: `python -m benchmarks.verify_numerics`.
 """
 
-from benchmarks.verify_numerics import main
+from benchmarks.suite import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -7,7 +7,7 @@ to plain PyTorch's at the same precision, checks them with the test suite's erro
 and reports the activation bytes saved for backward against the PEFT-style path.
 Writes numerics.json and numerics.md to --output-dir; exits 1 if any check fails.
 
-    python -m benchmarks [--output-dir DIR] [--device cpu|cuda]
+    python -m benchmarks.verify_numerics [--output-dir DIR] [--device cpu|cuda]
 """
 
 import argparse
@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.verify_numerics", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="benchmarks/results", help="where numerics.{json,md} go")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     return parser.parse_args(argv)

@@ -1,0 +1,151 @@
+"""Benchmark providers: one setup factory per way of computing a (LoRA) linear layer.
+
+Each factory builds its layer on the given device from one shared base weight, and returns
+a Provider: the module to time, its trainable parameters, and whether it is a LoRA (so it
+is comparable to the reference). All of them see the same inputs in the same run.
+
+    floor        the frozen layer alone (F.linear forward + its dX GEMM): the physical floor
+    lorakernels  LoRALinear with the fused kernels (on CPU: its torch backend)
+    unfused      plain-PyTorch LoRA written as PEFT writes it (dropout, A, B, scale, add)
+    peft         a real HF PEFT LoRA layer (when peft is installed)
+    peft+compile the PEFT layer under torch.compile (CUDA only)
+    full-ft      the same linear with a trainable weight
+    adapter      a Houlsby bottleneck adapter (down, GELU, up, residual) after the frozen
+                 layer, bottleneck sized to the LoRA's parameter count
+"""
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakernels import LoRALinear
+
+
+@dataclasses.dataclass
+class Provider:
+    name: str
+    module: nn.Module
+    lora: bool  # computes the LoRA function (comparable to lora_linear_ref)
+
+    def trainable_parameters(self):
+        return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+
+
+class Floor(nn.Module):
+    """The frozen base layer alone; x still requires grad, so backward runs the dX GEMM."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class UnfusedLoRA(nn.Module):
+    """PEFT's formulation in plain PyTorch: base(x) + B(A(dropout(x))) * s; nn.Dropout stores its mask."""
+
+    def __init__(self, lora):
+        super().__init__()
+        self.weight, self.bias = lora.weight, lora.bias
+        self.lora_A = nn.Parameter(lora.lora_A.detach().clone())
+        self.lora_B = nn.Parameter(lora.lora_B.detach().clone())
+        self.scaling = lora.scaling
+        self.dropout = nn.Dropout(lora.lora_dropout)
+
+    def forward(self, x):
+        result = F.linear(x, self.weight, self.bias)
+        x = self.dropout(x.to(self.lora_A.dtype))
+        return result + (F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling).to(result.dtype)
+
+
+class BottleneckAdapter(nn.Module):
+    """Houlsby adapter after the frozen layer: y = h + up(gelu(down(h))), h = x W^T + b."""
+
+    def __init__(self, base, bottleneck, adapter_dtype):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        n = base.out_features
+        kw = dict(device=base.weight.device, dtype=adapter_dtype)
+        self.down = nn.Linear(n, bottleneck, **kw)
+        self.up = nn.Linear(bottleneck, n, **kw)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        h = F.linear(x, self.weight, self.bias)
+        a = h.to(self.down.weight.dtype)
+        return h + self.up(F.gelu(self.down(a))).to(h.dtype)
+
+
+def _base(K, N, dtype, device, seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(K, N, device=device, dtype=dtype)
+    base.requires_grad_(False)
+    return base
+
+
+def make_providers(K, N, r, dtype, dropout, device, names=None, adapter_dtype=torch.float32, lora_alpha=None):
+    """Every requested provider on one shared base layer; LoRA providers share adapter values."""
+    lora_alpha = lora_alpha or r
+    base = _base(K, N, dtype, device)
+    lora = LoRALinear.from_linear(base, r=r, lora_alpha=lora_alpha, lora_dropout=dropout, adapter_dtype=adapter_dtype)
+    with torch.no_grad():
+        lora.lora_B.normal_(std=0.02)  # a trained-looking adapter, so outputs differ from the base
+    out = {}
+    wanted = set(names) if names else None
+
+    def want(name):
+        return wanted is None or name in wanted
+
+    if want("floor"):
+        out["floor"] = Provider("floor", Floor(base), lora=False)
+    if want("lorakernels"):
+        out["lorakernels"] = Provider("lorakernels", lora, lora=True)
+    if want("unfused"):
+        out["unfused"] = Provider("unfused", UnfusedLoRA(lora), lora=True)
+    if want("peft") or want("peft+compile"):
+        peft_layer = _peft_layer(base, lora)
+        if peft_layer is not None and want("peft"):
+            out["peft"] = Provider("peft", peft_layer, lora=True)
+        if peft_layer is not None and want("peft+compile") and torch.device(device).type == "cuda":
+            out["peft+compile"] = Provider("peft+compile", torch.compile(peft_layer), lora=True)
+    if want("full-ft"):
+        full = _base(K, N, dtype, device)
+        full.requires_grad_(True)
+        out["full-ft"] = Provider("full-ft", full, lora=False)
+    if want("adapter"):
+        # Houlsby's adapter has 2 * N * m + m + N parameters; LoRA has r * (K + N).
+        bottleneck = max(1, round(r * (K + N) / (2 * N + 1)))
+        out["adapter"] = Provider("adapter", BottleneckAdapter(base, bottleneck, adapter_dtype), lora=False)
+    return out
+
+
+def _peft_layer(base, lora):
+    try:
+        import peft
+    except ImportError:
+        return None
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta",
+                                   dtype=base.weight.dtype)
+            self.layer.weight, self.layer.bias = base.weight, base.bias
+
+        def forward(self, x):
+            return self.layer(x)
+
+    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                             target_modules=["layer"], use_rslora=lora.use_rslora)
+    model = peft.get_peft_model(Wrapper(), config)
+    layer = model.base_model.model.layer
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(lora.lora_A)
+        layer.lora_B["default"].weight.copy_(lora.lora_B)
+    layer.lora_A["default"].to(lora.lora_A.dtype)
+    layer.lora_B["default"].to(lora.lora_B.dtype)
+    return model

@@ -1,0 +1,120 @@
+"""results.md and PNG plots, made from the long-format records of one run."""
+
+from collections import defaultdict
+
+
+def _fmt_time(s):
+    return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _index(records, benchmark, metric):
+    out = {}
+    for r in records:
+        if r["benchmark"] == benchmark and r["metric"] == metric:
+            out[(r["provider"], r["mode"], r["M"], r["K"], r["N"], r["r"], r["dropout"])] = r
+    return out
+
+
+def write_markdown(records, env, path):
+    lines = [f"# Benchmark results ({env['protocol']} protocol)", "",
+             f"Device: {env['device']}; torch {env['torch']}; triton {env['triton']}; {env['timestamp']}.",
+             f"**{env['note']}.**", "",
+             "Layer timings are medians; `x floor` is the ratio to the frozen layer alone (F.linear + its dX "
+             "GEMM) and `x unfused` to plain-PyTorch LoRA, both measured in the same run.", ""]
+    times = _index(records, "layer", "time")
+    shapes = sorted({k[2:] for k in times}, key=lambda s: (s[1], s[0], s[3], -(s[4] or 0)))
+    for mode in ("full", "forward", "backward", "inference-merged"):
+        rows = []
+        for shape in shapes:
+            floor = times.get(("floor", mode) + shape)
+            unfused = times.get(("unfused", mode) + shape)
+            for (provider, m, *rest), rec in times.items():
+                if m != mode or tuple(rest) != shape:
+                    continue
+                ratio_floor = f"{rec['value'] / floor['value']:.2f}" if floor else "-"
+                ratio_unfused = f"{rec['value'] / unfused['value']:.2f}" if unfused else "-"
+                rows.append(f"| {shape[0]} | {shape[1]} | {shape[3]} | {shape[4]} | {provider} | "
+                            f"{_fmt_time(rec['value'])} | {ratio_floor} | {ratio_unfused} |")
+        if rows:
+            lines += [f"## Layer, {mode}", "", "| tokens | K=N | r | p | provider | time | x floor | x unfused |",
+                      "|---|---|---|---|---|---|---|---|", *rows, ""]
+    saved = _index(records, "layer", "saved_bytes")
+    params = _index(records, "layer", "trainable_params")
+    memory = _index(records, "layer", "peak_memory")
+    if saved:
+        lines += ["## Layer memory", "", "| tokens | K=N | r | p | provider | saved for backward | trainable params | "
+                  "peak memory (full step) |", "|---|---|---|---|---|---|---|---|"]
+        for key, rec in sorted(saved.items(), key=lambda kv: (kv[0][3], kv[0][2], kv[0][5], str(kv[0][6]), kv[0][0])):
+            peak = memory.get(key)
+            lines.append(f"| {key[2]} | {key[3]} | {key[5]} | {key[6]} | {key[0]} | {rec['value'] / 2**20:.2f} MiB | "
+                         f"{params[key]['value']:,} | {peak['value'] / 2**20:.1f} MiB |" if peak else
+                         f"| {key[2]} | {key[3]} | {key[5]} | {key[6]} | {key[0]} | {rec['value'] / 2**20:.2f} MiB | "
+                         f"{params[key]['value']:,} | - |")
+        lines.append("")
+    merge = [r for r in records if r["benchmark"] == "merge" and r["metric"] == "bandwidth"]
+    if merge:
+        lines += ["## Merge (W + s B A) against a device-to-device copy", "", "| N x K | r | provider | GB/s |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['N']} x {r['K']} | {r['r']} | {r['provider']} | {r['value']:.1f} |" for r in merge]
+        lines.append("")
+    model = defaultdict(dict)
+    for r in records:
+        if r["benchmark"] == "model":
+            model[(r["provider"], r["mode"])][r["metric"]] = r
+    if model:
+        lines += ["## Model (Llama-style decoder)", "", "| provider | mode | time | tokens/s | trainable params | "
+                  "peak memory incl. optimizer |", "|---|---|---|---|---|---|"]
+        for (provider, mode), metrics in model.items():
+            tps = metrics.get("tokens_per_s")
+            prm = metrics.get("trainable_params")
+            mem = metrics.get("peak_memory_incl_optimizer")
+            tps_text = f"{tps['value']:,.0f}" if tps else "-"
+            prm_text = f"{prm['value']:,}" if prm else "-"
+            mem_text = f"{mem['value'] / 2**20:.0f} MiB" if mem else "-"
+            lines.append(f"| {provider} | {mode} | {_fmt_time(metrics['time']['value'])} | {tps_text} | {prm_text} | "
+                         f"{mem_text} |")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def write_plots(records, env, out_dir):
+    """time vs tokens per provider (full step, per K) and saved bytes per provider. [] without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    times = [r for r in records if r["benchmark"] == "layer" and r["metric"] == "time" and r["mode"] == "full"]
+    for K in sorted({r["K"] for r in times}):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for provider in sorted({r["provider"] for r in times}):
+            pts = sorted((r["M"], r["value"] * 1e3) for r in times
+                         if r["K"] == K and r["provider"] == provider and r["r"] == 16 and r["dropout"])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=provider)
+        ax.set(xlabel="tokens", ylabel="ms (forward + backward)", title=f"K = N = {K}, r = 16, p > 0 ({env['device']})")
+        ax.legend(fontsize=7)
+        path = out_dir / f"time_vs_tokens_K{K}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    saved = [r for r in records if r["benchmark"] == "layer" and r["metric"] == "saved_bytes"]
+    if saved:
+        top = max(saved, key=lambda r: (r["M"] * r["K"], r["dropout"] or 0))
+        sel = [r for r in saved if (r["M"], r["K"], r["r"], r["dropout"]) == (top["M"], top["K"], top["r"],
+                                                                             top["dropout"])]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.bar([r["provider"] for r in sel], [r["value"] / 2**20 for r in sel])
+        ax.set(ylabel="MiB saved for backward",
+               title=f"tokens {top['M']}, K = N = {top['K']}, r = {top['r']}, p = {top['dropout']}")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+        path = out_dir / "saved_bytes.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,117 @@
+"""The benchmark suite (`python -m benchmarks`): layer, merge and model-level benchmarks.
+
+On a CUDA device it runs the GPU protocol (the LoRAFusion shapes: K = N in {4096, 5120,
+8192}, 2048..8192 tokens, r = 16, alpha = 16, dropout 0.1 and 0, bf16; a rank sweep 8..128
+at 4096; a ~1B-class Llama training step; inference at batch 1 / seq 128 and 32 / 512).
+Elsewhere it runs a small CPU protocol: memory, saved bytes and parameters are the same
+quantities, and the timings are CPU timings of the reference (torch) path, labelled so.
+
+Writes results.csv (long format: one metric per row), results.json (with the environment),
+results.md, and PNG plots when matplotlib is installed, to --output-dir.
+"""
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_layer import layer_benchmarks, merge_benchmark
+from benchmarks.bench_model import model_benchmarks
+from benchmarks.harness import environment
+from benchmarks.report import write_markdown, write_plots
+
+PROTOCOLS = {
+    "gpu": dict(
+        dtype=torch.bfloat16, repeats=None,
+        layer_shapes=[(t, k, k, 16, p) for k in (4096, 5120, 8192) for t in (2048, 4096, 8192) for p in (0.1, 0.0)]
+        + [(4096, 4096, 4096, r, 0.1) for r in (8, 64, 128)],
+        # torch.compile recompiles per shape: PEFT + compile is timed at 4096 tokens only, to keep
+        # the protocol within minutes.
+        compile_tokens=4096,
+        merge=[(4096, 4096, 16), (8192, 8192, 16)],
+        model=dict(size=dict(vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4),
+                   batch=4, seq=1024, inference=[(1, 128), (32, 512)]),
+    ),
+    "cpu": dict(
+        dtype=torch.float32, repeats=3,
+        layer_shapes=[(256, 256, 256, 16, 0.1), (256, 256, 256, 16, 0.0), (512, 512, 512, 16, 0.1)],
+        merge=[(512, 512, 16)],
+        model=dict(size=dict(vocab=1000, hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2),
+                   batch=2, seq=64, inference=[(1, 128), (4, 128)]),
+    ),
+}
+PROVIDERS = ["floor", "lorakernels", "unfused", "peft", "peft+compile", "full-ft", "adapter"]
+
+
+def run(device, protocol, providers=None, skip_model=False, progress=True):
+    p = PROTOCOLS[protocol]
+    records = []
+    providers = providers or PROVIDERS
+    bar = _progress(len(p["layer_shapes"]) * len(providers), progress)
+    for shape in p["layer_shapes"]:
+        compiled = "peft+compile" in providers and shape[0] == p.get("compile_tokens")
+        names = [n for n in providers if n != "peft+compile" or compiled]
+        records += layer_benchmarks(device, [shape], p["dtype"], names, p["repeats"], progress=bar)
+    for N, K, r in p["merge"]:
+        records += merge_benchmark(device, N, K, r, p["dtype"], p["repeats"])
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        if not skip_model:
+            print("transformers is not installed: skipping the model-level benchmarks (pip install -e '.[bench]')")
+        skip_model = True
+    if not skip_model:
+        m = p["model"]
+        records += model_benchmarks(device, m["size"], m["batch"], m["seq"], p["dtype"], 16, 0.1, p["repeats"],
+                                    m["inference"])
+    return records
+
+
+def _progress(total, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    bar = tqdm(total=total, desc="layer benchmarks", leave=False)
+    return lambda: bar.update(1)
+
+
+def write(records, env, out_dir):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fields = ["benchmark", "provider", "mode", "M", "K", "N", "r", "dropout", "dtype", "metric", "value", "p20",
+              "p80", "unit", "device", "torch", "triton", "timestamp"]
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for rec in records:
+            writer.writerow({**rec, **{k: env[k] for k in ("device", "torch", "triton", "timestamp")}})
+    (out_dir / "results.json").write_text(json.dumps(dict(environment=env, records=records), indent=1))
+    write_markdown(records, env, out_dir / "results.md")
+    return write_plots(records, env, out_dir)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", default=None, help="default: benchmarks/results/<gpu|cpu>")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None, help="default: the device's")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None)
+    parser.add_argument("--skip-model", action="store_true", help="layer and merge benchmarks only")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    protocol = args.protocol or ("gpu" if device.type == "cuda" else "cpu")
+    env = dict(environment(device), protocol=protocol,
+               note="GPU timings" if device.type == "cuda" else
+               "CPU timings of the reference (torch) path: not a measure of the Triton kernels")
+    records = run(device, protocol, args.providers, args.skip_model, not args.no_progress)
+    out_dir = args.output_dir or f"benchmarks/results/{protocol}"
+    plots = write(records, env, out_dir)
+    print(Path(out_dir, "results.md").read_text())
+    print(f"wrote {out_dir}/results.csv, results.json, results.md" + (f", {len(plots)} plots" if plots else ""))
+    return 0

@@ -1,0 +1,80 @@
+"""Benchmark smoke tests: every provider computes what it claims (so a benchmark never times a
+broken baseline), and the suite's output files parse. CPU, seconds."""
+
+import csv
+import json
+
+import torch
+
+from benchmarks.providers import make_providers
+from lorakernels import LoRALinear, lora_linear_ref
+
+
+def test_lora_providers_compute_the_reference_function():
+    providers = make_providers(48, 40, 4, torch.float32, 0.0, "cpu")
+    lora = providers["lorakernels"].module
+    x = torch.randn(7, 48)
+    expected = lora_linear_ref(x, lora.weight, lora.bias, lora.lora_A, lora.lora_B, lora.scaling)
+    assert (expected - torch.nn.functional.linear(x, lora.weight, lora.bias)).abs().max() > 1e-3  # adapter matters
+    for name, provider in providers.items():
+        provider.module.train()
+        y = provider.module(x)
+        if provider.lora:
+            torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5, msg=name)
+    base = torch.nn.functional.linear(x, lora.weight, lora.bias)
+    torch.testing.assert_close(providers["floor"].module(x), base)
+    torch.testing.assert_close(providers["full-ft"].module(x), base)
+    torch.testing.assert_close(providers["adapter"].module(x), base)  # zero-initialized up-projection
+
+
+def test_trainable_parameter_counts():
+    providers = make_providers(48, 40, 4, torch.float32, 0.1, "cpu")
+    lora_params = 4 * (48 + 40)
+    assert providers["lorakernels"].trainable_parameters() == lora_params
+    assert providers["unfused"].trainable_parameters() == lora_params
+    assert providers["full-ft"].trainable_parameters() == 48 * 40 + 40
+    assert providers["floor"].trainable_parameters() == 0
+    assert abs(providers["adapter"].trainable_parameters() - lora_params) < 0.1 * lora_params
+    if "peft" in providers:
+        assert providers["peft"].trainable_parameters() == lora_params
+
+
+def test_dropout_providers_drop_at_rate_p():
+    """With dropout, LoRA providers differ from the no-dropout output, by about the right amount."""
+    providers = make_providers(64, 32, 4, torch.float32, 0.5, "cpu", names=["lorakernels", "unfused"])
+    x = torch.randn(256, 64)
+    for provider in providers.values():
+        lora = provider.module
+        lora.train()
+        y_train = lora(x)
+        lora.eval()
+        y_eval = lora(x)
+        assert not torch.allclose(y_train, y_eval)
+
+
+def test_suite_writes_parseable_results(tmp_path):
+    from benchmarks import suite
+
+    protocol = dict(suite.PROTOCOLS["cpu"], layer_shapes=[(16, 32, 24, 4, 0.1)], merge=[(32, 24, 4)],
+                    model=dict(size=dict(vocab=50, hidden=32, intermediate=48, layers=1, heads=2, kv_heads=1),
+                               batch=1, seq=8, inference=[(1, 8)]), repeats=1)
+    suite.PROTOCOLS["test"] = protocol
+    try:
+        assert suite.main(["--device", "cpu", "--protocol", "test", "--output-dir", str(tmp_path),
+                           "--no-progress"]) == 0
+    finally:
+        del suite.PROTOCOLS["test"]
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert len(rows) == len(data["records"]) > 0
+    assert {"layer", "merge", "model"} <= {r["benchmark"] for r in rows}
+    assert all(float(r["value"]) >= 0 for r in rows)
+    providers = {r["provider"] for r in rows if r["benchmark"] == "layer"}
+    assert {"floor", "lorakernels", "unfused", "full-ft", "adapter"} <= providers
+    text = (tmp_path / "results.md").read_text()
+    assert "CPU timings of the reference (torch) path" in text and "x floor" in text
+
+
+def test_lorakernels_provider_is_the_real_module():
+    providers = make_providers(16, 16, 2, torch.float32, 0.0, "cpu", names=["lorakernels"])
+    assert isinstance(providers["lorakernels"].module, LoRALinear)
