@@ -14,7 +14,7 @@ the same inputs give the same bits on every run.
 import triton
 import triton.language as tl
 
-from lorakernels.kernels.dropout import dropout_keep
+from lorakernels.kernels.dropout import dropout_keep, load_dropped
 from lorakernels.kernels.lora_forward import RANK_CHUNK, grouped_tile
 
 
@@ -176,20 +176,13 @@ def lora_adapter_grad_kernel(
     ranks = tl.arange(0, R_PAD)
     col_ok = cols < K
     rank_ok = ranks < R
-    if HAS_DROPOUT:
-        p = tl.cast(p, tl.float32)
-        keep_scale = 1.0 / (1.0 - p)
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, M)
     acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
     for m0 in range(row_start, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < row_end
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows, cols, p)
-            x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(dot_dtype)
+        x = load_dropped(x_ptr, rows, cols, stride_xm, row_ok[:, None] & col_ok[None, :], seed, p, HAS_DROPOUT)
         v_t = tl.load(v_ptr + rows[None, :] * stride_vm + ranks[:, None],
                       mask=rank_ok[:, None] & row_ok[None, :], other=0.0)
         acc = tl.dot(v_t.to(dot_dtype), x, acc, input_precision=INPUT_PRECISION)

@@ -14,7 +14,7 @@ B2 loop over the rank RANK_CHUNK at a time.
 import triton
 import triton.language as tl
 
-from lorakernels.kernels.dropout import dropout_keep
+from lorakernels.kernels.dropout import load_dropped
 
 # F2 and B2 add the rank-R term 16 ranks at a time (the smallest `tl.dot` K): the tiles it
 # needs stay small whatever the rank, so no register or shared-memory cost grows with R.
@@ -62,19 +62,11 @@ def lora_down_kernel(
     ranks = tl.arange(0, R_PAD)
     row_ok = rows < M
     rank_ok = ranks < R
-    if HAS_DROPOUT:
-        p = tl.cast(p, tl.float32)
-        keep_scale = 1.0 / (1.0 - p)
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         col_ok = cols < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if HAS_DROPOUT:
-            # fp32 elementwise math: exact on GPUs, and the interpreter mishandles bf16 arithmetic.
-            keep = dropout_keep(seed, rows, cols, p)
-            x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(dot_dtype)
+        x = load_dropped(x_ptr, rows, cols, stride_xm, row_ok[:, None] & col_ok[None, :], seed, p, HAS_DROPOUT)
         a_t = tl.load(a_ptr + ranks[None, :] * stride_am + cols[:, None],
                       mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
         acc = tl.dot(x, a_t.to(dot_dtype), acc, input_precision=INPUT_PRECISION)

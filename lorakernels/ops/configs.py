@@ -84,7 +84,8 @@ def down_config(r_pad, elem_bytes, interpret=None):
     """F1 (dropout + down-projection): memory-bound, one config per padded rank and dtype size."""
     if _interpret(interpret):
         return {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_M": 64 if r_pad <= 64 and elem_bytes == 2 else 32, "BLOCK_K": 64 if elem_bytes == 2 else 32,
+    return {"BLOCK_M": 64 if r_pad <= 64 and elem_bytes == 2 else 32,
+            "BLOCK_K": 64 if elem_bytes == 2 and r_pad <= 64 else 32,  # 64 spilled 8-16 B at rank 128 (gate)
             "num_warps": 4 if r_pad <= 64 else 8, "num_stages": 3}
 
 
