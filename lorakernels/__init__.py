@@ -1,7 +1,7 @@
 """lorakernels: fused Triton kernels for LoRA fine-tuning."""
 
 from lorakernels.adapter_io import load_adapter, save_adapter
-from lorakernels.functional import LoRALinearFunction, lora_linear
+from lorakernels.functional import lora_linear, lora_linear_backward_op, lora_linear_forward_op
 from lorakernels.model import (
     apply_lora,
     disable_adapters,
@@ -18,11 +18,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LoRALinear",
-    "LoRALinearFunction",
     "apply_lora",
     "disable_adapters",
     "load_adapter",
     "lora_linear",
+    "lora_linear_backward_op",
+    "lora_linear_forward_op",
     "lora_linear_ref",
     "lora_scaling",
     "lora_state_dict",

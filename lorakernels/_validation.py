@@ -57,6 +57,10 @@ def check_lora_linear_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p
 
 
 def check_scalars(scaling, dropout_p):
+    # Under torch.compile a float argument is a graph input whose value is unknown while tracing
+    # (checking it would break the graph): scalar values are checked in eager mode only.
+    if torch.compiler.is_compiling():
+        return
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise TypeError(f"scaling must be a finite Python float; got {scaling!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):

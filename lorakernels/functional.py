@@ -1,6 +1,7 @@
-"""The autograd Function (layer 3) and the functional form of the fused LoRA linear."""
+"""The autograd layer (layer 3, as torch.library custom ops) and the functional form of the fused LoRA linear."""
 
 import os
+from typing import Optional, Tuple
 
 import torch
 
@@ -38,12 +39,12 @@ def resolve_backend(requested, device):
 
 
 def draw_seed():
-    """Dropout seed from torch's default CPU generator.
+    """Dropout seed (an int64 CPU scalar tensor) from torch's default CPU generator.
 
     `torch.manual_seed` reproduces it and `torch.utils.checkpoint` (which restores the CPU
     RNG state) replays it on recompute. Drawing on the CPU never synchronizes a GPU.
     """
-    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
 
 
 def _as_rows(t):
@@ -54,41 +55,100 @@ def _as_rows(t):
     return rows
 
 
-class LoRALinearFunction(torch.autograd.Function):
-    """y = x W^T + b + s * dropout(x) A^T B^T with fused kernels.
+# The fused LoRA linear as two torch.library custom ops with a registered autograd formula:
+# torch.compile(fullgraph=True) sees one opaque node per direction (fake implementations give
+# it the output shapes), and eager mode runs the same code. The dropout seed, the scaling and
+# dropout_p travel in one float64 CPU tensor `scalars` = [seed, scaling, p]: the seed is drawn
+# outside the op (so the op is a pure function of its inputs), and a tensor, unlike a float
+# argument of a custom op, is not specialized by torch.compile, so new values never recompile.
+# Reading it inside the op costs no GPU synchronization (it lives on the CPU).
 
-    Saves x (only if lora_A needs a gradient), U = dropout(x) A^T (fp32, [M, R]; only if
-    lora_B needs one) and the dropout seed for backward, plus the parameters. The dropout
-    mask is regenerated from the seed, never stored.
+
+@torch.library.custom_op("lorakernels::lora_linear_forward", mutates_args=())
+def lora_linear_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                           lora_B: torch.Tensor, scalars: torch.Tensor, backend: str,
+                           base_gemm: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y [M, N], u [M, R] fp32) for 2-D x with a unit last-dim stride (see `lora_linear`)."""
+    forward_impl, _ = _IMPLEMENTATIONS[backend]
+    seed, scaling, dropout_p = _unpack(scalars)
+    # Operand dtypes were settled by `lora_linear` (autocast included): no casting inside.
+    with torch.autocast(x.device.type, enabled=False):
+        return forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_gemm=base_gemm)
+
+
+def _unpack(scalars):
+    seed, scaling, dropout_p = scalars.tolist()
+    return int(seed), scaling, dropout_p
+
+
+@lora_linear_forward_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32))
+
+
+@torch.library.custom_op("lorakernels::lora_linear_backward", mutates_args=())
+def lora_linear_backward_op(dy: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tensor, lora_A: torch.Tensor,
+                            lora_B: torch.Tensor, u: Optional[torch.Tensor], scalars: torch.Tensor, backend: str,
+                            base_gemm: str, needs_dx: bool, needs_da: bool,
+                            needs_db: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB); a gradient that is not needed comes back as an empty tensor."""
+    _, backward_impl = _IMPLEMENTATIONS[backend]
+    seed, scaling, dropout_p = _unpack(scalars)
+    with torch.autocast(dy.device.type, enabled=False):
+        grads = backward_impl(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs_dx=needs_dx,
+                              needs_da=needs_da, needs_db=needs_db, base_gemm=base_gemm)
+    return tuple(g if g is not None else dy.new_empty(0) for g in grads)
+
+
+@lora_linear_backward_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, u, scalars, backend, base_gemm, needs_dx, needs_da, needs_db):
+    return (dy.new_empty((dy.shape[0], weight.shape[1]) if needs_dx else (0,)),
+            lora_A.new_empty(lora_A.shape if needs_da else (0,)),
+            lora_B.new_empty(lora_B.shape if needs_db else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    """Saves x only if lora_A needs a gradient and U only if lora_B does; never the mask."""
+    x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm = inputs
+    _, u = output
+    ctx.save_for_backward(x if lora_A.requires_grad else None, weight, lora_A, lora_B,
+                          u if lora_B.requires_grad else None, scalars)
+    ctx.hyper = (backend, base_gemm, bias is not None)
+
+
+def _backward(ctx, dy, du):
+    del du  # U is an internal output: nothing flows back through it
+    x, weight, lora_A, lora_B, u, scalars = ctx.saved_tensors
+    backend, base_gemm, has_bias = ctx.hyper
+    needs_dx, _, needs_dbias, needs_da, needs_db = ctx.needs_input_grad[:5]
+    dx = da = db = None
+    if needs_dx or needs_da or needs_db:
+        dx, da, db = lora_linear_backward_op(dy.contiguous(), x, weight, lora_A, lora_B, u, scalars, backend,
+                                             base_gemm, needs_dx, needs_da, needs_db)
+    dbias = dy.sum(0) if has_bias and needs_dbias else None
+    return (dx if needs_dx else None, None, dbias, da if needs_da else None, db if needs_db else None,
+            None, None, None)
+
+
+lora_linear_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast_operands(x, weight, bias, lora_A, lora_B):
+    """Under torch.autocast, compute as nn.Linear would: x, weight and bias in the autocast dtype.
+
+    fp32 adapters stay fp32 (the kernels cast their tiles); adapters in another dtype follow
+    the autocast dtype. The output then has the autocast dtype.
     """
+    dtype = torch.get_autocast_dtype(x.device.type)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return x, weight, bias, lora_A, lora_B  # not a float input: left for validation to reject
+    cast = [t.to(dtype) if t is not None else None for t in (x, weight, bias)]
+    adapters = [a if a.dtype == torch.float32 else a.to(dtype) for a in (lora_A, lora_B)]
+    return (*cast, *adapters)
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend, base_gemm):
-        forward_impl, _ = _IMPLEMENTATIONS[backend]
-        seed = draw_seed() if dropout_p > 0 else 0
-        x_rows = _as_rows(x)
-        y, u = forward_impl(x_rows, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_gemm=base_gemm)
-        needs_da, needs_db = ctx.needs_input_grad[3:5]
-        ctx.save_for_backward(x if needs_da else None, weight, lora_A, lora_B, u if needs_db else None)
-        ctx.hyper = (scaling, dropout_p, seed, backend, base_gemm, bias is not None, x.shape)
-        return y.view(*x.shape[:-1], weight.shape[0])
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, lora_A, lora_B, u = ctx.saved_tensors
-        scaling, dropout_p, seed, backend, base_gemm, has_bias, x_shape = ctx.hyper
-        needs_dx, _, needs_dbias, needs_da, needs_db = ctx.needs_input_grad[:5]
-        if needs_dx or needs_da or needs_db:
-            _, backward_impl = _IMPLEMENTATIONS[backend]
-            dx, da, db = backward_impl(_as_rows(dy), _as_rows(x) if x is not None else None, weight, lora_A, lora_B, u,
-                                       scaling, dropout_p, seed, needs_dx=needs_dx, needs_da=needs_da,
-                                       needs_db=needs_db, base_gemm=base_gemm)
-        else:
-            dx = da = db = None
-        if dx is not None:
-            dx = dx.view(x_shape)
-        dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if has_bias and needs_dbias else None
-        return dx, None, dbias, da, db, None, None, None, None
+_ONE = torch.ones((), dtype=torch.float64)
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, backend=None, base_gemm=None):
@@ -105,11 +165,18 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     Returns:
         y: [*, out_features] in x's dtype.
     """
+    if isinstance(x, torch.Tensor) and x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+        x, weight, bias, lora_A, lora_B = _autocast_operands(x, weight, bias, lora_A, lora_B)
     check_lora_linear_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     if weight.requires_grad:
         raise ValueError("lora_linear keeps the base weight frozen; got weight.requires_grad=True "
                          f"(weight {tuple(weight.shape)}). Call weight.requires_grad_(False).")
     backend = resolve_backend(backend, x.device)
     base_gemm = base_gemm_strategy(base_gemm)
-    p = float(dropout_p) if training else 0.0
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, backend, base_gemm)
+    p = dropout_p if training else 0.0
+    seed = draw_seed() if p > 0 else torch.zeros((), dtype=torch.int64)
+    # Built by tensor arithmetic: torch.compile traces a float added to a tensor without
+    # specializing on its value (torch.tensor / as_tensor of a float would).
+    scalars = torch.stack([seed.to(torch.float64), _ONE * scaling, _ONE * p])
+    y, _ = lora_linear_forward_op(_as_rows(x), weight, bias, lora_A, lora_B, scalars, backend, base_gemm)
+    return y.view(*x.shape[:-1], weight.shape[0])

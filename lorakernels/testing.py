@@ -81,7 +81,7 @@ def replay_keep_mask(rng_state, M, K, p, backend, device="cpu"):
         return None
     saved = torch.get_rng_state()
     torch.set_rng_state(rng_state)
-    seed = draw_seed()
+    seed = int(draw_seed())
     torch.set_rng_state(saved)
     if backend == "triton":
         return ops.dropout_keep_mask(seed, M, K, p, device)
