@@ -1,0 +1,83 @@
+"""DistributedDataParallel (and FSDP2 where this torch supports it on CPU) over 2 gloo processes
+give the same LoRA gradients as one process on the whole batch. The processes are started here
+and finish in seconds; dropout is 0 so that both runs compute the same function."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lorakernels import LoRALinear
+
+WORLD = 2
+
+
+def _model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(LoRALinear(12, 16, r=4, lora_alpha=8), torch.nn.GELU(), LoRALinear(16, 8, r=4))
+    for m in model:
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B)
+    return model
+
+
+def _batch():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(8, 12, generator=generator)
+
+
+def _single_process_grads():
+    model = _model()
+    model(_batch()).pow(2).mean().backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _worker(rank, init_file, out_dir, mode):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model = _model()
+        if mode == "ddp":
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model:
+                if isinstance(layer, LoRALinear):
+                    fully_shard(layer)
+            wrapped = fully_shard(model)
+        shard = _batch().chunk(WORLD)[rank]
+        wrapped(shard).pow(2).mean().backward()
+        grads = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                grads[name.replace("module.", "")] = g.detach().clone()
+        torch.save(grads, os.path.join(out_dir, f"grads{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, mode):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), mode), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"grads{r}.pt") for r in range(WORLD)]
+
+
+def test_ddp_matches_single_process(tmp_path):
+    expected = _single_process_grads()
+    for grads in _run(tmp_path, "ddp"):
+        assert set(grads) == set(expected)
+        for name in expected:
+            torch.testing.assert_close(grads[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_matches_single_process(tmp_path):
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    expected = _single_process_grads()
+    for grads in _run(tmp_path, "fsdp"):
+        for name in expected:
+            torch.testing.assert_close(grads[name], expected[name], rtol=1e-5, atol=1e-6)
