@@ -7,6 +7,7 @@ fail here.
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from torch._dynamo.testing import CompileCounter
 
 from lorakernels import LoRALinear, lora_linear
@@ -60,13 +61,21 @@ def test_new_scaling_and_new_seeds_do_not_recompile():
     assert not torch.equal(outs[0] * 0.75 / 0.5, outs[1])
 
 
-def test_compiled_dropout_backward_uses_the_forward_mask():
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_compiled_dropout_backward_uses_the_forward_mask(checkpointed):
+    """Also under activation checkpointing inside the compiled region (a combination PEFT users
+    report wrong results for): the recomputed forward must regenerate the same mask."""
     K, p = 32, 0.5
     weight = torch.zeros(K, K)
     lora_A = torch.eye(K).requires_grad_()
     lora_B = torch.eye(K).requires_grad_()
+
+    def layer(x):
+        return lora_linear(x, weight, None, lora_A, lora_B, 1.0, p, backend="torch")
+
     torch._dynamo.reset()
-    f = torch.compile(lambda x: lora_linear(x, weight, None, lora_A, lora_B, 1.0, p, backend="torch"), fullgraph=True)
+    body = (lambda x: torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)) if checkpointed else layer
+    f = torch.compile(body, fullgraph=True)
     x = (torch.rand(20, K) + 1.0).requires_grad_()
     y = f(x)
     y.backward(torch.ones_like(y))
