@@ -60,7 +60,8 @@ def _as_rows(t):
 # it the output shapes), and eager mode runs the same code. The dropout seed, the scaling and
 # dropout_p travel in one float64 CPU tensor `scalars` = [seed, scaling, p]: the seed is drawn
 # outside the op (so the op is a pure function of its inputs), and a tensor, unlike a float
-# argument of a custom op, is not specialized by torch.compile, so new values never recompile.
+# argument of a custom op (compiled once per value), is data to torch.compile: a new seed never
+# recompiles, a new scaling or p at most once (when automatic dynamic makes it symbolic).
 # Reading it inside the op costs no GPU synchronization (it lives on the CPU).
 
 
