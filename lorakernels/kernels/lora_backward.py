@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from lorakernels.kernels.dropout import dropout_keep, load_dropped
-from lorakernels.kernels.lora_forward import RANK_CHUNK, grouped_tile
+from lorakernels.kernels.lora_forward import grouped_tile, low_rank_tile
 
 
 @triton.jit
@@ -115,17 +115,11 @@ def lora_grad_x_kernel(
     row_ok = rows < M
     col_ok = cols < K
 
-    # The masked LoRA term first, RANK_CHUNK ranks at a time: it becomes the initial value of
-    # the main loop's accumulator, so only one BLOCK_M x BLOCK_N fp32 tile is ever live.
+    # The masked LoRA term V @ A first: it becomes the initial value of the main loop's
+    # accumulator, so only one BLOCK_M x BLOCK_N fp32 tile is ever live.
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, RANK_CHUNK):
-        ranks = r0 + tl.arange(0, RANK_CHUNK)
-        rank_ok = ranks < R
-        v = tl.load(v_ptr + rows[:, None] * stride_vm + ranks[None, :],
-                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        a = tl.load(a_ptr + ranks[:, None] * stride_am + cols[None, :],
-                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        lora = tl.dot(v.to(dot_dtype), a.to(dot_dtype), lora, input_precision=INPUT_PRECISION)
+    lora = low_rank_tile(lora, v_ptr, stride_vm, a_ptr, stride_am, 1, rows, cols, row_ok, col_ok, R, 1.0, dot_dtype,
+                         INPUT_PRECISION)
     if HAS_DROPOUT:
         p = tl.cast(p, tl.float32)
         keep = dropout_keep(seed, rows, cols, p)

@@ -34,6 +34,27 @@ def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def low_rank_tile(acc, p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, rows, cols, row_ok, col_ok, R, scaling,
+                  dot_dtype: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + scaling * P[rows, :R] @ Q[:R, cols], RANK_CHUNK ranks at a time.
+
+    P is [M, R] fp32 with unit rank stride (U or V); Q is addressed as Q[r, c] =
+    q_ptr + r * stride_qr + c * stride_qc (B^T in F2, A in B2). The scaling is folded into the
+    fp32 P tile before it is rounded to `dot_dtype`; each chunk is a tile no larger than a
+    main-loop step, so nothing of the rank-R term stays live next to the main loop.
+    """
+    for r0 in range(0, R, RANK_CHUNK):
+        ranks = r0 + tl.arange(0, RANK_CHUNK)
+        rank_ok = ranks < R
+        p = tl.load(p_ptr + rows[:, None] * stride_pm + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
+                    other=0.0)
+        q = tl.load(q_ptr + ranks[:, None] * stride_qr + cols[None, :] * stride_qc,
+                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot((p * scaling).to(dot_dtype), q.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
 @triton.jit(do_not_specialize=["seed"])
 def lora_down_kernel(
     x_ptr,
@@ -113,18 +134,10 @@ def lora_linear_fwd_kernel(
     row_ok = rows < M
     out_ok = outs < N
 
-    # The LoRA term first, RANK_CHUNK ranks at a time, so that no U or B tile is live next to
-    # the main loop. s is folded into the fp32 U tile before rounding to the dot dtype.
-    scaling = tl.cast(scaling, tl.float32)
+    # The LoRA term s * U @ B^T first (B^T[r, n] = B[n, r]), then the main loop adds X @ W^T.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, RANK_CHUNK):
-        ranks = r0 + tl.arange(0, RANK_CHUNK)
-        rank_ok = ranks < R
-        u = tl.load(u_ptr + rows[:, None] * stride_um + ranks[None, :],
-                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        b_t = tl.load(b_ptr + outs[None, :] * stride_bn + ranks[:, None],
-                      mask=rank_ok[:, None] & out_ok[None, :], other=0.0)
-        acc = tl.dot((u * scaling).to(dot_dtype), b_t.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
+    acc = low_rank_tile(acc, u_ptr, stride_um, b_ptr, 1, stride_bn, rows, outs, row_ok, out_ok, R,
+                        tl.cast(scaling, tl.float32), dot_dtype, INPUT_PRECISION)
 
     if BASE_GEMM:
         for k0 in range(0, K, BLOCK_K):
