@@ -39,8 +39,8 @@ def test_trainable_parameter_counts():
         assert providers["peft"].trainable_parameters() == lora_params
 
 
-def test_dropout_providers_drop_at_rate_p():
-    """With dropout, LoRA providers differ from the no-dropout output, by about the right amount."""
+def test_dropout_providers_apply_dropout_in_training_only():
+    """With dropout, LoRA providers' training-mode output differs from their eval-mode output."""
     providers = make_providers(64, 32, 4, torch.float32, 0.5, "cpu", names=["lorakernels", "unfused"])
     x = torch.randn(256, 64)
     for provider in providers.values():
