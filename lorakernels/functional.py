@@ -42,9 +42,11 @@ def draw_seed():
     """Dropout seed (an int64 CPU scalar tensor) from torch's default CPU generator.
 
     `torch.manual_seed` reproduces it and `torch.utils.checkpoint` (which restores the CPU
-    RNG state) replays it on recompute. Drawing on the CPU never synchronizes a GPU.
+    RNG state) replays it on recompute. Drawing on the CPU never synchronizes a GPU. The
+    device is explicit: under `torch.set_default_device("cuda")` the draw would otherwise
+    come from the CUDA generator, which checkpoint recompute does not replay.
     """
-    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device="cpu")
 
 
 def _as_rows(t):
@@ -149,7 +151,7 @@ def _autocast_operands(x, weight, bias, lora_A, lora_B):
     return (*cast, *adapters)
 
 
-_ONE = torch.ones((), dtype=torch.float64)
+_ONE = torch.ones((), dtype=torch.float64, device="cpu")
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, backend=None, base_gemm=None):
@@ -175,7 +177,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     backend = resolve_backend(backend, x.device)
     base_gemm = base_gemm_strategy(base_gemm)
     p = dropout_p if training else 0.0
-    seed = draw_seed() if p > 0 else torch.zeros((), dtype=torch.int64)
+    seed = draw_seed() if p > 0 else torch.zeros((), dtype=torch.int64, device="cpu")
     # Built by tensor arithmetic: torch.compile traces a float added to a tensor without
     # specializing on its value (torch.tensor / as_tensor of a float would).
     scalars = torch.stack([seed.to(torch.float64), _ONE * scaling, _ONE * p])

@@ -105,3 +105,25 @@ def test_layers_draw_independent_masks():
     second.load_state_dict(first.state_dict())
     x = torch.randn(16, 24)
     assert not torch.equal(first(x), second(x))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_seed_and_scalars_stay_on_cpu_under_another_default_device(backend):
+    """torch.set_default_device / a device context must not move the seed off the CPU generator:
+    the same manual_seed gives the same output and gradients inside a `torch.device("meta")` block."""
+    layer = _dropout_layer(backend)
+    x = torch.randn(16, 24, requires_grad=True)
+
+    def run():
+        layer.zero_grad()
+        x.grad = None
+        torch.manual_seed(5)
+        y = layer(x)
+        y.pow(2).sum().backward()
+        return [y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad]
+
+    expected = run()
+    with torch.device("meta"):
+        actual = run()
+    for a, b in zip(actual, expected):
+        assert a.device == b.device and torch.equal(a, b)
