@@ -63,8 +63,9 @@ def patch_interpreter_bf16():
     builder._lorakernels_bf16_patch = True
 
 
-def make_inputs(M, K, N, r, dtype, adapter_dtype=None, bias=True, leading=None, device="cpu"):
-    """Fresh random operands; lora_B is random (not zero) so that the LoRA path is exercised."""
+def make_inputs(M, K, N, r, dtype, adapter_dtype=None, bias=True, leading=None, device=None):
+    """Fresh random operands on `device` (default: torch's default device); lora_B is random
+    (not zero) so that the LoRA path is exercised."""
     adapter_dtype = adapter_dtype or dtype
     shape = (*leading, K) if leading else (M, K)
     x = torch.randn(shape, device=device, dtype=dtype)
@@ -75,10 +76,14 @@ def make_inputs(M, K, N, r, dtype, adapter_dtype=None, bias=True, leading=None, 
     return x, weight, b, lora_A, lora_B
 
 
-def replay_keep_mask(rng_state, M, K, p, backend, device="cpu"):
-    """The keep-mask a forward drew after `torch.set_rng_state(rng_state)`: same seed, same mask."""
+def replay_keep_mask(rng_state, M, K, p, backend, device=None):
+    """The keep-mask a forward drew after `torch.set_rng_state(rng_state)`: same seed, same mask.
+
+    `device` (default: torch's default device) is where the forward ran.
+    """
     if p == 0:
         return None
+    device = torch.get_default_device() if device is None else torch.device(device)
     saved = torch.get_rng_state()
     torch.set_rng_state(rng_state)
     seed = int(draw_seed())

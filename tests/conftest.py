@@ -1,18 +1,33 @@
-"""Test setup: run the Triton kernels on CPU tensors through the Triton interpreter.
+"""Test setup: where the kernels run.
 
-TRITON_INTERPRET must be set before triton decorates the kernels, so before lorakernels
-is imported. Set TRITON_INTERPRET=0 in the environment to run the suite on a GPU.
+By default on CPU tensors through the Triton interpreter: TRITON_INTERPRET=1 must be set
+before triton decorates the kernels, so before lorakernels is imported, and the
+interpreter gets its bf16 fixes (lorakernels.testing.patch_interpreter_bf16).
+
+LORAKERNELS_TEST_DEVICE=cuda runs the same tests on a GPU: compiled kernels, and every
+tensor a test creates without naming a device lands on the GPU (torch.set_default_device).
+Tests that are about the CPU by nature (the interpreter's error path, gloo processes)
+name the CPU themselves.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+TEST_DEVICE = os.environ.get("LORAKERNELS_TEST_DEVICE", "cpu")
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise RuntimeError(f"LORAKERNELS_TEST_DEVICE must be 'cpu' or 'cuda'; got {TEST_DEVICE!r}")
+if TEST_DEVICE == "cuda":
+    os.environ["TRITON_INTERPRET"] = "0"
+else:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-
-if os.environ["TRITON_INTERPRET"] == "1":
+if TEST_DEVICE == "cuda":
+    if not torch.cuda.is_available():
+        raise RuntimeError("LORAKERNELS_TEST_DEVICE=cuda, but torch sees no CUDA device")
+    torch.set_default_device("cuda")
+elif os.environ["TRITON_INTERPRET"] == "1":
     from lorakernels.testing import patch_interpreter_bf16
 
     patch_interpreter_bf16()

@@ -11,6 +11,7 @@ import torch.utils.checkpoint
 from torch._dynamo.testing import CompileCounter
 
 from lorakernels import LoRALinear, lora_linear
+from tests.utils import DEVICE
 
 
 def two_layer_model(p=0.0, backend=None):
@@ -85,11 +86,11 @@ def test_compiled_dropout_backward_uses_the_forward_mask(checkpointed):
 
 
 @pytest.mark.parametrize("backend", ["torch", None])
-def test_cpu_autocast_behaves_like_nn_linear(backend):
+def test_autocast_behaves_like_nn_linear(backend):
     layer = LoRALinear(24, 16, r=4, backend=backend)
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(5, 24, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         y = layer(x)
         ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
     assert y.dtype == ref.dtype == torch.bfloat16

@@ -29,8 +29,9 @@ def _batch():
 
 
 def _single_process_grads():
-    model = _model()
-    model(_batch()).pow(2).mean().backward()
+    with torch.device("cpu"):  # the gloo workers run on the CPU, whatever device the suite runs on
+        model = _model()
+        model(_batch()).pow(2).mean().backward()
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -11,13 +11,13 @@ import torch.utils.checkpoint as checkpoint
 
 from lorakernels import LoRALinear, lora_linear, ops
 from lorakernels.ops import configs
-from tests.utils import make_inputs
+from tests.utils import DEVICE, make_inputs
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropped_fraction_near_p(p):
     M, K = 256, 512  # 131072 draws: the std of the fraction is <= 0.0014, the bound is 5 std
-    mask = ops.dropout_keep_mask(1234, M, K, p, "cpu")
+    mask = ops.dropout_keep_mask(1234, M, K, p, DEVICE)
     n = mask.numel()
     tolerance = 5 * (p * (1 - p) / n) ** 0.5
     assert abs((1 - mask.float().mean().item()) - p) < tolerance
@@ -27,13 +27,13 @@ def test_dropped_fraction_near_p(p):
 
 
 def test_mask_depends_on_seed_and_not_on_tiling(monkeypatch):
-    a = ops.dropout_keep_mask(1, 64, 100, 0.5, "cpu")
-    assert torch.equal(a, ops.dropout_keep_mask(1, 64, 100, 0.5, "cpu"))
-    assert not torch.equal(a, ops.dropout_keep_mask(2, 64, 100, 0.5, "cpu"))
+    a = ops.dropout_keep_mask(1, 64, 100, 0.5, DEVICE)
+    assert torch.equal(a, ops.dropout_keep_mask(1, 64, 100, 0.5, DEVICE))
+    assert not torch.equal(a, ops.dropout_keep_mask(2, 64, 100, 0.5, DEVICE))
     # A different tiling of the same logical (M, K) matrix yields the same mask.
     monkeypatch.setattr(configs, "DROPOUT_MASK_CONFIG", {"BLOCK_M": 16, "BLOCK_K": 128, "num_warps": 4,
                                                           "num_stages": 1})
-    assert torch.equal(a, ops.dropout_keep_mask(1, 64, 100, 0.5, "cpu"))
+    assert torch.equal(a, ops.dropout_keep_mask(1, 64, 100, 0.5, DEVICE))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

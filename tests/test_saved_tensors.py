@@ -11,6 +11,7 @@ import torch
 from lorakernels import LoRALinear, lora_linear_ref
 from lorakernels.ops import torch_keep_mask
 from lorakernels.testing import saved_activation_bytes
+from tests.utils import DEVICE
 
 
 SEED_BYTES = 24  # [seed, scaling, p] in float64
@@ -43,7 +44,7 @@ def test_peft_style_reference_saves_more(dtype, adapter_dtype, p):
     M, K, N, r = 64, 96, 80, 8
     layer = LoRALinear(K, N, r=r, lora_dropout=p, dtype=dtype, adapter_dtype=adapter_dtype)
     x = torch.randn(M, K, dtype=dtype, requires_grad=True)
-    keep = torch_keep_mask(0, M, K, p, "cpu") if p else None
+    keep = torch_keep_mask(0, M, K, p, DEVICE) if p else None
     saved, _ = saved_activation_bytes(
         lambda: lora_linear_ref(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, keep, p),
         list(layer.parameters()))

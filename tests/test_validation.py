@@ -59,11 +59,13 @@ def test_rejects_unknown_backend_and_strategy():
 
 def test_forced_triton_backend_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with torch.device("cpu"):
+        cpu_operands = operands()
     with pytest.raises(ValueError, match=r"backend 'triton' needs CUDA tensors.*TRITON_INTERPRET=1.*got tensors on cpu"):
-        call(backend="triton")
+        call(**cpu_operands, backend="triton")
     monkeypatch.setenv("LORAKERNELS_BACKEND", "triton")
     with pytest.raises(ValueError, match=r"backend 'triton' needs CUDA"):
-        call()
+        call(**cpu_operands)
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
