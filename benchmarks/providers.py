@@ -6,6 +6,8 @@ is comparable to the reference). All of them see the same inputs in the same run
 
     floor        the frozen layer alone (F.linear forward + its dX GEMM): the physical floor
     lorakernels  LoRALinear with the fused kernels (on CPU: its torch backend)
+    lorakernels-cublas  the same, with cuBLAS running X W^T and dY W and the LoRA terms
+                 fused around it (base_gemm="cublas"; where the Triton kernels run)
     unfused      plain-PyTorch LoRA written as PEFT writes it (dropout, A, B, scale, add)
     peft         a real HF PEFT LoRA layer (when peft is installed)
     peft+compile the PEFT layer under torch.compile (CUDA only)
@@ -20,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakernels import LoRALinear
+from lorakernels import LoRALinear, lora_linear
+from lorakernels.ops.configs import interpreting
 
 
 @dataclasses.dataclass
@@ -80,6 +83,19 @@ class BottleneckAdapter(nn.Module):
         return h + self.up(F.gelu(self.down(a))).to(h.dtype)
 
 
+class CublasBaseLoRA(nn.Module):
+    """LoRALinear's parameters through `lora_linear(..., base_gemm="cublas")`."""
+
+    def __init__(self, lora):
+        super().__init__()
+        self.lora = lora
+
+    def forward(self, x):
+        m = self.lora
+        return lora_linear(x, m.weight, m.bias, m.lora_A, m.lora_B, m.scaling, m.lora_dropout, self.training,
+                           base_gemm="cublas")
+
+
 def _base(K, N, dtype, device, seed=0):
     torch.manual_seed(seed)
     base = nn.Linear(K, N, device=device, dtype=dtype)
@@ -104,6 +120,8 @@ def make_providers(K, N, r, dtype, dropout, device, names=None, adapter_dtype=to
         out["floor"] = Provider("floor", Floor(base), lora=False)
     if want("lorakernels"):
         out["lorakernels"] = Provider("lorakernels", lora, lora=True)
+    if want("lorakernels-cublas") and (torch.device(device).type == "cuda" or interpreting()):
+        out["lorakernels-cublas"] = Provider("lorakernels-cublas", CublasBaseLoRA(lora), lora=True)
     if want("unfused"):
         out["unfused"] = Provider("unfused", UnfusedLoRA(lora), lora=True)
     if want("peft") or want("peft+compile"):
@@ -119,7 +137,10 @@ def make_providers(K, N, r, dtype, dropout, device, names=None, adapter_dtype=to
     if want("adapter"):
         # Houlsby's adapter has 2 * N * m + m + N parameters; LoRA has r * (K + N).
         bottleneck = max(1, round(r * (K + N) / (2 * N + 1)))
-        out["adapter"] = Provider("adapter", BottleneckAdapter(base, bottleneck, adapter_dtype), lora=False)
+        adapter = BottleneckAdapter(base, bottleneck, adapter_dtype)
+        with torch.no_grad():
+            adapter.up.weight.normal_(std=0.02)  # trained-looking, like lora_B: GEMMs on zeros run faster
+        out["adapter"] = Provider("adapter", adapter, lora=False)
     return out
 
 

@@ -13,11 +13,12 @@ results.md, and PNG plots when matplotlib is installed, to --output-dir.
 import argparse
 import csv
 import json
+import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.bench_layer import layer_benchmarks, merge_benchmark
+from benchmarks.bench_layer import failure, layer_benchmarks, merge_benchmark
 from benchmarks.bench_model import model_benchmarks
 from benchmarks.harness import environment
 from benchmarks.report import write_markdown, write_plots
@@ -42,20 +43,32 @@ PROTOCOLS = {
                    batch=2, seq=64, inference=[(1, 128), (4, 128)]),
     ),
 }
-PROVIDERS = ["floor", "lorakernels", "unfused", "peft", "peft+compile", "full-ft", "adapter"]
+PROVIDERS = ["floor", "lorakernels", "lorakernels-cublas", "unfused", "peft", "peft+compile", "full-ft", "adapter"]
 
 
-def run(device, protocol, providers=None, skip_model=False, progress=True):
+def run(device, protocol, providers=None, skip_model=False, progress=True, layer_shapes=None, repeats=None):
+    """Run a protocol. Returns (records, failures, section_seconds)."""
     p = PROTOCOLS[protocol]
-    records = []
+    records, failures, seconds = [], [], {}
     providers = providers or PROVIDERS
-    bar = _progress(len(p["layer_shapes"]) * len(providers), progress)
-    for shape in p["layer_shapes"]:
+    layer_shapes = layer_shapes or p["layer_shapes"]
+    repeats = repeats or p["repeats"]
+    bar = _progress(len(layer_shapes) * len(providers), progress)
+    start = time.perf_counter()
+    for shape in layer_shapes:
         compiled = "peft+compile" in providers and shape[0] == p.get("compile_tokens")
         names = [n for n in providers if n != "peft+compile" or compiled]
-        records += layer_benchmarks(device, [shape], p["dtype"], names, p["repeats"], progress=bar)
+        records += layer_benchmarks(device, [shape], p["dtype"], names, repeats, progress=bar, failures=failures)
+    seconds["layer"] = time.perf_counter() - start
+
+    start = time.perf_counter()
     for N, K, r in p["merge"]:
-        records += merge_benchmark(device, N, K, r, p["dtype"], p["repeats"])
+        try:
+            records += merge_benchmark(device, N, K, r, p["dtype"], repeats)
+        except Exception as error:  # noqa: BLE001 - reported, and the run goes on
+            failures.append(failure("merge", f"{N} x {K}, r = {r}", error))
+    seconds["merge"] = time.perf_counter() - start
+
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -63,10 +76,12 @@ def run(device, protocol, providers=None, skip_model=False, progress=True):
             print("transformers is not installed: skipping the model-level benchmarks (pip install -e '.[bench]')")
         skip_model = True
     if not skip_model:
+        start = time.perf_counter()
         m = p["model"]
-        records += model_benchmarks(device, m["size"], m["batch"], m["seq"], p["dtype"], 16, 0.1, p["repeats"],
-                                    m["inference"])
-    return records
+        records += model_benchmarks(device, m["size"], m["batch"], m["seq"], p["dtype"], 16, 0.1, repeats,
+                                    m["inference"], failures=failures)
+        seconds["model"] = time.perf_counter() - start
+    return records, failures, seconds
 
 
 def _progress(total, enabled):
@@ -80,7 +95,7 @@ def _progress(total, enabled):
     return lambda: bar.update(1)
 
 
-def write(records, env, out_dir):
+def write(records, env, out_dir, failures=()):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fields = ["benchmark", "provider", "mode", "M", "K", "N", "r", "dropout", "dtype", "metric", "value", "p20",
@@ -90,8 +105,9 @@ def write(records, env, out_dir):
         writer.writeheader()
         for rec in records:
             writer.writerow({**rec, **{k: env[k] for k in ("device", "torch", "triton", "timestamp")}})
-    (out_dir / "results.json").write_text(json.dumps(dict(environment=env, records=records), indent=1))
-    write_markdown(records, env, out_dir / "results.md")
+    (out_dir / "results.json").write_text(json.dumps(dict(environment=env, records=records, failures=list(failures)),
+                                                     indent=1))
+    write_markdown(records, env, out_dir / "results.md", failures)
     return write_plots(records, env, out_dir)
 
 
@@ -101,6 +117,10 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None, help="default: the device's")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None)
+    parser.add_argument("--layer-shapes", nargs="+", type=_layer_shape, default=None, metavar="M,K,N,r,p",
+                        help="layer shapes instead of the protocol's: tokens, in, out features, rank, dropout")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement on CPU "
+                        "(on CUDA, do_bench repeats for a fixed time)")
     parser.add_argument("--skip-model", action="store_true", help="layer and merge benchmarks only")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -109,9 +129,23 @@ def main(argv=None):
     env = dict(environment(device), protocol=protocol,
                note="GPU timings" if device.type == "cuda" else
                "CPU timings of the reference (torch) path: not a measure of the Triton kernels")
-    records = run(device, protocol, args.providers, args.skip_model, not args.no_progress)
+    start = time.perf_counter()
+    records, failures, seconds = run(device, protocol, args.providers, args.skip_model, not args.no_progress,
+                                     args.layer_shapes, args.repeats)
+    env["seconds"] = dict(seconds, total=time.perf_counter() - start)
     out_dir = args.output_dir or f"benchmarks/results/{protocol}"
-    plots = write(records, env, out_dir)
+    plots = write(records, env, out_dir, failures)
     print(Path(out_dir, "results.md").read_text())
     print(f"wrote {out_dir}/results.csv, results.json, results.md" + (f", {len(plots)} plots" if plots else ""))
-    return 0
+    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in env["seconds"].items()))
+    if failures:
+        print(f"{len(failures)} measurement(s) FAILED (listed in results.md)")
+    return 1 if failures else 0
+
+
+def _layer_shape(text):
+    try:
+        M, K, N, r, p = text.split(",")
+        return int(M), int(K), int(N), int(r), float(p)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected M,K,N,r,p (e.g. 4096,4096,4096,16,0.1); got {text!r}") from None

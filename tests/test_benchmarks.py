@@ -4,6 +4,7 @@ broken baseline), and the suite's output files parse. Seconds, on the suite's de
 import csv
 import json
 
+import pytest
 import torch
 
 from benchmarks.providers import make_providers
@@ -25,7 +26,10 @@ def test_lora_providers_compute_the_reference_function():
     base = torch.nn.functional.linear(x, lora.weight, lora.bias)
     torch.testing.assert_close(providers["floor"].module(x), base)
     torch.testing.assert_close(providers["full-ft"].module(x), base)
-    torch.testing.assert_close(providers["adapter"].module(x), base)  # zero-initialized up-projection
+    adapter = providers["adapter"].module
+    expected_adapter = base + adapter.up(torch.nn.functional.gelu(adapter.down(base)))
+    assert (expected_adapter - base).abs().max() > 1e-4  # timed with a non-zero up-projection
+    torch.testing.assert_close(adapter(x), expected_adapter)
 
 
 def test_trainable_parameter_counts():
@@ -80,3 +84,50 @@ def test_suite_writes_parseable_results(tmp_path):
 def test_lorakernels_provider_is_the_real_module():
     providers = make_providers(16, 16, 2, torch.float32, 0.0, DEVICE, names=["lorakernels"])
     assert isinstance(providers["lorakernels"].module, LoRALinear)
+
+
+class _Broken(torch.nn.Module):
+    def forward(self, x):
+        raise RuntimeError("provider exploded")
+
+
+def test_a_failing_provider_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    """A GPU session runs the suite once: one broken measurement must not cost the others."""
+    from benchmarks import bench_layer, suite
+    from benchmarks.providers import Provider
+
+    def with_broken(*args, **kwargs):
+        return {**make_providers(*args, **kwargs), "broken": Provider("broken", _Broken(), lora=False)}
+
+    monkeypatch.setattr(bench_layer, "make_providers", with_broken)
+    status = suite.main(["--device", DEVICE.type, "--skip-model", "--no-progress", "--output-dir", str(tmp_path),
+                         "--providers", "floor", "lorakernels", "--layer-shapes", "16,32,24,4,0.1"])
+    assert status == 1
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [f["what"].split()[0] for f in data["failures"]] == ["broken"]
+    assert "provider exploded" in data["failures"][0]["error"]
+    timed = {(r["provider"], r["mode"]) for r in data["records"] if r["metric"] == "time"}
+    assert {("floor", "full"), ("lorakernels", "full"), ("lorakernels", "inference-merged")} <= timed
+    assert "FAILED measurements" in (tmp_path / "results.md").read_text()
+
+
+def test_layer_shape_option_rejects_malformed_shapes():
+    from benchmarks import suite
+
+    with pytest.raises(SystemExit):
+        suite.main(["--layer-shapes", "16,32,24"])
+
+
+def test_gemm_comparison_records_and_report(tmp_path):
+    """The Triton-GEMM-vs-cuBLAS rows (CUDA in the suite; here through the interpreter)."""
+    from benchmarks.bench_layer import gemm_benchmark
+    from benchmarks.report import write_markdown
+
+    records = gemm_benchmark(DEVICE, 64, 48, 32, torch.float32, repeats=1)
+    assert {(r["provider"], r["mode"]) for r in records} == {
+        (p, m) for p in ("triton-gemm", "cublas") for m in ("forward", "grad-x")}
+    assert all(r["value"] > 0 for r in records)
+    env = dict(protocol="test", device="d", torch="t", triton="t", timestamp="now", note="n")
+    write_markdown(records, env, tmp_path / "results.md")
+    text = (tmp_path / "results.md").read_text()
+    assert "| 64 | 48 | forward |" in text and "| 64 | 48 | grad-x |" in text

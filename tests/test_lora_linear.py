@@ -8,7 +8,7 @@ forward or backward, dtype handling (bf16/fp16 x with fp32 adapters), stride bug
 import pytest
 import torch
 
-from lorakernels import lora_linear
+from lorakernels import lora_linear, ops
 from tests.utils import assert_close_to_reference, make_inputs, reference_grads, replay_keep_mask
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -127,3 +127,21 @@ def test_backward_is_deterministic(dtype):
         grads.append([t.grad for t in leaves])
     for first, second in zip(*grads):
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("shape", [(37, 45, 53), (64, 48, 32)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_base_gemm_alone(dtype, shape):
+    """F2 and B2 with the rank-R term switched off (what the benchmarks set against cuBLAS)
+    compute X W^T + b and dY W; unaligned and aligned shapes take different launch paths."""
+    M, K, N = shape
+    x, weight, b, _, _ = make_inputs(M, K, N, 1, dtype)
+    dy = torch.randn(M, N, dtype=dtype)
+    for actual, exp64, lowp in (
+        (ops.base_gemm_forward(x, weight, b), x.double() @ weight.double().t() + b.double(),
+         torch.nn.functional.linear(x, weight, b)),
+        (ops.base_gemm_forward(x, weight), x.double() @ weight.double().t(), x @ weight.t()),
+        (ops.base_gemm_grad_x(dy, weight), dy.double() @ weight.double(), dy @ weight),
+    ):
+        assert actual.dtype == dtype
+        assert_close_to_reference("base GEMM", actual, exp64, lowp, dtype)

@@ -209,6 +209,42 @@ def lora_backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
     return dx, da, db
 
 
+def base_gemm_forward(x, weight, bias=None):
+    """Y = X W^T + b by F2 with the rank-R term switched off (R = 0): the fused forward's main
+    loop alone, on the launch path the fused call takes, so that benchmarks can set it
+    against cuBLAS (`torch.addmm`) on the same shapes. x: [M, K], weight: [N, K], one dtype."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return y
+    _launch_gemm(
+        lora_linear_fwd_kernel, _lora_linear_fwd_tuned,
+        lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),
+        (x, weight, bias if bias is not None else y, x, weight, y, M, N, K, 0,
+         x.stride(0), weight.stride(0), x.stride(0), weight.stride(0), y.stride(0), 1.0),
+        dict(HAS_BIAS=bias is not None, BASE_GEMM=True, INPUT_PRECISION=_input_precision(x.dtype, x.device)),
+        (N, K, x.stride(0), weight.stride(0), y.stride(0)))
+    return y
+
+
+def base_gemm_grad_x(dy, weight):
+    """dX = dY W by B2 with the rank-R term switched off (R = 0): see `base_gemm_forward`."""
+    M, N = dy.shape
+    K = weight.shape[1]
+    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
+    if M == 0:
+        return dx
+    _launch_gemm(
+        lora_grad_x_kernel, _lora_grad_x_tuned,
+        lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),
+        (dy, weight, dy, weight, dx, M, N, K, 0, dy.stride(0), weight.stride(0), dy.stride(0), weight.stride(0),
+         dx.stride(0), 0, 0.0),
+        dict(BASE_GEMM=True, HAS_DROPOUT=False, INPUT_PRECISION=_input_precision(dy.dtype, dy.device)),
+        (N, K, dy.stride(0), weight.stride(0), weight.stride(0), dx.stride(0)))
+    return dx
+
+
 def dropout_keep_mask(seed, M, K, dropout_p, device):
     """The (M, K) boolean keep-mask the kernels regenerate for `seed` (tests and debugging only)."""
     out = torch.empty((M, K), device=device, dtype=torch.int8)
