@@ -28,9 +28,9 @@ PROTOCOLS = {
         dtype=torch.bfloat16, repeats=None,
         layer_shapes=[(t, k, k, 16, p) for k in (4096, 5120, 8192) for t in (2048, 4096, 8192) for p in (0.1, 0.0)]
         + [(4096, 4096, 4096, r, 0.1) for r in (8, 64, 128)],
-        # torch.compile recompiles per shape: PEFT + compile is timed at 4096 tokens only, to keep
-        # the protocol within minutes.
-        compile_tokens=4096,
+        # torch.compile recompiles per shape: PEFT + compile is timed at 4096 tokens, r = 16,
+        # p = 0.1 only, to keep the protocol within minutes.
+        compile_shapes=[(4096, k, k, 16, 0.1) for k in (4096, 5120, 8192)],
         merge=[(4096, 4096, 16), (8192, 8192, 16)],
         model=dict(size=dict(vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4),
                    batch=4, seq=1024, inference=[(1, 128), (32, 512)]),
@@ -46,20 +46,28 @@ PROTOCOLS = {
 PROVIDERS = ["floor", "lorakernels", "lorakernels-cublas", "unfused", "peft", "peft+compile", "full-ft", "adapter"]
 
 
-def run(device, protocol, providers=None, skip_model=False, progress=True, layer_shapes=None, repeats=None):
-    """Run a protocol. Returns (records, failures, section_seconds)."""
+def run(device, protocol, providers=None, skip_model=False, progress=True, layer_shapes=None, repeats=None,
+        checkpoint=None):
+    """Run a protocol. Returns (records, failures, section_seconds).
+
+    `checkpoint(records, failures, seconds)`, if given, is called after each section, so that
+    a run stopped by a time limit still leaves the sections it finished.
+    """
     p = PROTOCOLS[protocol]
     records, failures, seconds = [], [], {}
     providers = providers or PROVIDERS
+    # Shapes given on the command line get every requested provider, peft+compile included.
+    compile_shapes = layer_shapes or p.get("compile_shapes", ())
     layer_shapes = layer_shapes or p["layer_shapes"]
     repeats = repeats or p["repeats"]
     bar = _progress(len(layer_shapes) * len(providers), progress)
     start = time.perf_counter()
     for shape in layer_shapes:
-        compiled = "peft+compile" in providers and shape[0] == p.get("compile_tokens")
-        names = [n for n in providers if n != "peft+compile" or compiled]
+        names = [n for n in providers if n != "peft+compile" or shape in compile_shapes]
         records += layer_benchmarks(device, [shape], p["dtype"], names, repeats, progress=bar, failures=failures)
     seconds["layer"] = time.perf_counter() - start
+    if checkpoint:
+        checkpoint(records, failures, seconds)
 
     start = time.perf_counter()
     for N, K, r in p["merge"]:
@@ -68,6 +76,8 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
         except Exception as error:  # noqa: BLE001 - reported, and the run goes on
             failures.append(failure("merge", f"{N} x {K}, r = {r}", error))
     seconds["merge"] = time.perf_counter() - start
+    if checkpoint:
+        checkpoint(records, failures, seconds)
 
     try:
         import transformers  # noqa: F401
@@ -129,11 +139,15 @@ def main(argv=None):
     env = dict(environment(device), protocol=protocol,
                note="GPU timings" if device.type == "cuda" else
                "CPU timings of the reference (torch) path: not a measure of the Triton kernels")
-    start = time.perf_counter()
-    records, failures, seconds = run(device, protocol, args.providers, args.skip_model, not args.no_progress,
-                                     args.layer_shapes, args.repeats)
-    env["seconds"] = dict(seconds, total=time.perf_counter() - start)
     out_dir = args.output_dir or f"benchmarks/results/{protocol}"
+    start = time.perf_counter()
+
+    def checkpoint(records, failures, seconds):
+        write(records, dict(env, seconds=dict(seconds, total=time.perf_counter() - start)), out_dir, failures)
+
+    records, failures, seconds = run(device, protocol, args.providers, args.skip_model, not args.no_progress,
+                                     args.layer_shapes, args.repeats, checkpoint)
+    env["seconds"] = dict(seconds, total=time.perf_counter() - start)
     plots = write(records, env, out_dir, failures)
     print(Path(out_dir, "results.md").read_text())
     print(f"wrote {out_dir}/results.csv, results.json, results.md" + (f", {len(plots)} plots" if plots else ""))

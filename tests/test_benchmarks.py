@@ -131,3 +131,18 @@ def test_gemm_comparison_records_and_report(tmp_path):
     write_markdown(records, env, tmp_path / "results.md")
     text = (tmp_path / "results.md").read_text()
     assert "| 64 | 48 | forward |" in text and "| 64 | 48 | grad-x |" in text
+
+
+def test_an_interrupted_run_keeps_the_sections_it_finished(tmp_path, monkeypatch):
+    from benchmarks import suite
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # what a time limit does mid-section
+
+    monkeypatch.setattr(suite, "model_benchmarks", killed)
+    with pytest.raises(KeyboardInterrupt):
+        suite.main(["--device", DEVICE.type, "--no-progress", "--output-dir", str(tmp_path), "--providers", "floor",
+                    "--layer-shapes", "16,32,24,4,0.0"])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert {"layer", "merge"} == {r["benchmark"] for r in data["records"]} - {"gemm"}
+    assert set(data["environment"]["seconds"]) == {"layer", "merge", "total"}
