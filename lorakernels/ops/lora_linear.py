@@ -43,8 +43,23 @@ def _autotuned(kernel):
                            prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-_lora_linear_fwd_tuned = _autotuned(lora_linear_fwd_kernel)
-_lora_grad_x_tuned = _autotuned(lora_grad_x_kernel)
+# One autotuner per (kernel, token-count bucket): the best tile for 512 tokens is not the best
+# for 16k, and an autotune key can only name kernel arguments (M itself would retune at every
+# new sequence length). Buckets are powers of two clamped to [64, 16384]; the compiled
+# binaries are shared between them, only the choice of config is per bucket.
+_AUTOTUNERS = {}
+
+
+def token_bucket(M):
+    """The autotuning bucket of a launch with M rows (tokens)."""
+    return min(max(triton.next_power_of_2(M), 64), 16384)
+
+
+def _autotuner(kernel, M):
+    key = (kernel, token_bucket(M))
+    if key not in _AUTOTUNERS:
+        _AUTOTUNERS[key] = _autotuned(kernel)
+    return _AUTOTUNERS[key]
 
 
 def base_gemm_strategy(requested=None):
@@ -61,8 +76,9 @@ def _input_precision(dtype, device):
     return "ieee"
 
 
-def _launch_gemm(kernel, tuned, num_tiles, args, meta, aligned_ints):
-    """Launch F2 or B2: fixed config under the interpreter or for unaligned operands, else autotuned.
+def _launch_gemm(kernel, M, num_tiles, args, meta, aligned_ints):
+    """Launch F2 or B2 over M rows: fixed config under the interpreter or for unaligned operands,
+    else autotuned (per N, K, dtypes and token bucket of M).
 
     `aligned_ints` are the sizes and row strides the fast path expects divisible by 16 (as the
     JIT specializes them); with the tensors' 16-byte alignment they decide which path runs.
@@ -75,7 +91,7 @@ def _launch_gemm(kernel, tuned, num_tiles, args, meta, aligned_ints):
         kernel[(num_tiles(cfg.kwargs),)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
                                          num_stages=cfg.num_stages)
     else:
-        tuned[lambda m: (num_tiles(m),)](*args, **meta)
+        _autotuner(kernel, M)[lambda m: (num_tiles(m),)](*args, **meta)
 
 
 def _reduce_partials(partials, out, scaling):
@@ -111,7 +127,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base
 
     use_triton_gemm = base_gemm == "triton"
     _launch_gemm(
-        lora_linear_fwd_kernel, _lora_linear_fwd_tuned,
+        lora_linear_fwd_kernel, M,
         lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),
         (x, weight, bias if bias is not None else y, u, lora_B, y, M, N, K, R,
          x.stride(0), weight.stride(0), u.stride(0), lora_B.stride(0), y.stride(0), float(scaling)),
@@ -194,7 +210,7 @@ def lora_backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
     if needs_dx:
         use_triton_gemm = base_gemm == "triton"
         _launch_gemm(
-            lora_grad_x_kernel, _lora_grad_x_tuned,
+            lora_grad_x_kernel, M,
             lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),
             (dy, weight, v, lora_A, dx, M, N, K, R, dy.stride(0), weight.stride(0), v.stride(0),
              lora_A.stride(0), dx.stride(0), seed, float(dropout_p)),
@@ -219,7 +235,7 @@ def base_gemm_forward(x, weight, bias=None):
     if M == 0:
         return y
     _launch_gemm(
-        lora_linear_fwd_kernel, _lora_linear_fwd_tuned,
+        lora_linear_fwd_kernel, M,
         lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),
         (x, weight, bias if bias is not None else y, x, weight, y, M, N, K, 0,
          x.stride(0), weight.stride(0), x.stride(0), weight.stride(0), y.stride(0), 1.0),
@@ -236,7 +252,7 @@ def base_gemm_grad_x(dy, weight):
     if M == 0:
         return dx
     _launch_gemm(
-        lora_grad_x_kernel, _lora_grad_x_tuned,
+        lora_grad_x_kernel, M,
         lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),
         (dy, weight, dy, weight, dx, M, N, K, 0, dy.stride(0), weight.stride(0), dy.stride(0), weight.stride(0),
          dx.stride(0), 0, 0.0),
