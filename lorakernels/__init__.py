@@ -1,5 +1,9 @@
 """lorakernels: fused Triton kernels for LoRA fine-tuning."""
 
+from lorakernels._triton_compat import patch_interpreter_index
+
+patch_interpreter_index()
+
 from lorakernels.adapter_io import load_adapter, save_adapter
 from lorakernels.functional import lora_linear, lora_linear_backward_op, lora_linear_forward_op
 from lorakernels.model import (

@@ -67,11 +67,12 @@ def test_every_config_the_launchers_can_pick_is_in_the_gate():
 
     expected = []
     for dtype in ("bf16", "fp32"):
-        offered = configs.gemm_configs(ELEM_BYTES[dtype])
-        assert offered, f"no GEMM config for {dtype}"
-        for name in ("lora_linear_fwd_kernel", "lora_grad_x_kernel"):
+        for name, gemm in zip(("lora_linear_fwd_kernel", "lora_grad_x_kernel"), configs.GEMMS):
+            offered = configs.gemm_configs(ELEM_BYTES[dtype], gemm)
+            assert offered, f"no {gemm} GEMM config for {dtype}"
             expected += [key(name, dtype, None, as_dict(cfg)) for cfg in offered]
-            expected.append(key(name, dtype, None, as_dict(configs.unaligned_gemm_config(ELEM_BYTES[dtype])), aligned=False))
+            unaligned = configs.unaligned_gemm_config(ELEM_BYTES[dtype], gemm)
+            expected.append(key(name, dtype, None, as_dict(unaligned), aligned=False))
         for r_pad in configs.PADDED_RANKS:
             for name, config_of in (("lora_down_kernel", configs.down_config),
                                     ("lora_grad_dy_kernel", configs.grad_dy_config),

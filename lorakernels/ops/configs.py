@@ -2,7 +2,7 @@
 
 Under the Triton interpreter (`TRITON_INTERPRET=1`) every kernel runs with one fixed
 config (autotune needs a GPU driver). On a GPU the two large GEMMs (forward F2, dX B2)
-are autotuned over `gemm_configs(elem_bytes)` (per N, K, dtypes and power-of-two token
+are autotuned over `gemm_configs(elem_bytes, gemm)` (per N, K, dtypes and power-of-two token
 bucket: `ops.lora_linear.token_bucket`); the memory-bound rank-R kernels use one
 config per padded rank. None of these have been tuned on a GPU yet: they are the usual
 Hopper/Ampere starting points, kept to those that build for sm_80 and sm_90 within shared
@@ -49,8 +49,11 @@ GEMM_CANDIDATES = [
 
 # fp32 activations: on the IEEE (non-TF32) path tl.dot runs on FMA units with both operand
 # tiles in registers; 64 x 64 x 32 spilled there (16-32 B of stack on sm_80 and sm_90, build
-# gate), so fp32 launches use 16-wide K steps, TF32 or not.
-FP32_GEMM_CONFIG = _gemm(64, 64, 16, 4, 3)
+# gate), so fp32 launches use 16-wide K steps, TF32 or not. The dX kernel also carries the
+# Philox mask of its LoRA term: with 4 warps triton 3.6 spilled it (8-24 B of stack on sm_80
+# and sm_90), so it takes 8; the forward kernel spilled with 8 on triton 3.9 and keeps 4.
+FP32_GEMM_CONFIGS = {"forward": _gemm(64, 64, 16, 4, 3), "grad_x": _gemm(64, 64, 16, 8, 3)}
+GEMMS = tuple(FP32_GEMM_CONFIGS)  # F2 ("forward": X W^T) and B2 ("grad_x": dY W)
 
 # Tensors that miss the JIT's 16-byte alignment (views at odd offsets, sizes or row strides
 # not multiples of 16) get no vectorized loads and need more address registers: the large
@@ -60,15 +63,22 @@ UNALIGNED_GEMM_CONFIG = _gemm(64, 64, 32, 4, 3)
 INTERPRETER_GEMM_CONFIG = _gemm(32, 64, 32, 4, 1, group_m=4)
 
 
-def gemm_configs(elem_bytes):
-    """GPU autotuning candidates for F2/B2 with `elem_bytes`-byte activations (any rank: F2 and
-    B2 add the rank-R term in fixed 16-rank chunks)."""
-    return list(GEMM_CANDIDATES) if elem_bytes == 2 else [FP32_GEMM_CONFIG]
+def _check_gemm(gemm):
+    if gemm not in GEMMS:
+        raise ValueError(f"gemm must be one of {GEMMS}; got {gemm!r}")
 
 
-def unaligned_gemm_config(elem_bytes):
+def gemm_configs(elem_bytes, gemm):
+    """GPU autotuning candidates for F2 (gemm="forward") or B2 (gemm="grad_x") with
+    `elem_bytes`-byte activations (any rank: both add the rank-R term in 16-rank chunks)."""
+    _check_gemm(gemm)
+    return list(GEMM_CANDIDATES) if elem_bytes == 2 else [FP32_GEMM_CONFIGS[gemm]]
+
+
+def unaligned_gemm_config(elem_bytes, gemm):
     """The one F2/B2 config for operands that miss the 16-byte alignment."""
-    return UNALIGNED_GEMM_CONFIG if elem_bytes == 2 else FP32_GEMM_CONFIG
+    _check_gemm(gemm)
+    return UNALIGNED_GEMM_CONFIG if elem_bytes == 2 else FP32_GEMM_CONFIGS[gemm]
 
 
 def _interpret(interpret):
@@ -87,7 +97,8 @@ def down_config(r_pad, elem_bytes, interpret=None):
         return {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
     return {"BLOCK_M": 64 if r_pad <= 64 and elem_bytes == 2 else 32,
             "BLOCK_K": 64 if elem_bytes == 2 and r_pad <= 64 else 32,  # 64 spilled 8-16 B at rank 128 (gate)
-            "num_warps": 4 if r_pad <= 64 else 8, "num_stages": 3}
+            # fp32 at rank 64 spilled 8 B with 4 warps on sm_80 (triton 3.6, gate)
+            "num_warps": 4 if r_pad <= 64 and elem_bytes == 2 else 8, "num_stages": 3}
 
 
 def grad_dy_config(r_pad, elem_bytes, interpret=None):

@@ -34,10 +34,14 @@ BASE_GEMM_ENV = "LORAKERNELS_BASE_GEMM"
 BASE_GEMM_CHOICES = ("triton", "cublas")
 
 
+# Which GEMM each fused kernel is, for its launch configs.
+_GEMM_OF = {lora_linear_fwd_kernel: "forward", lora_grad_x_kernel: "grad_x"}
+
+
 def _autotuned(kernel):
     # Candidates are pruned by activation size (the first argument): fp32 takes the narrow ones.
     def prune(candidates, named_args, **meta):
-        return configs.gemm_configs(next(iter(named_args.values())).element_size())
+        return configs.gemm_configs(next(iter(named_args.values())).element_size(), _GEMM_OF[kernel])
 
     return triton.autotune(configs=configs.GEMM_CANDIDATES, key=["N", "K"],
                            prune_configs_by={"early_config_prune": prune})(kernel)
@@ -87,7 +91,8 @@ def _launch_gemm(kernel, M, num_tiles, args, meta, aligned_ints):
         i % 16 == 0 for i in aligned_ints)
     if configs.interpreting() or not aligned:
         elem_bytes = args[0].element_size()
-        cfg = configs.INTERPRETER_GEMM_CONFIG if configs.interpreting() else configs.unaligned_gemm_config(elem_bytes)
+        cfg = (configs.INTERPRETER_GEMM_CONFIG if configs.interpreting()
+               else configs.unaligned_gemm_config(elem_bytes, _GEMM_OF[kernel]))
         kernel[(num_tiles(cfg.kwargs),)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
                                          num_stages=cfg.num_stages)
     else:

@@ -151,9 +151,9 @@ def all_variants():
         # GEMMs: every candidate at the heaviest feature path, every feature path at the first candidate.
         # fp16, and bf16 with bf16 adapters, have the tile sizes of bf16 with fp32 adapters and lighter
         # adapter loads: their first candidate covers the change of MMA type.
-        gemm_cfgs = configs.gemm_configs(ELEM_BYTES[dtype])
-        for i, cfg in enumerate(gemm_cfgs if main_case else gemm_cfgs[:1]):
-            for kernel in gemms:
+        for kernel, gemm in zip(gemms, configs.GEMMS):
+            gemm_cfgs = configs.gemm_configs(ELEM_BYTES[dtype], gemm)
+            for i, cfg in enumerate(gemm_cfgs if main_case else gemm_cfgs[:1]):
                 out += _gemm_variants(kernel, dtype, adapter, precision, cfg, all_flags=i == 0)
         # Rank-R kernels: every padded rank for the main cases, the extremes for the others.
         ranks = configs.PADDED_RANKS if main_case else (configs.PADDED_RANKS[0], configs.PADDED_RANKS[-1])
@@ -169,9 +169,9 @@ def all_variants():
     # Misaligned tensors (views at odd offsets, K or N not multiples of 16) take the JIT's unaligned
     # specialization, which the launchers run with one fixed config.
     for dtype in ("bf16", "fp32"):
-        cfg = _gemm_config(configs.unaligned_gemm_config(ELEM_BYTES[dtype]))
-        out.append(_variant(lora_linear_fwd_kernel, dtype, "fp32", cfg, aligned=False, HAS_BIAS=True, BASE_GEMM=True,
-                            INPUT_PRECISION="ieee"))
-        out.append(_variant(lora_grad_x_kernel, dtype, "fp32", cfg, aligned=False, BASE_GEMM=True, HAS_DROPOUT=True,
-                            INPUT_PRECISION="ieee"))
+        fwd_cfg, grad_x_cfg = (_gemm_config(configs.unaligned_gemm_config(ELEM_BYTES[dtype], g)) for g in configs.GEMMS)
+        out.append(_variant(lora_linear_fwd_kernel, dtype, "fp32", fwd_cfg, aligned=False, HAS_BIAS=True,
+                            BASE_GEMM=True, INPUT_PRECISION="ieee"))
+        out.append(_variant(lora_grad_x_kernel, dtype, "fp32", grad_x_cfg, aligned=False, BASE_GEMM=True,
+                            HAS_DROPOUT=True, INPUT_PRECISION="ieee"))
     return list(dict.fromkeys(out))
