@@ -230,6 +230,12 @@ def lora_backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
     return dx, da, db
 
 
+def _unread_operand(row_stride, device):
+    """A stand-in for the rank-R operands that R = 0 never reads: fp32 with the row stride of
+    fp32 adapters at rank 16, so that the launch compiles and tunes as that fused call does."""
+    return torch.empty((1, row_stride), device=device, dtype=torch.float32)
+
+
 def base_gemm_forward(x, weight, bias=None):
     """Y = X W^T + b by F2 with the rank-R term switched off (R = 0): the fused forward's main
     loop alone, on the launch path the fused call takes, so that benchmarks can set it
@@ -239,11 +245,12 @@ def base_gemm_forward(x, weight, bias=None):
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y
+    u, lora_B = _unread_operand(16, x.device), _unread_operand(16, x.device)
     _launch_gemm(
         lora_linear_fwd_kernel, M,
         lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),
-        (x, weight, bias if bias is not None else y, x, weight, y, M, N, K, 0,
-         x.stride(0), weight.stride(0), x.stride(0), weight.stride(0), y.stride(0), 1.0),
+        (x, weight, bias if bias is not None else y, u, lora_B, y, M, N, K, 0,
+         x.stride(0), weight.stride(0), u.stride(0), lora_B.stride(0), y.stride(0), 1.0),
         dict(HAS_BIAS=bias is not None, BASE_GEMM=True, INPUT_PRECISION=_input_precision(x.dtype, x.device)),
         (N, K, x.stride(0), weight.stride(0), y.stride(0)))
     return y
@@ -256,13 +263,14 @@ def base_gemm_grad_x(dy, weight):
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     if M == 0:
         return dx
+    v, lora_A = _unread_operand(16, dy.device), _unread_operand(K, dy.device)
     _launch_gemm(
         lora_grad_x_kernel, M,
         lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),
-        (dy, weight, dy, weight, dx, M, N, K, 0, dy.stride(0), weight.stride(0), dy.stride(0), weight.stride(0),
+        (dy, weight, v, lora_A, dx, M, N, K, 0, dy.stride(0), weight.stride(0), v.stride(0), lora_A.stride(0),
          dx.stride(0), 0, 0.0),
         dict(BASE_GEMM=True, HAS_DROPOUT=False, INPUT_PRECISION=_input_precision(dy.dtype, dy.device)),
-        (N, K, dy.stride(0), weight.stride(0), weight.stride(0), dx.stride(0)))
+        (N, K, dy.stride(0), weight.stride(0), lora_A.stride(0), dx.stride(0)))
     return dx
 
 
