@@ -104,7 +104,8 @@ def write_markdown(records, env, path, failures=()):
 
 
 def write_plots(records, env, out_dir):
-    """time vs tokens per provider (full step, per K) and saved bytes per provider. [] without matplotlib."""
+    """Time vs tokens per provider (full step, per K); saved bytes, peak memory (CUDA) and the
+    model's peak memory (CUDA) per provider. [] without matplotlib."""
     try:
         import matplotlib
 
@@ -128,19 +129,31 @@ def write_plots(records, env, out_dir):
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
-    saved = [r for r in records if r["benchmark"] == "layer" and r["metric"] == "saved_bytes"]
-    if saved:
-        top = max(saved, key=lambda r: (r["M"] * r["K"], r["dropout"] or 0))
-        sel = [r for r in saved if (r["M"], r["K"], r["r"], r["dropout"]) == (top["M"], top["K"], top["r"],
-                                                                             top["dropout"])]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.bar([r["provider"] for r in sel], [r["value"] / 2**20 for r in sel])
-        ax.set(ylabel="MiB saved for backward",
-               title=f"tokens {top['M']}, K = N = {top['K']}, r = {top['r']}, p = {top['dropout']}")
-        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
-        path = out_dir / "saved_bytes.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+    for metric, ylabel, name in (("saved_bytes", "MiB saved for backward", "saved_bytes.png"),
+                                 ("peak_memory", "peak MiB of a training step (CUDA)", "peak_memory.png")):
+        rows = [r for r in records if r["benchmark"] == "layer" and r["metric"] == metric]
+        if not rows:
+            continue
+        top = max(rows, key=lambda r: (r["M"] * r["K"], r["dropout"] or 0))
+        sel = [r for r in rows if (r["M"], r["K"], r["r"], r["dropout"]) == (top["M"], top["K"], top["r"],
+                                                                            top["dropout"])]
+        written.append(_bar(plt, [r["provider"] for r in sel], [r["value"] / 2**20 for r in sel], ylabel,
+                            f"tokens {top['M']}, K = N = {top['K']}, r = {top['r']}, p = {top['dropout']}",
+                            out_dir / name))
+    model = [r for r in records if r["benchmark"] == "model" and r["metric"] == "peak_memory_incl_optimizer"]
+    if model:
+        written.append(_bar(plt, [r["provider"] for r in model], [r["value"] / 2**30 for r in model],
+                            "peak GiB incl. optimizer state", f"Llama-style model, {model[0]['M']} tokens per step",
+                            out_dir / "model_peak_memory.png"))
     return written
+
+
+def _bar(plt, labels, values, ylabel, title, path):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(labels, values)
+    ax.set(ylabel=ylabel, title=title)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

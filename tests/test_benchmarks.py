@@ -146,3 +146,19 @@ def test_an_interrupted_run_keeps_the_sections_it_finished(tmp_path, monkeypatch
     data = json.loads((tmp_path / "results.json").read_text())
     assert {"layer", "merge"} == {r["benchmark"] for r in data["records"]} - {"gemm"}
     assert set(data["environment"]["seconds"]) == {"layer", "merge", "total"}
+
+
+def test_memory_plots_from_cuda_style_records(tmp_path):
+    """Peak-memory records (CUDA only in a real run) become per-provider bar plots."""
+    pytest.importorskip("matplotlib")
+    from benchmarks.report import write_plots
+
+    layer = dict(benchmark="layer", mode="full", M=64, K=32, N=32, r=4, dropout=0.1, unit="B")
+    records = [dict(layer, provider=p, metric=m, value=v) for p, v in (("floor", 1e6), ("lorakernels", 2e6))
+               for m in ("saved_bytes", "peak_memory")]
+    records += [dict(benchmark="model", mode="train-step", M=128, K=32, N=2, r=4, dropout=0.1, provider=p,
+                     metric="peak_memory_incl_optimizer", value=v, unit="B") for p, v in (("full-ft", 3e9),
+                                                                                         ("lorakernels", 1e9))]
+    written = write_plots(records, dict(device="d"), tmp_path)
+    assert sorted(p.name for p in written) == ["model_peak_memory.png", "peak_memory.png", "saved_bytes.png"]
+    assert all(p.stat().st_size > 1000 for p in written)
