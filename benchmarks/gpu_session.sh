@@ -38,7 +38,7 @@ for phase in $phases; do
         # CPU-side and runs in CI. Compilation dominates: spread it over processes.
         parallel=()
         python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)
-        LORAKERNELS_TEST_DEVICE=cuda timeout 270 python3 -m pytest -q -p no:cacheprovider "${parallel[@]}" \
+        LORAKERNELS_TEST_DEVICE=cuda timeout 270 python3 -m pytest -q -p no:cacheprovider ${parallel[@]+"${parallel[@]}"} \
             --deselect tests/test_aot_build.py -rf tests 2>&1 | tee "$out/tests.log" || status=1
         ;;
     numerics)
