@@ -61,7 +61,8 @@ def test_forced_triton_backend_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with torch.device("cpu"):
         cpu_operands = operands()
-    with pytest.raises(ValueError, match=r"backend 'triton' needs CUDA tensors.*TRITON_INTERPRET=1.*got tensors on cpu"):
+    message = r"backend 'triton' needs CUDA tensors.*TRITON_INTERPRET=1.*got tensors on cpu"
+    with pytest.raises(ValueError, match=message):
         call(**cpu_operands, backend="triton")
     monkeypatch.setenv("LORAKERNELS_BACKEND", "triton")
     with pytest.raises(ValueError, match=r"backend 'triton' needs CUDA"):

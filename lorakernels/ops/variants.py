@@ -126,10 +126,12 @@ def _small_kernel_variants(dtype, adapter, precision, r_pad, all_flags=False):
     for d in dropout:
         out.append(_variant(lora_down_kernel, dtype, adapter, configs.down_config(r_pad, ELEM_BYTES[dtype], False),
                             HAS_DROPOUT=d, INPUT_PRECISION=precision, R_PAD=r_pad))
-        out.append(_variant(lora_adapter_grad_kernel, dtype, adapter, configs.adapter_grad_config(r_pad, ELEM_BYTES[dtype], False),
+        out.append(_variant(lora_adapter_grad_kernel, dtype, adapter,
+                            configs.adapter_grad_config(r_pad, ELEM_BYTES[dtype], False),
                             HAS_DROPOUT=d, INPUT_PRECISION=precision, R_PAD=r_pad))
     for compute_v, compute_db in v_db:
-        out.append(_variant(lora_grad_dy_kernel, dtype, adapter, configs.grad_dy_config(r_pad, ELEM_BYTES[dtype], False),
+        out.append(_variant(lora_grad_dy_kernel, dtype, adapter,
+                            configs.grad_dy_config(r_pad, ELEM_BYTES[dtype], False),
                             COMPUTE_V=compute_v, COMPUTE_DB=compute_db, INPUT_PRECISION=precision, R_PAD=r_pad))
     return out
 
