@@ -45,7 +45,7 @@ def layer_benchmarks(device, shapes, dtype, providers, repeats, progress=None, f
         dy = torch.randn(M, N, device=device, dtype=dtype)
         for name, provider in layers.items():
             try:
-                records += _provider_benchmarks(device, shape, name, provider, x, dy, repeats)
+                records += _provider_benchmarks(device, shape, name, provider, x, dy, repeats, failures)
             except Exception as error:  # noqa: BLE001 - one broken provider must not end a GPU session
                 failures.append(failure("layer", f"{name} at {shape}", error))
             if progress:
@@ -64,14 +64,17 @@ def layer_benchmarks(device, shapes, dtype, providers, repeats, progress=None, f
     return records
 
 
-def _provider_benchmarks(device, shape, name, provider, x, dy, repeats):
+def _provider_benchmarks(device, shape, name, provider, x, dy, repeats, failures):
     records = []
     module = provider.module.train()
     params = [p for p in module.parameters() if p.requires_grad]
     grads = [x] + params  # released before every timed run: each backward allocates them fresh
-    saved, _ = saved_activation_bytes(lambda: module(x), list(module.parameters()))
-    _record(records, shape, name, "full", "saved_bytes", saved, unit="B")
     _record(records, shape, name, "full", "trainable_params", provider.trainable_parameters(), unit="")
+    try:  # counted apart from the timings: a compiled module may refuse saved-tensor hooks
+        saved, _ = saved_activation_bytes(lambda: module(x), list(module.parameters()))
+        _record(records, shape, name, "full", "saved_bytes", saved, unit="B")
+    except Exception as error:  # noqa: BLE001
+        failures.append(failure("layer", f"{name} saved bytes at {shape}", error))
 
     def forward():
         return module(x)

@@ -104,8 +104,8 @@ def test_a_failing_provider_is_reported_and_the_run_goes_on(tmp_path, monkeypatc
                          "--providers", "floor", "lorakernels", "--layer-shapes", "16,32,24,4,0.1"])
     assert status == 1
     data = json.loads((tmp_path / "results.json").read_text())
-    assert [f["what"].split()[0] for f in data["failures"]] == ["broken"]
-    assert "provider exploded" in data["failures"][0]["error"]
+    assert data["failures"] and {f["what"].split()[0] for f in data["failures"]} == {"broken"}
+    assert all("provider exploded" in f["error"] for f in data["failures"])
     timed = {(r["provider"], r["mode"]) for r in data["records"] if r["metric"] == "time"}
     assert {("floor", "full"), ("lorakernels", "full"), ("lorakernels", "inference-merged")} <= timed
     assert "FAILED measurements" in (tmp_path / "results.md").read_text()
