@@ -32,9 +32,10 @@ def failure(section, what, error):
     return dict(section=section, what=what, error=f"{type(error).__name__}: {error}")
 
 
-def layer_benchmarks(device, shapes, dtype, providers, repeats, progress=None, failures=None):
+def layer_benchmarks(device, shapes, dtype, providers, repeats, progress=None, failures=None, extras=True):
     """shapes: (tokens M, K, N, r, dropout) tuples. Returns long-format records; a provider that
-    fails is reported in `failures` and the others still run."""
+    fails is reported in `failures` and the others still run. extras=False skips inference
+    after merge and the GEMM comparison."""
     records = []
     failures = [] if failures is None else failures
     gemm_shapes = set()
@@ -50,6 +51,8 @@ def layer_benchmarks(device, shapes, dtype, providers, repeats, progress=None, f
                 failures.append(failure("layer", f"{name} at {shape}", error))
             if progress:
                 progress()
+        if not extras:
+            continue
         try:
             records += _inference_after_merge(device, shape, layers, x, repeats)
         except Exception as error:  # noqa: BLE001

@@ -46,6 +46,21 @@ def write_markdown(records, env, path, failures=()):
             lines += [f"## Layer, {mode}", "",
                       "| tokens | K=N | r | p | provider | time | x floor | x unfused | x peft |",
                       "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+    overhead = _index(records, "overhead", "time")
+    if overhead:
+        shape = next(iter(overhead))[2:]
+        lines += ["## Host overhead", "",
+                  f"A layer of {shape[0]} tokens, K = N = {shape[1]}, r = {shape[3]}, p = {shape[4]}: the GPU work is "
+                  "negligible, so these times are the per-call cost of Python, autograd and kernel launches, "
+                  "which bounds any layer whose kernels take less.", "",
+                  "| provider | forward | backward | forward + backward | x floor (fwd + bwd) |",
+                  "|---|---|---|---|---|"]
+        for provider in dict.fromkeys(k[0] for k in overhead):
+            cells = [overhead.get((provider, mode) + shape) for mode in ("forward", "backward", "full")]
+            floor = overhead.get(("floor", "full") + shape)
+            lines.append(f"| {provider} | " + " | ".join(_fmt_time(c["value"]) if c else "-" for c in cells) +
+                         f" | {_ratio(cells[2], floor) if cells[2] else '-'} |")
+        lines.append("")
     gemm = _index(records, "gemm", "time")
     if gemm:
         lines += ["## The fused kernels' GEMM main loop against cuBLAS", "",

@@ -32,6 +32,7 @@ PROTOCOLS = {
         # p = 0.1 only, to keep the protocol within minutes.
         compile_shapes=[(4096, k, k, 16, 0.1) for k in (4096, 5120, 8192)],
         merge=[(4096, 4096, 16), (8192, 8192, 16)],
+        overhead_shape=(16, 64, 64, 16, 0.1),
         model=dict(size=dict(vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4),
                    batch=4, seq=1024, inference=[(1, 128), (32, 512)]),
     ),
@@ -39,6 +40,8 @@ PROTOCOLS = {
         dtype=torch.float32, repeats=3,
         layer_shapes=[(256, 256, 256, 16, 0.1), (256, 256, 256, 16, 0.0), (512, 512, 512, 16, 0.1)],
         merge=[(512, 512, 16)],
+        overhead_shape=(16, 64, 64, 16, 0.1),
+        overhead_repeats=200,  # microseconds each: many repeats cost little and steady the medians
         model=dict(size=dict(vocab=1000, hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2),
                    batch=2, seq=64, inference=[(1, 128), (4, 128)]),
     ),
@@ -66,6 +69,13 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
         names = [n for n in providers if n != "peft+compile" or shape in compile_shapes]
         records += layer_benchmarks(device, [shape], p["dtype"], names, repeats, progress=bar, failures=failures)
     seconds["layer"] = time.perf_counter() - start
+
+    # Host overhead: a layer so small that per-call Python and kernel launches set the time.
+    start = time.perf_counter()
+    tiny = layer_benchmarks(device, [p["overhead_shape"]], p["dtype"], [n for n in providers if n != "peft+compile"],
+                            p.get("overhead_repeats", repeats), failures=failures, extras=False)
+    records += [dict(r, benchmark="overhead") for r in tiny]
+    seconds["overhead"] = time.perf_counter() - start
     if checkpoint:
         checkpoint(records, failures, seconds)
 

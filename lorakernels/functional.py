@@ -1,5 +1,11 @@
-"""The autograd layer (layer 3, as torch.library custom ops) and the functional form of the fused LoRA linear."""
+"""The autograd layer (layer 3) and the functional form of the fused LoRA linear.
 
+Two autograd paths share one forward body, one backward body and one saved state: torch.library
+custom ops with a registered autograd formula, which torch.compile sees as opaque nodes, and
+a plain autograd.Function for eager mode, which skips the custom-op dispatch on every call.
+"""
+
+import contextlib
 import os
 from typing import Optional, Tuple
 
@@ -59,12 +65,43 @@ def _as_rows(t):
 
 # The fused LoRA linear as two torch.library custom ops with a registered autograd formula:
 # torch.compile(fullgraph=True) sees one opaque node per direction (fake implementations give
-# it the output shapes), and eager mode runs the same code. The dropout seed, the scaling and
-# dropout_p travel in one float64 CPU tensor `scalars` = [seed, scaling, p]: the seed is drawn
+# it the output shapes); eager mode runs the same bodies through _EagerLoRALinear (below).
+# The dropout seed, the scaling and dropout_p travel in one float64 CPU tensor
+# `scalars` = [seed, scaling, p]: the seed is drawn
 # outside the op (so the op is a pure function of its inputs), and a tensor, unlike a float
 # argument of a custom op (compiled once per value), is data to torch.compile: a new seed never
 # recompiles, a new scaling or p at most once (when automatic dynamic makes it symbolic).
 # Reading it inside the op costs no GPU synchronization (it lives on the CPU).
+
+
+def _forward(x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm):
+    """(y [M, N], u [M, R] fp32): the body of both autograd paths."""
+    forward_impl, _ = _IMPLEMENTATIONS[backend]
+    seed, scaling, dropout_p = _unpack(scalars)
+    # Operand dtypes were settled by `lora_linear` (autocast included): no casting inside.
+    with _autocast_off(x.device.type):
+        return forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_gemm=base_gemm)
+
+
+def _backward_grads(dy, x, weight, lora_A, lora_B, u, scalars, backend, base_gemm, needs_dx, needs_da, needs_db):
+    """(dx, dA, dB), None where not needed: the body of both autograd paths."""
+    _, backward_impl = _IMPLEMENTATIONS[backend]
+    seed, scaling, dropout_p = _unpack(scalars)
+    with _autocast_off(dy.device.type):
+        return backward_impl(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs_dx=needs_dx,
+                             needs_da=needs_da, needs_db=needs_db, base_gemm=base_gemm)
+
+
+def _autocast_off(device_type):
+    # Entering an autocast context costs microseconds per call: only when autocast is on.
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _unpack(scalars):
+    seed, scaling, dropout_p = scalars.tolist()
+    return int(seed), scaling, dropout_p
 
 
 @torch.library.custom_op("lorakernels::lora_linear_forward", mutates_args=())
@@ -72,16 +109,7 @@ def lora_linear_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional
                            lora_B: torch.Tensor, scalars: torch.Tensor, backend: str,
                            base_gemm: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y [M, N], u [M, R] fp32) for 2-D x with a unit last-dim stride (see `lora_linear`)."""
-    forward_impl, _ = _IMPLEMENTATIONS[backend]
-    seed, scaling, dropout_p = _unpack(scalars)
-    # Operand dtypes were settled by `lora_linear` (autocast included): no casting inside.
-    with torch.autocast(x.device.type, enabled=False):
-        return forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_gemm=base_gemm)
-
-
-def _unpack(scalars):
-    seed, scaling, dropout_p = scalars.tolist()
-    return int(seed), scaling, dropout_p
+    return _forward(x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm)
 
 
 @lora_linear_forward_op.register_fake
@@ -96,11 +124,8 @@ def lora_linear_backward_op(dy: torch.Tensor, x: Optional[torch.Tensor], weight:
                             base_gemm: str, needs_dx: bool, needs_da: bool,
                             needs_db: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dA, dB); a gradient that is not needed comes back as an empty tensor."""
-    _, backward_impl = _IMPLEMENTATIONS[backend]
-    seed, scaling, dropout_p = _unpack(scalars)
-    with torch.autocast(dy.device.type, enabled=False):
-        grads = backward_impl(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs_dx=needs_dx,
-                              needs_da=needs_da, needs_db=needs_db, base_gemm=base_gemm)
+    grads = _backward_grads(dy, x, weight, lora_A, lora_B, u, scalars, backend, base_gemm, needs_dx, needs_da,
+                            needs_db)
     return tuple(g if g is not None else dy.new_empty(0) for g in grads)
 
 
@@ -111,30 +136,58 @@ def _(dy, x, weight, lora_A, lora_B, u, scalars, backend, base_gemm, needs_dx, n
             lora_B.new_empty(lora_B.shape if needs_db else (0,)))
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, x, weight, bias, lora_A, lora_B, u, scalars, backend, base_gemm):
     """Saves x only if lora_A needs a gradient and U only if lora_B does; never the mask."""
-    x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm = inputs
-    _, u = output
     ctx.save_for_backward(x if lora_A.requires_grad else None, weight, lora_A, lora_B,
                           u if lora_B.requires_grad else None, scalars)
     ctx.hyper = (backend, base_gemm, bias is not None)
 
 
-def _backward(ctx, dy, du):
-    del du  # U is an internal output: nothing flows back through it
+def _grads_of_inputs(ctx, dy, backward):
+    """The gradients of (x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm)."""
     x, weight, lora_A, lora_B, u, scalars = ctx.saved_tensors
     backend, base_gemm, has_bias = ctx.hyper
     needs_dx, _, needs_dbias, needs_da, needs_db = ctx.needs_input_grad[:5]
     dx = da = db = None
     if needs_dx or needs_da or needs_db:
-        dx, da, db = lora_linear_backward_op(dy.contiguous(), x, weight, lora_A, lora_B, u, scalars, backend,
-                                             base_gemm, needs_dx, needs_da, needs_db)
+        dx, da, db = backward(dy.contiguous(), x, weight, lora_A, lora_B, u, scalars, backend, base_gemm,
+                              needs_dx, needs_da, needs_db)
     dbias = dy.sum(0) if has_bias and needs_dbias else None
     return (dx if needs_dx else None, None, dbias, da if needs_da else None, db if needs_db else None,
             None, None, None)
 
 
+def _setup_context(ctx, inputs, output):
+    _save(ctx, *inputs[:5], output[1], *inputs[5:])
+
+
+def _backward(ctx, dy, du):
+    del du  # U is an internal output: nothing flows back through it
+    return _grads_of_inputs(ctx, dy, lora_linear_backward_op)
+
+
 lora_linear_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLoRALinear(torch.autograd.Function):
+    """The same forward, backward and saved state as the custom ops, for eager mode.
+
+    A custom op call goes through the dispatcher, the registered autograd wrapper and a
+    torch.compile guard, several hundred microseconds of Python per layer per training
+    step; a GPU finishes a 4096-token layer's GEMMs in about as long, so eager mode would be
+    bound by the host. torch.compile keeps using the custom ops (`lora_linear` switches on
+    `torch.compiler.is_compiling()`), where that cost is paid once, at tracing.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm):
+        y, u = _forward(x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm)
+        _save(ctx, x, weight, bias, lora_A, lora_B, u, scalars, backend, base_gemm)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _grads_of_inputs(ctx, dy, _backward_grads)
 
 
 def _autocast_operands(x, weight, bias, lora_A, lora_B):
@@ -177,9 +230,14 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     backend = resolve_backend(backend, x.device)
     base_gemm = base_gemm_strategy(base_gemm)
     p = dropout_p if training else 0.0
-    seed = draw_seed() if p > 0 else torch.zeros((), dtype=torch.int64, device="cpu")
-    # Built by tensor arithmetic: torch.compile traces a float added to a tensor without
-    # specializing on its value (torch.tensor / as_tensor of a float would).
-    scalars = torch.stack([seed.to(torch.float64), _ONE * scaling, _ONE * p])
-    y, _ = lora_linear_forward_op(_as_rows(x), weight, bias, lora_A, lora_B, scalars, backend, base_gemm)
+    if torch.compiler.is_compiling():
+        seed = draw_seed() if p > 0 else torch.zeros((), dtype=torch.int64, device="cpu")
+        # Built by tensor arithmetic: torch.compile traces a float added to a tensor without
+        # specializing on its value (torch.tensor / as_tensor of a float would).
+        scalars = torch.stack([seed.to(torch.float64), _ONE * scaling, _ONE * p])
+        y, _ = lora_linear_forward_op(_as_rows(x), weight, bias, lora_A, lora_B, scalars, backend, base_gemm)
+    else:
+        seed = int(draw_seed()) if p > 0 else 0
+        scalars = torch.tensor([seed, scaling, p], dtype=torch.float64, device="cpu")
+        y = _EagerLoRALinear.apply(_as_rows(x), weight, bias, lora_A, lora_B, scalars, backend, base_gemm)
     return y.view(*x.shape[:-1], weight.shape[0])

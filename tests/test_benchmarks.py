@@ -72,12 +72,12 @@ def test_suite_writes_parseable_results(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     data = json.loads((tmp_path / "results.json").read_text())
     assert len(rows) == len(data["records"]) > 0
-    assert {"layer", "merge", "model"} <= {r["benchmark"] for r in rows}
+    assert {"layer", "overhead", "merge", "model"} <= {r["benchmark"] for r in rows}
     assert all(float(r["value"]) >= 0 for r in rows)
     providers = {r["provider"] for r in rows if r["benchmark"] == "layer"}
     assert {"floor", "lorakernels", "unfused", "full-ft", "adapter"} <= providers
     text = (tmp_path / "results.md").read_text()
-    assert "x floor" in text
+    assert "x floor" in text and "## Host overhead" in text
     assert ("CPU timings of the reference (torch) path" in text) == (DEVICE.type == "cpu")
 
 
@@ -144,8 +144,8 @@ def test_an_interrupted_run_keeps_the_sections_it_finished(tmp_path, monkeypatch
         suite.main(["--device", DEVICE.type, "--no-progress", "--output-dir", str(tmp_path), "--providers", "floor",
                     "--layer-shapes", "16,32,24,4,0.0"])
     data = json.loads((tmp_path / "results.json").read_text())
-    assert {"layer", "merge"} == {r["benchmark"] for r in data["records"]} - {"gemm"}
-    assert set(data["environment"]["seconds"]) == {"layer", "merge", "total"}
+    assert {"layer", "overhead", "merge"} == {r["benchmark"] for r in data["records"]} - {"gemm"}
+    assert set(data["environment"]["seconds"]) == {"layer", "overhead", "merge", "total"}
 
 
 def test_memory_plots_from_cuda_style_records(tmp_path):

@@ -11,7 +11,7 @@ import torch.utils.checkpoint
 from torch._dynamo.testing import CompileCounter
 
 from lorakernels import LoRALinear, lora_linear
-from tests.utils import DEVICE
+from tests.utils import DEVICE, make_inputs
 
 
 def two_layer_model(p=0.0, backend=None):
@@ -113,3 +113,36 @@ def test_gradient_accumulation_adds_up():
     model(x2).sum().backward()
     for a, b in zip(joint, [p.grad for p in model.parameters() if p.requires_grad]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_eager_path_equals_the_custom_ops(backend, monkeypatch):
+    """Eager mode runs a plain autograd.Function (no custom-op dispatch per call); it must
+    compute, save and differentiate exactly as the custom ops that torch.compile sees."""
+    from lorakernels import functional
+    from lorakernels.testing import saved_activation_bytes
+
+    x, weight, bias, lora_A, lora_B = make_inputs(37, 24, 20, 4, torch.float32)
+    scalars = torch.tensor([1234.0, 0.5, 0.25], dtype=torch.float64, device="cpu")
+
+    def run(path):
+        leaves = [t.clone().requires_grad_() for t in (x, lora_A, lora_B)]
+        call = (lambda: path(leaves[0], weight, bias, leaves[1], leaves[2], scalars, backend, "triton"))
+        saved, y = saved_activation_bytes(call, [weight, bias, *leaves[1:]])
+        y.backward(dy)
+        return saved, [y.detach()] + [t.grad for t in leaves]
+
+    dy = torch.randn(37, 20)
+    saved_op, custom_op = run(lambda *a: functional.lora_linear_forward_op(*a)[0])
+    saved_eager, eager = run(functional._EagerLoRALinear.apply)
+    assert saved_eager == saved_op == x.nbytes + 4 * 37 * 4 + 24
+    for a, b in zip(eager, custom_op):
+        assert torch.equal(a, b)
+
+    # ... and lora_linear takes that path outside torch.compile.
+    def refuse(*args):
+        raise AssertionError("the custom op ran in eager mode")
+
+    monkeypatch.setattr(functional, "lora_linear_forward_op", refuse)
+    lora_linear(x, weight, bias, lora_A.requires_grad_(), lora_B, 0.5, 0.25, backend=backend).sum().backward()
+    assert lora_A.grad is not None
