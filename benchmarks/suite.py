@@ -53,8 +53,8 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
         checkpoint=None):
     """Run a protocol. Returns (records, failures, section_seconds).
 
-    `checkpoint(records, failures, seconds)`, if given, is called after each section, so that
-    a run stopped by a time limit still leaves the sections it finished.
+    `checkpoint(records, failures, seconds)`, if given, is called after each layer shape and
+    each section, so that a run stopped by a time limit still leaves what it finished.
     """
     p = PROTOCOLS[protocol]
     records, failures, seconds = [], [], {}
@@ -68,6 +68,8 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
     for shape in layer_shapes:
         names = [n for n in providers if n != "peft+compile" or shape in compile_shapes]
         records += layer_benchmarks(device, [shape], p["dtype"], names, repeats, progress=bar, failures=failures)
+        if checkpoint:
+            checkpoint(records, failures, dict(seconds, layer=time.perf_counter() - start))
     seconds["layer"] = time.perf_counter() - start
 
     # Host overhead: a layer so small that per-call Python and kernel launches set the time.
@@ -115,7 +117,7 @@ def _progress(total, enabled):
     return lambda: bar.update(1)
 
 
-def write(records, env, out_dir, failures=()):
+def write(records, env, out_dir, failures=(), plots=True):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fields = ["benchmark", "provider", "mode", "M", "K", "N", "r", "dropout", "dtype", "metric", "value", "p20",
@@ -128,7 +130,7 @@ def write(records, env, out_dir, failures=()):
     (out_dir / "results.json").write_text(json.dumps(dict(environment=env, records=records, failures=list(failures)),
                                                      indent=1))
     write_markdown(records, env, out_dir / "results.md", failures)
-    return write_plots(records, env, out_dir)
+    return write_plots(records, env, out_dir) if plots else []
 
 
 def main(argv=None):
@@ -152,8 +154,9 @@ def main(argv=None):
     out_dir = args.output_dir or f"benchmarks/results/{protocol}"
     start = time.perf_counter()
 
-    def checkpoint(records, failures, seconds):
-        write(records, dict(env, seconds=dict(seconds, total=time.perf_counter() - start)), out_dir, failures)
+    def checkpoint(records, failures, seconds):  # tables only: the plots are drawn once, at the end
+        write(records, dict(env, seconds=dict(seconds, total=time.perf_counter() - start)), out_dir, failures,
+              plots=False)
 
     records, failures, seconds = run(device, protocol, args.providers, args.skip_model, not args.no_progress,
                                      args.layer_shapes, args.repeats, checkpoint)
