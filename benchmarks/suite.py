@@ -41,7 +41,7 @@ PROTOCOLS = {
         layer_shapes=[(256, 256, 256, 16, 0.1), (256, 256, 256, 16, 0.0), (512, 512, 512, 16, 0.1)],
         merge=[(512, 512, 16)],
         overhead_shape=(16, 64, 64, 16, 0.1),
-        overhead_repeats=200,  # microseconds each: many repeats cost little and steady the medians
+        overhead_repeats=200,  # microseconds each on the CPU: many repeats cost little and steady the medians
         model=dict(size=dict(vocab=1000, hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2),
                    batch=2, seq=64, inference=[(1, 128), (4, 128)]),
     ),
@@ -62,6 +62,8 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
     # Shapes given on the command line get every requested provider, peft+compile included.
     compile_shapes = layer_shapes or p.get("compile_shapes", ())
     layer_shapes = layer_shapes or p["layer_shapes"]
+    # --repeats applies everywhere; otherwise the protocol's, with more for the microsecond-scale overhead runs.
+    overhead_repeats = repeats or p.get("overhead_repeats", p["repeats"])
     repeats = repeats or p["repeats"]
     bar = _progress(len(layer_shapes) * len(providers), progress)
     start = time.perf_counter()
@@ -75,7 +77,7 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
     # Host overhead: a layer so small that per-call Python and kernel launches set the time.
     start = time.perf_counter()
     tiny = layer_benchmarks(device, [p["overhead_shape"]], p["dtype"], [n for n in providers if n != "peft+compile"],
-                            p.get("overhead_repeats", repeats), failures=failures, extras=False)
+                            overhead_repeats, failures=failures, extras=False)
     records += [dict(r, benchmark="overhead") for r in tiny]
     seconds["overhead"] = time.perf_counter() - start
     if checkpoint:

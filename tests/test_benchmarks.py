@@ -62,7 +62,7 @@ def test_suite_writes_parseable_results(tmp_path):
 
     protocol = dict(suite.PROTOCOLS["cpu"], layer_shapes=[(16, 32, 24, 4, 0.1)], merge=[(32, 24, 4)],
                     model=dict(size=dict(vocab=50, hidden=32, intermediate=48, layers=1, heads=2, kv_heads=1),
-                               batch=1, seq=8, inference=[(1, 8)]), repeats=1)
+                               batch=1, seq=8, inference=[(1, 8)]), repeats=1, overhead_repeats=1)
     suite.PROTOCOLS["test"] = protocol
     try:
         assert suite.main(["--device", DEVICE.type, "--protocol", "test", "--output-dir", str(tmp_path),
@@ -101,7 +101,7 @@ def test_a_failing_provider_is_reported_and_the_run_goes_on(tmp_path, monkeypatc
 
     monkeypatch.setattr(bench_layer, "make_providers", with_broken)
     status = suite.main(["--device", DEVICE.type, "--skip-model", "--no-progress", "--output-dir", str(tmp_path),
-                         "--providers", "floor", "lorakernels", "--layer-shapes", "16,32,24,4,0.1"])
+                         "--providers", "floor", "lorakernels", "--layer-shapes", "16,32,24,4,0.1", "--repeats", "1"])
     assert status == 1
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["failures"] and {f["what"].split()[0] for f in data["failures"]} == {"broken"}
@@ -142,7 +142,7 @@ def test_an_interrupted_run_keeps_the_sections_it_finished(tmp_path, monkeypatch
     monkeypatch.setattr(suite, "model_benchmarks", killed)
     with pytest.raises(KeyboardInterrupt):
         suite.main(["--device", DEVICE.type, "--no-progress", "--output-dir", str(tmp_path), "--providers", "floor",
-                    "--layer-shapes", "16,32,24,4,0.0"])
+                    "--layer-shapes", "16,32,24,4,0.0", "--repeats", "1"])
     data = json.loads((tmp_path / "results.json").read_text())
     assert {"layer", "overhead", "merge"} == {r["benchmark"] for r in data["records"]} - {"gemm"}
     assert set(data["environment"]["seconds"]) == {"layer", "overhead", "merge", "total"}
