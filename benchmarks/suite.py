@@ -4,7 +4,7 @@ On a CUDA device it runs the GPU protocol (the LoRAFusion shapes: K = N in {4096
 8192}, 2048..8192 tokens, r = 16, alpha = 16, dropout 0.1 and 0, bf16; a rank sweep 8..128
 at 4096; a ~1B-class Llama training step; inference at batch 1 / seq 128 and 32 / 512).
 Elsewhere it runs a small CPU protocol: memory, saved bytes and parameters are the same
-quantities, and the timings are CPU timings of the reference (torch) path, labelled so.
+quantities, and the timings are CPU timings (lorakernels on its torch backend), labelled so.
 
 Writes results.csv (long format: one metric per row), results.json (with the environment),
 results.md, and PNG plots when matplotlib is installed, to --output-dir.
@@ -152,7 +152,7 @@ def main(argv=None):
     protocol = args.protocol or ("gpu" if device.type == "cuda" else "cpu")
     env = dict(environment(device), protocol=protocol,
                note="GPU timings" if device.type == "cuda" else
-               "CPU timings of the reference (torch) path: not a measure of the Triton kernels")
+               "CPU timings, lorakernels on its torch backend: not a measure of the Triton kernels")
     out_dir = args.output_dir or f"benchmarks/results/{protocol}"
     start = time.perf_counter()
 

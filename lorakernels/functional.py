@@ -173,10 +173,11 @@ class _EagerLoRALinear(torch.autograd.Function):
     """The same forward, backward and saved state as the custom ops, for eager mode.
 
     A custom op call goes through the dispatcher, the registered autograd wrapper and a
-    torch.compile guard, several hundred microseconds of Python per layer per training
-    step; a GPU finishes a 4096-token layer's GEMMs in about as long, so eager mode would be
-    bound by the host. torch.compile keeps using the custom ops (`lora_linear` switches on
-    `torch.compiler.is_compiling()`), where that cost is paid once, at tracing.
+    torch.compile guard, in both directions: on a 2-core CPU that added about 175 us of Python
+    per layer per forward + backward, the order of a GPU's time for the GEMMs of a layer with
+    a few thousand tokens, so eager training would wait on the host. torch.compile keeps
+    using the custom ops (`lora_linear` switches on `torch.compiler.is_compiling()`), where
+    that cost is paid once, at tracing.
     """
 
     @staticmethod
