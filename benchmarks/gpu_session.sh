@@ -49,7 +49,8 @@ for phase in $phases; do
     bench)
         timeout 420 python3 -m benchmarks --device cuda --no-progress --output-dir "$work/gpu" \
             > "$out/bench.log" 2>&1 || status=1
-        grep -E '^(wrote|seconds|FAILED|[0-9]+ measurement)' "$out/bench.log"
+        sed -n '/^summary:/,$p' "$out/bench.log"
+        grep -E '^FAILED' "$out/bench.log"
         cp "$work/gpu/results.md" "$out/" 2>/dev/null
         ;;
     *)

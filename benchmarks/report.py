@@ -118,6 +118,28 @@ def write_markdown(records, env, path, failures=()):
     path.write_text("\n".join(lines))
 
 
+def summary(records):
+    """A few lines for the end of a run's output: per layer shape, lorakernels' forward + backward
+    time against the floor and PEFT; the Triton GEMM against cuBLAS; the model's tokens/s."""
+    lines = []
+    times = _index(records, "layer", "time")
+    for key, rec in times.items():
+        provider, mode, *shape = key
+        if provider == "lorakernels" and mode == "full":
+            refs = {name: times.get((name, "full", *shape)) for name in ("floor", "peft", "lorakernels-cublas")}
+            lines.append(f"layer M={shape[0]} K={shape[1]} r={shape[3]} p={shape[4]}: {_fmt_time(rec['value'])}, "
+                         + ", ".join(f"x {name} {_ratio(rec, ref)}" for name, ref in refs.items() if ref))
+    gemm = _index(records, "gemm", "time")
+    for key, rec in gemm.items():
+        if key[0] == "triton-gemm":
+            lines.append(f"gemm {key[1]} M={key[2]} K={key[3]}: triton / cublas "
+                         f"{_ratio(rec, gemm.get(('cublas',) + key[1:]))}")
+    for r in records:
+        if r["benchmark"] == "model" and r["metric"] == "tokens_per_s":
+            lines.append(f"model {r['provider']}: {r['value']:,.0f} tokens/s")
+    return lines
+
+
 def write_plots(records, env, out_dir):
     """Time vs tokens per provider (full step, per K); saved bytes, peak memory (CUDA) and the
     model's peak memory (CUDA) per provider. [] without matplotlib."""

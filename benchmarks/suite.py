@@ -21,7 +21,7 @@ import torch
 from benchmarks.bench_layer import failure, layer_benchmarks, merge_benchmark
 from benchmarks.bench_model import model_benchmarks
 from benchmarks.harness import environment
-from benchmarks.report import write_markdown, write_plots
+from benchmarks.report import summary, write_markdown, write_plots
 
 PROTOCOLS = {
     "gpu": dict(
@@ -165,6 +165,7 @@ def main(argv=None):
     env["seconds"] = dict(seconds, total=time.perf_counter() - start)
     plots = write(records, env, out_dir, failures)
     print(Path(out_dir, "results.md").read_text())
+    print("\n".join(["summary:"] + summary(records)))
     print(f"wrote {out_dir}/results.csv, results.json, results.md" + (f", {len(plots)} plots" if plots else ""))
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in env["seconds"].items()))
     if failures:
