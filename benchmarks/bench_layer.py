@@ -32,10 +32,12 @@ def failure(section, what, error):
     return dict(section=section, what=what, error=f"{type(error).__name__}: {error}")
 
 
-def layer_benchmarks(device, shapes, dtype, providers, repeats, progress=None, failures=None, extras=True):
+def layer_benchmarks(device, shapes, dtype, providers, repeats, progress=None, failures=None, extras=True,
+                     timer=bench):
     """shapes: (tokens M, K, N, r, dropout) tuples. Returns long-format records; a provider that
     fails is reported in `failures` and the others still run. extras=False skips inference
-    after merge and the GEMM comparison."""
+    after merge and the GEMM comparison; `timer` times forward / backward / full (harness.bench,
+    or harness.bench_calls where the host's cost is the point)."""
     records = []
     failures = [] if failures is None else failures
     gemm_shapes = set()
@@ -46,7 +48,7 @@ def layer_benchmarks(device, shapes, dtype, providers, repeats, progress=None, f
         dy = torch.randn(M, N, device=device, dtype=dtype)
         for name, provider in layers.items():
             try:
-                records += _provider_benchmarks(device, shape, name, provider, x, dy, repeats, failures)
+                records += _provider_benchmarks(device, shape, name, provider, x, dy, repeats, failures, timer)
             except Exception as error:  # noqa: BLE001 - one broken provider must not end a GPU session
                 failures.append(failure("layer", f"{name} at {shape}", error))
             if progress:
@@ -67,7 +69,7 @@ def layer_benchmarks(device, shapes, dtype, providers, repeats, progress=None, f
     return records
 
 
-def _provider_benchmarks(device, shape, name, provider, x, dy, repeats, failures):
+def _provider_benchmarks(device, shape, name, provider, x, dy, repeats, failures, timer):
     records = []
     module = provider.module.train()
     params = [p for p in module.parameters() if p.requires_grad]
@@ -91,7 +93,7 @@ def _provider_benchmarks(device, shape, name, provider, x, dy, repeats, failures
         y.backward(dy, retain_graph=True)
 
     for mode, fn in (("forward", forward), ("backward", backward), ("full", full)):
-        median, p20, p80 = bench(fn, device, repeats, grad_to_none=grads)
+        median, p20, p80 = timer(fn, device, repeats, grad_to_none=grads)
         _record(records, shape, name, mode, "time", median, p20, p80)
     mem = peak_memory(full, device, grad_to_none=grads)
     if mem is not None:

@@ -4,6 +4,8 @@ LoRA with the fused kernels, LoRA as PEFT computes it (real PEFT when installed,
 unfused reference), and bottleneck adapters; then inference latency for base, LoRA merged,
 LoRA unmerged and adapters."""
 
+import gc
+
 import torch
 from torch import nn
 
@@ -75,6 +77,7 @@ def model_benchmarks(device, size, batch, seq, dtype, r, dropout, repeats, infer
             records += _train_step(device, name, size, dtype, r, dropout, repeats, ids, base)
         except Exception as error:  # noqa: BLE001 - one broken variant must not end a GPU session
             failures.append(failure("model", f"{name} train step", error))
+        gc.collect()  # the previous variant must be gone before the next one's peak is measured
         if device.type == "cuda":
             torch.cuda.empty_cache()
     try:

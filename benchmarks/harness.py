@@ -55,6 +55,30 @@ def bench(fn, device, repeats=None, grad_to_none=None, rep_ms=100):
     return statistics.median(times), q[0], q[3]
 
 
+def bench_calls(fn, device, repeats=None, grad_to_none=None, calls=20):
+    """(median, p20, p80) seconds per call of fn() run `calls` times back to back, by the host
+    clock with the device synchronized around each batch of calls; `repeats` batches
+    (default 10). For calls so small that issuing them is the cost: do_bench flushes the L2
+    before every run, GPU work that overlaps the host's preparation of the next call and
+    would hide the host time this is meant to measure."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):  # warm-up
+        _clear_grads(grad_to_none)
+        fn()
+    per_call = []
+    for _ in range(repeats or 10):
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            _clear_grads(grad_to_none)
+            fn()
+        sync()
+        per_call.append((time.perf_counter() - start) / calls)
+    per_call.sort()
+    q = statistics.quantiles(per_call, n=5) if len(per_call) > 1 else [per_call[0]] * 4
+    return statistics.median(per_call), q[0], q[3]
+
+
 def peak_memory(fn, device, grad_to_none=None, include_resident=False):
     """Peak bytes allocated while fn() runs (CUDA), or None elsewhere.
 

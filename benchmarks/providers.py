@@ -129,7 +129,9 @@ def make_providers(K, N, r, dtype, dropout, device, names=None, adapter_dtype=to
         if peft_layer is not None and want("peft"):
             out["peft"] = Provider("peft", peft_layer, lora=True)
         if peft_layer is not None and want("peft+compile") and torch.device(device).type == "cuda":
-            out["peft+compile"] = Provider("peft+compile", torch.compile(peft_layer), lora=True)
+            # dynamic=False: every shape gets a static graph, as the first one would (a recompile
+            # for a new K would otherwise trace a dynamic-shape graph).
+            out["peft+compile"] = Provider("peft+compile", torch.compile(peft_layer, dynamic=False), lora=True)
     if want("full-ft"):
         full = _base(K, N, dtype, device)
         full.requires_grad_(True)

@@ -50,7 +50,8 @@ def write_markdown(records, env, path, failures=()):
     if overhead:
         shape = next(iter(overhead))[2:]
         lines += ["## Host overhead", "",
-                  f"A layer of {shape[0]} tokens, K = N = {shape[1]}, r = {shape[3]}, p = {shape[4]}: the GPU work is "
+                  f"A layer of {shape[0]} tokens, K = N = {shape[1]}, r = {shape[3]}, p = {shape[4]}, called back to "
+                  "back and timed by the host clock (device synchronized around each batch): the kernels' work is "
                   "negligible, so these times are the per-call cost of Python, autograd and kernel launches, "
                   "which bounds any layer whose kernels take less.", "",
                   "| provider | forward | backward | forward + backward | x floor (fwd + bwd) |",

@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.bench_layer import failure, layer_benchmarks, merge_benchmark
 from benchmarks.bench_model import model_benchmarks
-from benchmarks.harness import environment
+from benchmarks.harness import bench_calls, environment
 from benchmarks.report import summary, write_markdown, write_plots
 
 PROTOCOLS = {
@@ -41,7 +41,7 @@ PROTOCOLS = {
         layer_shapes=[(256, 256, 256, 16, 0.1), (256, 256, 256, 16, 0.0), (512, 512, 512, 16, 0.1)],
         merge=[(512, 512, 16)],
         overhead_shape=(16, 64, 64, 16, 0.1),
-        overhead_repeats=200,  # microseconds each on the CPU: many repeats cost little and steady the medians
+        overhead_repeats=10,  # batches of 20 back-to-back calls
         model=dict(size=dict(vocab=1000, hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2),
                    batch=2, seq=64, inference=[(1, 128), (4, 128)]),
     ),
@@ -77,7 +77,7 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
     # Host overhead: a layer so small that per-call Python and kernel launches set the time.
     start = time.perf_counter()
     tiny = layer_benchmarks(device, [p["overhead_shape"]], p["dtype"], [n for n in providers if n != "peft+compile"],
-                            overhead_repeats, failures=failures, extras=False)
+                            overhead_repeats, failures=failures, extras=False, timer=bench_calls)
     records += [dict(r, benchmark="overhead") for r in tiny]
     seconds["overhead"] = time.perf_counter() - start
     if checkpoint:

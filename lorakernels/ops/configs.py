@@ -2,8 +2,8 @@
 
 Under the Triton interpreter (`TRITON_INTERPRET=1`) every kernel runs with one fixed
 config (autotune needs a GPU driver). On a GPU the two large GEMMs (forward F2, dX B2)
-are autotuned over `gemm_configs(elem_bytes, gemm)` (per N, K, dtypes and power-of-two token
-bucket: `ops.lora_linear.token_bucket`); the memory-bound rank-R kernels use one
+are autotuned over `gemm_configs(elem_bytes, gemm)` (per N, K, BASE_GEMM, dtypes and
+power-of-two token bucket: `ops.lora_linear.token_bucket`); the memory-bound rank-R kernels use one
 config per padded rank. None of these have been tuned on a GPU yet: they are the usual
 Hopper/Ampere starting points, kept to those that build for sm_80 and sm_90 within shared
 memory and without register spills, as tests/test_aot_build.py checks for every config

@@ -43,7 +43,9 @@ def _autotuned(kernel):
     def prune(candidates, named_args, **meta):
         return configs.gemm_configs(next(iter(named_args.values())).element_size(), _GEMM_OF[kernel])
 
-    return triton.autotune(configs=configs.GEMM_CANDIDATES, key=["N", "K"],
+    # BASE_GEMM in the key: without the base GEMM (the cuBLAS strategy) the kernel is a
+    # memory-bound rank-R product, whose best tile is not the fused GEMM's.
+    return triton.autotune(configs=configs.GEMM_CANDIDATES, key=["N", "K", "BASE_GEMM"],
                            prune_configs_by={"early_config_prune": prune})(kernel)
 
 
@@ -82,7 +84,7 @@ def _input_precision(dtype, device):
 
 def _launch_gemm(kernel, M, num_tiles, args, meta, aligned_ints):
     """Launch F2 or B2 over M rows: fixed config under the interpreter or for unaligned operands,
-    else autotuned (per N, K, dtypes and token bucket of M).
+    else autotuned (per N, K, BASE_GEMM, dtypes and token bucket of M).
 
     `aligned_ints` are the sizes and row strides the fast path expects divisible by 16 (as the
     JIT specializes them); with the tensors' 16-byte alignment they decide which path runs.
