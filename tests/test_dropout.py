@@ -11,7 +11,7 @@ import torch.utils.checkpoint as checkpoint
 
 from lorakernels import LoRALinear, lora_linear, ops
 from lorakernels.ops import configs
-from tests.utils import DEVICE, make_inputs
+from tests.utils import DEVICE
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])

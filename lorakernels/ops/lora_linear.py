@@ -101,6 +101,32 @@ def _launch_gemm(kernel, M, num_tiles, args, meta, aligned_ints):
         _autotuner(kernel, M)[lambda m: (num_tiles(m),)](*args, **meta)
 
 
+def _launch_f2(x, weight, bias, u, lora_B, y, R, scaling, base_gemm):
+    """F2 into y: b + s U B^T, plus X W^T when base_gemm (the fused forward GEMM)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    _launch_gemm(
+        lora_linear_fwd_kernel, M,
+        lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),
+        (x, weight, bias if bias is not None else y, u, lora_B, y, M, N, K, R,
+         x.stride(0), weight.stride(0), u.stride(0), lora_B.stride(0), y.stride(0), float(scaling)),
+        dict(HAS_BIAS=bias is not None, BASE_GEMM=base_gemm, INPUT_PRECISION=_input_precision(x.dtype, x.device)),
+        (N, K, x.stride(0), weight.stride(0), y.stride(0)))
+
+
+def _launch_b2(dy, weight, v, lora_A, dx, R, seed, dropout_p, base_gemm):
+    """B2 into dx: (V A) * keep / (1 - p), plus dY W when base_gemm (the fused dX GEMM)."""
+    M, N = dy.shape
+    K = weight.shape[1]
+    _launch_gemm(
+        lora_grad_x_kernel, M,
+        lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),
+        (dy, weight, v, lora_A, dx, M, N, K, R, dy.stride(0), weight.stride(0), v.stride(0),
+         lora_A.stride(0), dx.stride(0), seed, float(dropout_p)),
+        dict(BASE_GEMM=base_gemm, HAS_DROPOUT=dropout_p > 0, INPUT_PRECISION=_input_precision(dy.dtype, dy.device)),
+        (N, K, dy.stride(0), weight.stride(0), lora_A.stride(0), dx.stride(0)))
+
+
 def _reduce_partials(partials, out, scaling):
     numel = out.numel()
     reduce_partials_kernel[(triton.cdiv(numel, configs.REDUCE_CONFIG["BLOCK"]),)](
@@ -133,13 +159,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base
         HAS_DROPOUT=dropout_p > 0, INPUT_PRECISION=precision, R_PAD=r_pad, **down)
 
     use_triton_gemm = base_gemm == "triton"
-    _launch_gemm(
-        lora_linear_fwd_kernel, M,
-        lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),
-        (x, weight, bias if bias is not None else y, u, lora_B, y, M, N, K, R,
-         x.stride(0), weight.stride(0), u.stride(0), lora_B.stride(0), y.stride(0), float(scaling)),
-        dict(HAS_BIAS=bias is not None, BASE_GEMM=use_triton_gemm, INPUT_PRECISION=precision),
-        (N, K, x.stride(0), weight.stride(0), y.stride(0)))
+    _launch_f2(x, weight, bias, u, lora_B, y, R, scaling, use_triton_gemm)
     if not use_triton_gemm:
         y.addmm_(x, weight.t())  # cuBLAS adds X W^T to b + s U B^T in its epilogue (beta = 1).
     return y, u
@@ -216,13 +236,7 @@ def lora_backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
     # B2: dX = dY W + (V A) * keep / (1 - p), written once.
     if needs_dx:
         use_triton_gemm = base_gemm == "triton"
-        _launch_gemm(
-            lora_grad_x_kernel, M,
-            lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),
-            (dy, weight, v, lora_A, dx, M, N, K, R, dy.stride(0), weight.stride(0), v.stride(0),
-             lora_A.stride(0), dx.stride(0), seed, float(dropout_p)),
-            dict(BASE_GEMM=use_triton_gemm, HAS_DROPOUT=dropout_p > 0, INPUT_PRECISION=precision),
-            (N, K, dy.stride(0), weight.stride(0), lora_A.stride(0), dx.stride(0)))
+        _launch_b2(dy, weight, v, lora_A, dx, R, seed, dropout_p, use_triton_gemm)
         if not use_triton_gemm:
             dx.addmm_(dy, weight)
 
@@ -247,14 +261,7 @@ def base_gemm_forward(x, weight, bias=None):
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y
-    u, lora_B = _unread_operand(16, x.device), _unread_operand(16, x.device)
-    _launch_gemm(
-        lora_linear_fwd_kernel, M,
-        lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),
-        (x, weight, bias if bias is not None else y, u, lora_B, y, M, N, K, 0,
-         x.stride(0), weight.stride(0), u.stride(0), lora_B.stride(0), y.stride(0), 1.0),
-        dict(HAS_BIAS=bias is not None, BASE_GEMM=True, INPUT_PRECISION=_input_precision(x.dtype, x.device)),
-        (N, K, x.stride(0), weight.stride(0), y.stride(0)))
+    _launch_f2(x, weight, bias, _unread_operand(16, x.device), _unread_operand(16, x.device), y, 0, 1.0, True)
     return y
 
 
@@ -265,14 +272,7 @@ def base_gemm_grad_x(dy, weight):
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     if M == 0:
         return dx
-    v, lora_A = _unread_operand(16, dy.device), _unread_operand(K, dy.device)
-    _launch_gemm(
-        lora_grad_x_kernel, M,
-        lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),
-        (dy, weight, v, lora_A, dx, M, N, K, 0, dy.stride(0), weight.stride(0), v.stride(0), lora_A.stride(0),
-         dx.stride(0), 0, 0.0),
-        dict(BASE_GEMM=True, HAS_DROPOUT=False, INPUT_PRECISION=_input_precision(dy.dtype, dy.device)),
-        (N, K, dy.stride(0), weight.stride(0), lora_A.stride(0), dx.stride(0)))
+    _launch_b2(dy, weight, _unread_operand(16, dy.device), _unread_operand(K, dy.device), dx, 0, 0, 0.0, True)
     return dx
 
 
