@@ -15,14 +15,14 @@ from lorakernels.testing import saved_activation_bytes
 MODES = ("forward", "backward", "full")
 
 
-def _dtype_name(dtype):
+def dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
 
 def _record(records, shape, provider, mode, metric, value, p20=None, p80=None, unit="s"):
     M, K, N, r, dropout, dtype = shape
     records.append(dict(benchmark="layer", provider=provider, mode=mode, M=M, K=K, N=N, r=r, dropout=dropout,
-                        dtype=_dtype_name(dtype), metric=metric, value=value, p20=p20, p80=p80, unit=unit))
+                        dtype=dtype_name(dtype), metric=metric, value=value, p20=p20, p80=p80, unit=unit))
 
 
 def failure(section, what, error):
@@ -144,7 +144,7 @@ def gemm_benchmark(device, M, K, N, dtype, repeats=None):
     for (mode, provider), fn in cases.items():
         median, p20, p80 = bench(fn, device, repeats)
         rec = dict(benchmark="gemm", provider=provider, mode=mode, M=M, K=K, N=N, r=None, dropout=None,
-                   dtype=_dtype_name(dtype))
+                   dtype=dtype_name(dtype))
         records.append(dict(rec, metric="time", value=median, p20=p20, p80=p80, unit="s"))
         records.append(dict(rec, metric="tflops", value=flops / median / 1e12, p20=None, p80=None, unit="TFLOP/s"))
     return records
@@ -160,7 +160,7 @@ def merge_benchmark(device, N, K, r, dtype, repeats):
     moved = 2 * weight.numel() * weight.element_size()
     t_merge = bench(lambda: ops.lora_merge(weight, lora_A, lora_B, 1.0, out=out, backend=backend), device, repeats)
     t_copy = bench(lambda: out.copy_(weight), device, repeats)
-    base = dict(benchmark="merge", M=None, K=K, N=N, r=r, dropout=None, dtype=_dtype_name(dtype),
+    base = dict(benchmark="merge", M=None, K=K, N=N, r=r, dropout=None, dtype=dtype_name(dtype),
                 mode="merge", p20=None, p80=None)
     return [
         {**base, "provider": f"lorakernels-merge ({backend})", "metric": "time", "value": t_merge[0], "unit": "s",

@@ -9,7 +9,7 @@ import gc
 import torch
 from torch import nn
 
-from benchmarks.bench_layer import failure
+from benchmarks.bench_layer import dtype_name, failure
 from benchmarks.harness import bench, peak_memory
 from benchmarks.providers import BottleneckAdapter, UnfusedLoRA
 from lorakernels import LoRALinear, apply_lora, merge_lora, unmerge_lora
@@ -48,12 +48,7 @@ def _variant(name, size, dtype, device, r, dropout):
     if name == "adapter":
         model.requires_grad_(False)
         for target in find_target_modules(model, TARGETS):
-            base = model.get_submodule(target)
-            bottleneck = max(1, round(r * (base.in_features + base.out_features) / (2 * base.out_features + 1)))
-            adapter = BottleneckAdapter(base, bottleneck, torch.float32)
-            with torch.no_grad():
-                adapter.up.weight.normal_(std=0.02)  # trained-looking: GEMMs on zeros run faster
-            _set_submodule(model, target, adapter)
+            _set_submodule(model, target, BottleneckAdapter(model.get_submodule(target), r, torch.float32))
         return model
     apply_lora(model, TARGETS, r=r, lora_alpha=r, lora_dropout=dropout, adapter_dtype=torch.float32)
     if name in ("peft", "unfused"):  # "peft" without peft installed: PEFT's formulation in plain PyTorch
@@ -71,7 +66,7 @@ def model_benchmarks(device, size, batch, seq, dtype, r, dropout, repeats, infer
     ids = torch.randint(0, size["vocab"], (batch, seq), device=device)
     names = providers or ["full-ft", "lorakernels", "peft", "adapter"]
     base = dict(benchmark="model", M=batch * seq, K=size["hidden"], N=size["layers"], r=r, dropout=dropout,
-                dtype=str(dtype).replace("torch.", ""), p20=None, p80=None)
+                dtype=dtype_name(dtype), p20=None, p80=None)
     for name in names:
         try:
             records += _train_step(device, name, size, dtype, r, dropout, repeats, ids, base)

@@ -65,16 +65,22 @@ class UnfusedLoRA(nn.Module):
 
 
 class BottleneckAdapter(nn.Module):
-    """Houlsby adapter after the frozen layer: y = h + up(gelu(down(h))), h = x W^T + b."""
+    """Houlsby adapter after the frozen layer: y = h + up(gelu(down(h))), h = x W^T + b.
 
-    def __init__(self, base, bottleneck, adapter_dtype):
+    The bottleneck m is sized to a rank-r LoRA's parameter count: the adapter has
+    2 * N * m + m + N parameters, the LoRA r * (K + N). The up-projection is random (std 0.02,
+    like a trained adapter), not zero: GEMMs on zeros run faster and would flatter the timing.
+    """
+
+    def __init__(self, base, r, adapter_dtype):
         super().__init__()
         self.weight, self.bias = base.weight, base.bias
-        n = base.out_features
+        k, n = base.in_features, base.out_features
+        bottleneck = max(1, round(r * (k + n) / (2 * n + 1)))
         kw = dict(device=base.weight.device, dtype=adapter_dtype)
         self.down = nn.Linear(n, bottleneck, **kw)
         self.up = nn.Linear(bottleneck, n, **kw)
-        nn.init.zeros_(self.up.weight)
+        nn.init.normal_(self.up.weight, std=0.02)
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x):
@@ -137,12 +143,7 @@ def make_providers(K, N, r, dtype, dropout, device, names=None, adapter_dtype=to
         full.requires_grad_(True)
         out["full-ft"] = Provider("full-ft", full, lora=False)
     if want("adapter"):
-        # Houlsby's adapter has 2 * N * m + m + N parameters; LoRA has r * (K + N).
-        bottleneck = max(1, round(r * (K + N) / (2 * N + 1)))
-        adapter = BottleneckAdapter(base, bottleneck, adapter_dtype)
-        with torch.no_grad():
-            adapter.up.weight.normal_(std=0.02)  # trained-looking, like lora_B: GEMMs on zeros run faster
-        out["adapter"] = Provider("adapter", adapter, lora=False)
+        out["adapter"] = Provider("adapter", BottleneckAdapter(base, r, adapter_dtype), lora=False)
     return out
 
 
