@@ -50,9 +50,7 @@ def bench(fn, device, repeats=None, grad_to_none=None, rep_ms=100):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return statistics.median(times), q[0], q[3]
+    return _median_p20_p80(times)
 
 
 def bench_calls(fn, device, repeats=None, grad_to_none=None, calls=20):
@@ -74,9 +72,12 @@ def bench_calls(fn, device, repeats=None, grad_to_none=None, calls=20):
             fn()
         sync()
         per_call.append((time.perf_counter() - start) / calls)
-    per_call.sort()
-    q = statistics.quantiles(per_call, n=5) if len(per_call) > 1 else [per_call[0]] * 4
-    return statistics.median(per_call), q[0], q[3]
+    return _median_p20_p80(per_call)
+
+
+def _median_p20_p80(times):
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return statistics.median(times), q[0], q[3]
 
 
 def peak_memory(fn, device, grad_to_none=None, include_resident=False):
