@@ -11,7 +11,8 @@ def lora_merge(weight, lora_A, lora_B, scaling, subtract=False, out=None, backen
     """out = weight + scaling * lora_B @ lora_A (or minus, with subtract), rounded once per element.
 
     Args:
-        weight: [N, K] fp32/fp16/bf16, unit last-dim stride. lora_A: [R, K], lora_B: [N, R].
+        weight: [N, K] fp32/fp16/bf16. lora_A: [R, K], lora_B: [N, R]. All with a unit
+        last-dim stride (LoRALinear's parameters are contiguous).
         out: where to write (may be `weight` itself, for an in-place merge); default a new tensor.
         backend: 'triton' (one tiled pass over W) or 'torch' (fp64 reference arithmetic).
     Returns:
