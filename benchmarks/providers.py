@@ -6,8 +6,9 @@ is comparable to the reference). All of them see the same inputs in the same run
 
     floor        the frozen layer alone (F.linear forward + its dX GEMM): the physical floor
     lorakernels  LoRALinear with the fused kernels (on CPU: its torch backend)
-    lorakernels-cublas  the same, with cuBLAS running X W^T and dY W and the LoRA terms
-                 fused around it (base_gemm="cublas"; where the Triton kernels run)
+    lorakernels-cublas  the same layer (same base weight, same lora_A/lora_B Parameters) with
+                 base_gemm="cublas": cuBLAS runs X W^T and dY W, the LoRA terms are fused
+                 around it (where the Triton kernels run)
     unfused      plain-PyTorch LoRA written as PEFT writes it (dropout, A, B, scale, add)
     peft         a real HF PEFT LoRA layer (when peft is installed)
     peft+compile the PEFT layer under torch.compile (CUDA only)
@@ -22,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakernels import LoRALinear, lora_linear
-from lorakernels.ops.configs import interpreting
+from lorakernels import LoRALinear
+from lorakernels.plan import interpreting
 
 
 @dataclasses.dataclass
@@ -89,24 +90,19 @@ class BottleneckAdapter(nn.Module):
         return h + self.up(F.gelu(self.down(a))).to(h.dtype)
 
 
-class CublasBaseLoRA(nn.Module):
-    """LoRALinear's parameters through `lora_linear(..., base_gemm="cublas")`."""
-
-    def __init__(self, lora):
-        super().__init__()
-        self.lora = lora
-
-    def forward(self, x):
-        m = self.lora
-        return lora_linear(x, m.weight, m.bias, m.lora_A, m.lora_B, m.scaling, m.lora_dropout, self.training,
-                           base_gemm="cublas")
-
-
 def _base(K, N, dtype, device, seed=0):
     torch.manual_seed(seed)
     base = nn.Linear(K, N, device=device, dtype=dtype)
     base.requires_grad_(False)
     return base
+
+
+def _sharing_adapter(base, lora, **kwargs):
+    """A LoRALinear on `base` (as `lora` is) holding `lora`'s own lora_A/lora_B Parameters (no copy)."""
+    twin = LoRALinear.from_linear(base, r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                                  use_rslora=lora.use_rslora, adapter_dtype=lora.lora_A.dtype, **kwargs)
+    twin.lora_A, twin.lora_B = lora.lora_A, lora.lora_B
+    return twin
 
 
 def make_providers(K, N, r, dtype, dropout, device, names=None, adapter_dtype=torch.float32, lora_alpha=None):
@@ -127,7 +123,8 @@ def make_providers(K, N, r, dtype, dropout, device, names=None, adapter_dtype=to
     if want("lorakernels"):
         out["lorakernels"] = Provider("lorakernels", lora, lora=True)
     if want("lorakernels-cublas") and (torch.device(device).type == "cuda" or interpreting()):
-        out["lorakernels-cublas"] = Provider("lorakernels-cublas", CublasBaseLoRA(lora), lora=True)
+        out["lorakernels-cublas"] = Provider("lorakernels-cublas", _sharing_adapter(base, lora, base_gemm="cublas"),
+                                             lora=True)
     if want("unfused"):
         out["unfused"] = Provider("unfused", UnfusedLoRA(lora), lora=True)
     if want("peft") or want("peft+compile"):

@@ -1,6 +1,43 @@
 """results.md and PNG plots, made from the long-format records of one run."""
 
 from collections import defaultdict
+from typing import NamedTuple, Optional
+
+LAYER_MODES = ("full", "forward", "backward", "inference-merged")
+
+
+class Shape(NamedTuple):
+    """A layer shape: tokens, in and out features, rank, dropout."""
+
+    M: int
+    K: int
+    N: int
+    r: int
+    dropout: Optional[float]
+
+
+class RecordKey(NamedTuple):
+    """What one measurement is of: a provider, a mode and a layer shape."""
+
+    provider: str
+    mode: str
+    M: int
+    K: int
+    N: int
+    r: int
+    dropout: Optional[float]
+
+    @classmethod
+    def of(cls, record):
+        return cls(*(record[field] for field in cls._fields))
+
+    @classmethod
+    def at(cls, provider, mode, shape):
+        return cls(provider, mode, *shape)
+
+    @property
+    def shape(self):
+        return Shape(self.M, self.K, self.N, self.r, self.dropout)
 
 
 def _fmt_time(s):
@@ -8,11 +45,8 @@ def _fmt_time(s):
 
 
 def _index(records, benchmark, metric):
-    out = {}
-    for r in records:
-        if r["benchmark"] == benchmark and r["metric"] == metric:
-            out[(r["provider"], r["mode"], r["M"], r["K"], r["N"], r["r"], r["dropout"])] = r
-    return out
+    """{RecordKey: record} for one benchmark and metric (a later duplicate replaces an earlier one)."""
+    return {RecordKey.of(r): r for r in records if r["benchmark"] == benchmark and r["metric"] == metric}
 
 
 def _ratio(rec, ref):
@@ -20,125 +54,168 @@ def _ratio(rec, ref):
 
 
 def write_markdown(records, env, path, failures=()):
-    lines = [f"# Benchmark results ({env['protocol']} protocol)", "",
-             f"Device: {env['device']}; torch {env['torch']}; triton {env['triton']}; {env['timestamp']}.",
-             f"**{env['note']}.**", "",
-             "Layer timings are medians; `x floor` is the ratio to the frozen layer alone (F.linear + its dX "
-             "GEMM), `x unfused` to plain-PyTorch LoRA and `x peft` to a PEFT LoRA layer, all measured in the "
-             "same run.", ""]
-    if failures:
-        lines += ["## FAILED measurements", "", "| section | what | error |", "|---|---|---|"]
-        lines += [f"| {f['section']} | {f['what']} | {f['error'].splitlines()[0][:200]} |" for f in failures]
-        lines.append("")
+    sections = (_header(env), _failures_section(failures), _layer_sections(records), _overhead_section(records),
+                _gemm_section(records), _layer_memory_section(records), _merge_section(records),
+                _model_section(records))
+    path.write_text("\n".join(line for section in sections for line in section))
+
+
+def _header(env):
+    return [f"# Benchmark results ({env['protocol']} protocol)", "",
+            f"Device: {env['device']}; torch {env['torch']}; triton {env['triton']}; {env['timestamp']}.",
+            f"**{env['note']}.**", "",
+            "Layer timings are medians; `x floor` is the ratio to the frozen layer alone (F.linear + its dX "
+            "GEMM), `x unfused` to plain-PyTorch LoRA and `x peft` to a PEFT LoRA layer, all measured in the "
+            "same run.", ""]
+
+
+def _failures_section(failures):
+    if not failures:
+        return []
+    return ["## FAILED measurements", "", "| section | what | error |", "|---|---|---|",
+            *(f"| {f['section']} | {f['what']} | {f['error'].splitlines()[0][:200]} |" for f in failures), ""]
+
+
+def _layer_sections(records):
+    """One table per mode: each provider's median time and its ratios to the floor, unfused and PEFT."""
     times = _index(records, "layer", "time")
-    shapes = sorted({k[2:] for k in times}, key=lambda s: (s[1], s[0], s[3], -(s[4] or 0)))
-    for mode in ("full", "forward", "backward", "inference-merged"):
+    shapes = sorted({key.shape for key in times}, key=lambda s: (s.K, s.M, s.r, -(s.dropout or 0)))
+    lines = []
+    for mode in LAYER_MODES:
         rows = []
         for shape in shapes:
-            floor, unfused, peft = (times.get((name, mode) + shape) for name in ("floor", "unfused", "peft"))
-            for (provider, m, *rest), rec in times.items():
-                if m != mode or tuple(rest) != shape:
+            floor, unfused, peft = (times.get(RecordKey.at(name, mode, shape)) for name in ("floor", "unfused", "peft"))
+            for key, rec in times.items():
+                if key.mode != mode or key.shape != shape:
                     continue
-                rows.append(f"| {shape[0]} | {shape[1]} | {shape[3]} | {shape[4]} | {provider} | "
+                rows.append(f"| {shape.M} | {shape.K} | {shape.r} | {shape.dropout} | {key.provider} | "
                             f"{_fmt_time(rec['value'])} | {_ratio(rec, floor)} | {_ratio(rec, unfused)} | "
                             f"{_ratio(rec, peft)} |")
         if rows:
             lines += [f"## Layer, {mode}", "",
                       "| tokens | K=N | r | p | provider | time | x floor | x unfused | x peft |",
                       "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+    return lines
+
+
+def _overhead_section(records):
     overhead = _index(records, "overhead", "time")
-    if overhead:
-        shape = next(iter(overhead))[2:]
-        lines += ["## Host overhead", "",
-                  f"A layer of {shape[0]} tokens, K = N = {shape[1]}, r = {shape[3]}, p = {shape[4]}, called back to "
-                  "back and timed by the host clock (device synchronized around each batch): the kernels' work is "
-                  "negligible, so these times are the per-call cost of Python, autograd and kernel launches, "
-                  "which bounds any layer whose kernels take less.", "",
-                  "| provider | forward | backward | forward + backward | x floor (fwd + bwd) |",
-                  "|---|---|---|---|---|"]
-        for provider in dict.fromkeys(k[0] for k in overhead):
-            cells = [overhead.get((provider, mode) + shape) for mode in ("forward", "backward", "full")]
-            floor = overhead.get(("floor", "full") + shape)
-            lines.append(f"| {provider} | " + " | ".join(_fmt_time(c["value"]) if c else "-" for c in cells) +
-                         f" | {_ratio(cells[2], floor) if cells[2] else '-'} |")
-        lines.append("")
+    if not overhead:
+        return []
+    shape = next(iter(overhead)).shape
+    lines = ["## Host overhead", "",
+             f"A layer of {shape.M} tokens, K = N = {shape.K}, r = {shape.r}, p = {shape.dropout}, called back to "
+             "back and timed by the host clock (device synchronized around each batch): the kernels' work is "
+             "negligible, so these times are the per-call cost of Python, autograd and kernel launches, "
+             "which bounds any layer whose kernels take less.", "",
+             "| provider | forward | backward | forward + backward | x floor (fwd + bwd) |",
+             "|---|---|---|---|---|"]
+    floor = overhead.get(RecordKey.at("floor", "full", shape))
+    for provider in dict.fromkeys(key.provider for key in overhead):
+        cells = [overhead.get(RecordKey.at(provider, mode, shape)) for mode in ("forward", "backward", "full")]
+        lines.append(f"| {provider} | " + " | ".join(_fmt_time(c["value"]) if c else "-" for c in cells) +
+                     f" | {_ratio(cells[2], floor) if cells[2] else '-'} |")
+    lines.append("")
+    return lines
+
+
+def _gemm_section(records):
     gemm = _index(records, "gemm", "time")
-    if gemm:
-        lines += ["## The fused kernels' GEMM main loop against cuBLAS", "",
-                  "F2 (X W^T + b) and B2 (dY W) with the LoRA term switched off, against torch.addmm / torch.mm "
-                  "on the same operands. The fusion pays only where this ratio is near 1.", "",
-                  "| tokens | K=N | GEMM | Triton | cuBLAS | Triton / cuBLAS |", "|---|---|---|---|---|---|"]
-        for key, rec in sorted(gemm.items(), key=lambda kv: (kv[0][3], kv[0][2], kv[0][1])):
-            provider, mode, M, K = key[:4]
-            if provider != "triton-gemm":
-                continue
-            cublas = gemm.get(("cublas",) + key[1:])
-            lines.append(f"| {M} | {K} | {mode} | {_fmt_time(rec['value'])} | "
-                         f"{_fmt_time(cublas['value']) if cublas else '-'} | {_ratio(rec, cublas)} |")
-        lines.append("")
+    if not gemm:
+        return []
+    lines = ["## The fused kernels' GEMM main loop against cuBLAS", "",
+             "F2 (X W^T + b) and B2 (dY W) with the LoRA term switched off, against torch.addmm / torch.mm "
+             "on the same operands. The fusion pays only where this ratio is near 1.", "",
+             "| tokens | K=N | GEMM | Triton | cuBLAS | Triton / cuBLAS |", "|---|---|---|---|---|---|"]
+    for key in sorted(gemm, key=lambda k: (k.K, k.M, k.mode)):
+        if key.provider != "triton-gemm":
+            continue
+        rec, cublas = gemm[key], gemm.get(key._replace(provider="cublas"))
+        lines.append(f"| {key.M} | {key.K} | {key.mode} | {_fmt_time(rec['value'])} | "
+                     f"{_fmt_time(cublas['value']) if cublas else '-'} | {_ratio(rec, cublas)} |")
+    lines.append("")
+    return lines
+
+
+def _layer_memory_section(records):
     saved = _index(records, "layer", "saved_bytes")
+    if not saved:
+        return []
     params = _index(records, "layer", "trainable_params")
     memory = _index(records, "layer", "peak_memory")
-    if saved:
-        lines += ["## Layer memory", "", "| tokens | K=N | r | p | provider | saved for backward | trainable params | "
-                  "peak memory (full step) |", "|---|---|---|---|---|---|---|---|"]
-        for key, rec in sorted(saved.items(), key=lambda kv: (kv[0][3], kv[0][2], kv[0][5], str(kv[0][6]), kv[0][0])):
-            peak = memory.get(key)
-            lines.append(f"| {key[2]} | {key[3]} | {key[5]} | {key[6]} | {key[0]} | {rec['value'] / 2**20:.2f} MiB | "
-                         f"{params[key]['value']:,} | {peak['value'] / 2**20:.1f} MiB |" if peak else
-                         f"| {key[2]} | {key[3]} | {key[5]} | {key[6]} | {key[0]} | {rec['value'] / 2**20:.2f} MiB | "
-                         f"{params[key]['value']:,} | - |")
-        lines.append("")
+    lines = ["## Layer memory", "", "| tokens | K=N | r | p | provider | saved for backward | trainable params | "
+             "peak memory (full step) |", "|---|---|---|---|---|---|---|---|"]
+    for key in sorted(saved, key=lambda k: (k.K, k.M, k.r, str(k.dropout), k.provider)):
+        peak = memory.get(key)
+        peak_text = f"{peak['value'] / 2**20:.1f} MiB" if peak else "-"
+        lines.append(f"| {key.M} | {key.K} | {key.r} | {key.dropout} | {key.provider} | "
+                     f"{saved[key]['value'] / 2**20:.2f} MiB | {params[key]['value']:,} | {peak_text} |")
+    lines.append("")
+    return lines
+
+
+def _merge_section(records):
     merge = [r for r in records if r["benchmark"] == "merge" and r["metric"] == "bandwidth"]
-    if merge:
-        lines += ["## Merge (W + s B A) against a device-to-device copy", "", "| N x K | r | provider | GB/s |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['N']} x {r['K']} | {r['r']} | {r['provider']} | {r['value']:.1f} |" for r in merge]
-        lines.append("")
-    model = defaultdict(dict)
+    if not merge:
+        return []
+    return ["## Merge (W + s B A) against a device-to-device copy", "", "| N x K | r | provider | GB/s |",
+            "|---|---|---|---|", *(f"| {r['N']} x {r['K']} | {r['r']} | {r['provider']} | {r['value']:.1f} |"
+                                   for r in merge), ""]
+
+
+def _model_section(records):
+    model = defaultdict(dict)  # (provider, mode) -> {metric: record}
     for r in records:
         if r["benchmark"] == "model":
             model[(r["provider"], r["mode"])][r["metric"]] = r
-    if model:
-        lines += ["## Model (Llama-style decoder)", "",
-                  "One training step (forward, backward, AdamW step) and inference. Weights and AdamW state in "
-                  "the model's dtype (no fp32 master copy); LoRA adapters in fp32 as PEFT keeps them. Peak memory "
-                  "is everything allocated during the step: weights, gradients, optimizer state, activations.", "",
-                  "| provider | mode | time | tokens/s | trainable params | peak memory incl. optimizer |",
-                  "|---|---|---|---|---|---|"]
-        for (provider, mode), metrics in model.items():
-            tps = metrics.get("tokens_per_s")
-            prm = metrics.get("trainable_params")
-            mem = metrics.get("peak_memory_incl_optimizer")
-            tps_text = f"{tps['value']:,.0f}" if tps else "-"
-            prm_text = f"{prm['value']:,}" if prm else "-"
-            mem_text = f"{mem['value'] / 2**20:.0f} MiB" if mem else "-"
-            lines.append(f"| {provider} | {mode} | {_fmt_time(metrics['time']['value'])} | {tps_text} | {prm_text} | "
-                         f"{mem_text} |")
-        lines.append("")
-    path.write_text("\n".join(lines))
+    if not model:
+        return []
+    lines = ["## Model (Llama-style decoder)", "",
+             "One training step (forward, backward, AdamW step) and inference. Weights and AdamW state in "
+             "the model's dtype (no fp32 master copy); LoRA adapters in fp32 as PEFT keeps them. Peak memory "
+             "is everything allocated during the step: weights, gradients, optimizer state, activations.", "",
+             "| provider | mode | time | tokens/s | trainable params | peak memory incl. optimizer |",
+             "|---|---|---|---|---|---|"]
+    for (provider, mode), metrics in model.items():
+        tps = metrics.get("tokens_per_s")
+        prm = metrics.get("trainable_params")
+        mem = metrics.get("peak_memory_incl_optimizer")
+        tps_text = f"{tps['value']:,.0f}" if tps else "-"
+        prm_text = f"{prm['value']:,}" if prm else "-"
+        mem_text = f"{mem['value'] / 2**20:.0f} MiB" if mem else "-"
+        lines.append(f"| {provider} | {mode} | {_fmt_time(metrics['time']['value'])} | {tps_text} | {prm_text} | "
+                     f"{mem_text} |")
+    lines.append("")
+    return lines
 
 
 def summary(records):
     """A few lines for the end of a run's output: per layer shape, lorakernels' forward + backward
     time against the floor and PEFT; the Triton GEMM against cuBLAS; the model's tokens/s."""
+    return _layer_summary(records) + _gemm_summary(records) + _model_summary(records)
+
+
+def _layer_summary(records):
     lines = []
     times = _index(records, "layer", "time")
     for key, rec in times.items():
-        provider, mode, *shape = key
-        if provider == "lorakernels" and mode == "full":
-            refs = {name: times.get((name, "full", *shape)) for name in ("floor", "peft", "lorakernels-cublas")}
-            lines.append(f"layer M={shape[0]} K={shape[1]} r={shape[3]} p={shape[4]}: {_fmt_time(rec['value'])}, "
+        if key.provider == "lorakernels" and key.mode == "full":
+            refs = {name: times.get(key._replace(provider=name)) for name in ("floor", "peft", "lorakernels-cublas")}
+            lines.append(f"layer M={key.M} K={key.K} r={key.r} p={key.dropout}: {_fmt_time(rec['value'])}, "
                          + ", ".join(f"x {name} {_ratio(rec, ref)}" for name, ref in refs.items() if ref))
-    gemm = _index(records, "gemm", "time")
-    for key, rec in gemm.items():
-        if key[0] == "triton-gemm":
-            lines.append(f"gemm {key[1]} M={key[2]} K={key[3]}: triton / cublas "
-                         f"{_ratio(rec, gemm.get(('cublas',) + key[1:]))}")
-    for r in records:
-        if r["benchmark"] == "model" and r["metric"] == "tokens_per_s":
-            lines.append(f"model {r['provider']}: {r['value']:,.0f} tokens/s")
     return lines
+
+
+def _gemm_summary(records):
+    gemm = _index(records, "gemm", "time")
+    return [f"gemm {key.mode} M={key.M} K={key.K}: triton / cublas "
+            f"{_ratio(rec, gemm.get(key._replace(provider='cublas')))}"
+            for key, rec in gemm.items() if key.provider == "triton-gemm"]
+
+
+def _model_summary(records):
+    return [f"model {r['provider']}: {r['value']:,.0f} tokens/s" for r in records
+            if r["benchmark"] == "model" and r["metric"] == "tokens_per_s"]
 
 
 def write_plots(records, env, out_dir):

@@ -67,45 +67,70 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
     repeats = repeats or p["repeats"]
     bar = _progress(len(layer_shapes) * len(providers), progress)
     start = time.perf_counter()
-    for shape in layer_shapes:
-        names = [n for n in providers if n != "peft+compile" or shape in compile_shapes]
-        records += layer_benchmarks(device, [shape], p["dtype"], names, repeats, progress=bar, failures=failures)
+    for shape_records in _layer_section(device, p, providers, layer_shapes, compile_shapes, repeats, bar, failures):
+        records += shape_records
         if checkpoint:
             checkpoint(records, failures, dict(seconds, layer=time.perf_counter() - start))
     seconds["layer"] = time.perf_counter() - start
 
-    # Host overhead: a layer so small that per-call Python and kernel launches set the time.
     start = time.perf_counter()
-    tiny = layer_benchmarks(device, [p["overhead_shape"]], p["dtype"], [n for n in providers if n != "peft+compile"],
-                            overhead_repeats, failures=failures, extras=False, timer=bench_calls)
-    records += [dict(r, benchmark="overhead") for r in tiny]
+    records += _overhead_section(device, p, providers, overhead_repeats, failures)
     seconds["overhead"] = time.perf_counter() - start
     if checkpoint:
         checkpoint(records, failures, seconds)
 
     start = time.perf_counter()
+    records += _merge_section(device, p, repeats, failures)
+    seconds["merge"] = time.perf_counter() - start
+    if checkpoint:
+        checkpoint(records, failures, seconds)
+
+    if _model_section_enabled(skip_model):
+        start = time.perf_counter()
+        records += _model_section(device, p, repeats, failures)
+        seconds["model"] = time.perf_counter() - start
+    return records, failures, seconds
+
+
+def _layer_section(device, p, providers, layer_shapes, compile_shapes, repeats, bar, failures):
+    """Yields the layer benchmarks' records one shape at a time, measuring each when asked for it."""
+    for shape in layer_shapes:
+        names = [n for n in providers if n != "peft+compile" or shape in compile_shapes]
+        yield layer_benchmarks(device, [shape], p["dtype"], names, repeats, progress=bar, failures=failures)
+
+
+def _overhead_section(device, p, providers, repeats, failures):
+    """Host overhead: a layer so small that per-call Python and kernel launches set the time."""
+    tiny = layer_benchmarks(device, [p["overhead_shape"]], p["dtype"], [n for n in providers if n != "peft+compile"],
+                            repeats, failures=failures, extras=False, timer=bench_calls)
+    return [dict(r, benchmark="overhead") for r in tiny]
+
+
+def _merge_section(device, p, repeats, failures):
+    records = []
     for N, K, r in p["merge"]:
         try:
             records += merge_benchmark(device, N, K, r, p["dtype"], repeats)
         except Exception as error:  # noqa: BLE001 - reported, and the run goes on
             failures.append(failure("merge", f"{N} x {K}, r = {r}", error))
-    seconds["merge"] = time.perf_counter() - start
-    if checkpoint:
-        checkpoint(records, failures, seconds)
+    return records
 
+
+def _model_section_enabled(skip_model):
+    """False when skipped, or when transformers is missing (said so unless skipped anyway)."""
     try:
         import transformers  # noqa: F401
     except ImportError:
         if not skip_model:
             print("transformers is not installed: skipping the model-level benchmarks (pip install -e '.[bench]')")
-        skip_model = True
-    if not skip_model:
-        start = time.perf_counter()
-        m = p["model"]
-        records += model_benchmarks(device, m["size"], m["batch"], m["seq"], p["dtype"], 16, 0.1, repeats,
-                                    m["inference"], failures=failures)
-        seconds["model"] = time.perf_counter() - start
-    return records, failures, seconds
+        return False
+    return not skip_model
+
+
+def _model_section(device, p, repeats, failures):
+    m = p["model"]
+    return model_benchmarks(device, m["size"], m["batch"], m["seq"], p["dtype"], 16, 0.1, repeats, m["inference"],
+                            failures=failures)
 
 
 def _progress(total, enabled):

@@ -26,6 +26,64 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
+def _dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _error_rows(torch, testing, lora_linear, shape, dtype, adapter_dtype, p, device):
+    """The relative errors of y, dx, dA, dB for one case, each checked with the error rule."""
+    M, K, N, r = shape
+    x, weight, bias, lora_A, lora_B = testing.make_inputs(M, K, N, r, dtype, adapter_dtype, device=device)
+    leaves = [t.clone().requires_grad_() for t in (x, lora_A, lora_B)]
+    rng_state = torch.get_rng_state()
+    y = lora_linear(leaves[0], weight, bias, leaves[1], leaves[2], 0.5, p, backend="triton")
+    keep = testing.replay_keep_mask(rng_state, M, K, p, "triton", device)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref = testing.reference_grads(x, weight, bias, lora_A, lora_B, 0.5, keep, p, dy.double(), True)
+    low = testing.reference_grads(x, weight, bias, lora_A, lora_B, 0.5, keep, p, dy, False)
+    rows = []
+    for name, actual, exp64, lowp in zip(("y", "dx", "dA", "dB"), [y.detach()] + [t.grad for t in leaves],
+                                         [ref[0]] + ref[1], [low[0]] + low[1]):
+        scale = exp64.abs().max().item()
+        err = testing.max_error(actual, exp64)
+        rows.append(dict(dtype=_dtype_name(dtype), adapter_dtype=_dtype_name(adapter_dtype), dropout=p, tensor=name,
+                         rel_err=err / scale, torch_rel_err=testing.max_error(lowp, exp64) / scale,
+                         ok=err <= testing.error_bound(exp64, lowp, dtype)))
+    return rows
+
+
+def _saved_bytes(torch, testing, lorakernels, shape, dtype, adapter_dtype, p, device):
+    """Activation bytes autograd keeps for LoRALinear and for the PEFT-style reference."""
+    M, K, N, r = shape
+    layer = lorakernels.LoRALinear(K, N, r=r, lora_dropout=p, dtype=dtype, adapter_dtype=adapter_dtype, device=device)
+    x = torch.randn(M, K, dtype=dtype, device=device, requires_grad=True)
+    params = list(layer.parameters())
+    fused, _ = testing.saved_activation_bytes(lambda: layer(x), params)
+    keep = testing.ops.torch_keep_mask(0, M, K, p, device) if p else None
+    unfused, _ = testing.saved_activation_bytes(
+        lambda: lorakernels.lora_linear_ref(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling,
+                                            keep, p), params)
+    return dict(dtype=_dtype_name(dtype), adapter_dtype=_dtype_name(adapter_dtype), dropout=p, fused_bytes=fused,
+                peft_style_bytes=unfused, x_bytes=x.numel() * x.element_size())
+
+
+def _markdown(env, shape, rows, saved):
+    lines = [f"Numerics on {env['device']}, torch {env['torch']}, triton {env['triton']}, "
+             f"(M, K, N, r) = {shape}, scaling 0.5. Relative error = max|err| / max|fp64 reference|.", "",
+             "| x dtype | adapters | p | tensor | lorakernels rel. err | "
+             "PyTorch rel. err, x's dtype (autocast-style) | ok |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['dtype']} | {r['adapter_dtype']} | {r['dropout']} | {r['tensor']} | {r['rel_err']:.2e} | "
+              f"{r['torch_rel_err']:.2e} | {'yes' if r['ok'] else 'NO'} |" for r in rows]
+    lines += ["", "Activation bytes saved for backward (parameters excluded), M x K x-bytes = "
+              f"{saved[0]['x_bytes']}:", "", "| x dtype | adapters | p | lorakernels | PEFT-style | ratio |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {s['dtype']} | {s['adapter_dtype']} | {s['dropout']} | {s['fused_bytes']} | {s['peft_style_bytes']} |"
+              f" {s['peft_style_bytes'] / s['fused_bytes']:.2f}x |" for s in saved]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = _parse(argv)
     import torch
@@ -35,72 +93,28 @@ def main(argv=None):
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated
     import triton
 
-    from lorakernels import LoRALinear, lora_linear, lora_linear_ref, testing
+    import lorakernels
+    from lorakernels import testing
 
-    if device == "cpu":
-        testing.patch_interpreter_bf16()
     # Small shapes on the interpreter (it is slow); GPU shapes span several tiles.
     shape = (512, 1024, 768, 16) if device == "cuda" else (96, 80, 72, 16)
-    M, K, N, r = shape
-    rows, failures = [], 0
     torch.manual_seed(0)
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for adapter_dtype in sorted({dtype, torch.float32}, key=str):
-            for p in (0.0, 0.1):
-                x, weight, bias, lora_A, lora_B = testing.make_inputs(M, K, N, r, dtype, adapter_dtype, device=device)
-                leaves = [t.clone().requires_grad_() for t in (x, lora_A, lora_B)]
-                rng_state = torch.get_rng_state()
-                y = lora_linear(leaves[0], weight, bias, leaves[1], leaves[2], 0.5, p, backend="triton")
-                keep = testing.replay_keep_mask(rng_state, M, K, p, "triton", device)
-                dy = torch.randn_like(y)
-                y.backward(dy)
-                ref = testing.reference_grads(x, weight, bias, lora_A, lora_B, 0.5, keep, p, dy.double(), True)
-                low = testing.reference_grads(x, weight, bias, lora_A, lora_B, 0.5, keep, p, dy, False)
-                results = zip(("y", "dx", "dA", "dB"), [y.detach()] + [t.grad for t in leaves],
-                              [ref[0]] + ref[1], [low[0]] + low[1])
-                for name, actual, exp64, lowp in results:
-                    scale = exp64.abs().max().item()
-                    err = testing.max_error(actual, exp64)
-                    ok = err <= testing.error_bound(exp64, lowp, dtype)
-                    failures += not ok
-                    rows.append(dict(dtype=str(dtype).replace("torch.", ""),
-                                     adapter_dtype=str(adapter_dtype).replace("torch.", ""), dropout=p, tensor=name,
-                                     rel_err=err / scale, torch_rel_err=testing.max_error(lowp, exp64) / scale, ok=ok))
-
-    saved = []
-    for dtype, adapter_dtype, p in ((torch.bfloat16, torch.float32, 0.0), (torch.bfloat16, torch.float32, 0.1),
-                                    (torch.bfloat16, torch.bfloat16, 0.1)):
-        layer = LoRALinear(K, N, r=r, lora_dropout=p, dtype=dtype, adapter_dtype=adapter_dtype, device=device)
-        x = torch.randn(M, K, dtype=dtype, device=device, requires_grad=True)
-        params = list(layer.parameters())
-        fused, _ = testing.saved_activation_bytes(lambda: layer(x), params)
-        keep = testing.ops.torch_keep_mask(0, M, K, p, device) if p else None
-        unfused, _ = testing.saved_activation_bytes(
-            lambda: lora_linear_ref(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, keep, p),
-            params)
-        saved.append(dict(dtype=str(dtype).replace("torch.", ""), adapter_dtype=str(adapter_dtype).replace("torch.", ""),
-                          dropout=p, fused_bytes=fused, peft_style_bytes=unfused, x_bytes=x.numel() * x.element_size()))
-
+    rows = [row for dtype in (torch.float32, torch.float16, torch.bfloat16)
+            for adapter_dtype in sorted({dtype, torch.float32}, key=str) for p in (0.0, 0.1)
+            for row in _error_rows(torch, testing, lorakernels.lora_linear, shape, dtype, adapter_dtype, p, device)]
+    saved = [_saved_bytes(torch, testing, lorakernels, shape, dtype, adapter_dtype, p, device)
+             for dtype, adapter_dtype, p in ((torch.bfloat16, torch.float32, 0.0), (torch.bfloat16, torch.float32, 0.1),
+                                             (torch.bfloat16, torch.bfloat16, 0.1))]
     env = dict(device=torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'cpu'}), "
                "Triton interpreter", torch=torch.__version__, triton=triton.__version__, shape_MKNr=shape,
                timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"))
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "numerics.json").write_text(json.dumps(dict(env=env, errors=rows, saved_bytes=saved), indent=1))
-    lines = [f"Numerics on {env['device']}, torch {env['torch']}, triton {env['triton']}, "
-             f"(M, K, N, r) = {shape}, scaling 0.5. Relative error = max|err| / max|fp64 reference|.", "",
-             "| x dtype | adapters | p | tensor | lorakernels rel. err | PyTorch rel. err, x's dtype (autocast-style) | ok |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['dtype']} | {r['adapter_dtype']} | {r['dropout']} | {r['tensor']} | {r['rel_err']:.2e} | "
-              f"{r['torch_rel_err']:.2e} | {'yes' if r['ok'] else 'NO'} |" for r in rows]
-    lines += ["", "Activation bytes saved for backward (parameters excluded), M x K x-bytes = "
-              f"{saved[0]['x_bytes']}:", "", "| x dtype | adapters | p | lorakernels | PEFT-style | ratio |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {s['dtype']} | {s['adapter_dtype']} | {s['dropout']} | {s['fused_bytes']} | {s['peft_style_bytes']} |"
-              f" {s['peft_style_bytes'] / s['fused_bytes']:.2f}x |" for s in saved]
-    text = "\n".join(lines)
+    text = _markdown(env, shape, rows, saved)
     (out_dir / "numerics.md").write_text(text + "\n")
     print(text)
+    failures = sum(not row["ok"] for row in rows)
     print(f"\n{len(rows) - failures} passed, {failures} failed")
     return 1 if failures else 0
 

@@ -1,12 +1,15 @@
 """lorakernels: fused Triton kernels for LoRA fine-tuning."""
 
-from lorakernels._triton_compat import patch_interpreter_index
+from lorakernels._interpreter import apply_interpreter_fixes
 
-patch_interpreter_index()
+# Before anything runs a kernel: under TRITON_INTERPRET=1 the interpreter computes bf16 wrong
+# without these fixes (see lorakernels._interpreter); otherwise a no-op.
+apply_interpreter_fixes()
 
-from lorakernels.adapter_io import load_adapter, save_adapter
-from lorakernels.functional import lora_linear, lora_linear_backward_op, lora_linear_forward_op
-from lorakernels.model import (
+from lorakernels.adapter_io import load_adapter, save_adapter  # noqa: E402
+from lorakernels.autograd import lora_linear_backward_op, lora_linear_forward_op  # noqa: E402
+from lorakernels.functional import lora_linear  # noqa: E402
+from lorakernels.model import (  # noqa: E402
     apply_lora,
     disable_adapters,
     lora_state_dict,
@@ -15,8 +18,8 @@ from lorakernels.model import (
     merge_lora,
     unmerge_lora,
 )
-from lorakernels.modules import LoRALinear, lora_scaling
-from lorakernels.reference import lora_linear_ref
+from lorakernels.modules import LoRALinear, lora_scaling  # noqa: E402
+from lorakernels.reference import lora_linear_ref  # noqa: E402
 
 __version__ = "0.1.0"
 

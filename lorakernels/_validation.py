@@ -26,13 +26,22 @@ def check_lora_linear_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p
                         + ", ".join(_describe(n, t) for n, t in named))
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
+    check_dense_weight(x, weight, bias, named)
+    check_adapter(x, weight, lora_A, lora_B, named)
+    for name, t in named:
+        if t is not x and t.dim() >= 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit stride in its last dimension; got strides {t.stride()}")
+    check_scalars(scaling, dropout_p)
+
+
+def check_dense_weight(x, weight, bias, named):
+    """The base-weight seam's checks for a dense W (`operands.DenseWeight`): dtype and shapes.
+
+    `named`: every operand as (name, tensor), for messages that show them all.
+    """
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise TypeError("weight and bias must have x's dtype; got "
                         + ", ".join(_describe(n, t) for n, t in named))
-    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"lora_A and lora_B must share one dtype, x's ({x.dtype}) or float32; got "
-                        f"{_describe('lora_A', lora_A)}, {_describe('lora_B', lora_B)}")
-
     if x.dim() < 1:
         raise ValueError(f"x must have at least one dimension (*, in_features); got shape {tuple(x.shape)}")
     if weight.dim() != 2:
@@ -43,6 +52,14 @@ def check_lora_linear_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p
                          f"got x {tuple(x.shape)}")
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must be (out_features,) = ({out_features},); got {tuple(bias.shape)}")
+
+
+def check_adapter(x, weight, lora_A, lora_B, named):
+    """The adapter seam's checks for one adapter (`operands.Adapter`): dtypes, rank and shapes."""
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"lora_A and lora_B must share one dtype, x's ({x.dtype}) or float32; got "
+                        f"{_describe('lora_A', lora_A)}, {_describe('lora_B', lora_B)}")
+    out_features, in_features = weight.shape
     if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
         raise ValueError(f"lora_A must be (r, in_features) = (r, {in_features}); got {tuple(lora_A.shape)}")
     r = lora_A.shape[0]
@@ -50,10 +67,6 @@ def check_lora_linear_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p
         raise ValueError(f"rank r = lora_A.shape[0] must be in [1, {MAX_RANK}]; got {r} (lora_A {tuple(lora_A.shape)})")
     if tuple(lora_B.shape) != (out_features, r):
         raise ValueError(f"lora_B must be (out_features, r) = ({out_features}, {r}); got {tuple(lora_B.shape)}")
-    for name, t in named:
-        if t is not x and t.dim() >= 1 and t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a unit stride in its last dimension; got strides {t.stride()}")
-    check_scalars(scaling, dropout_p)
 
 
 def check_scalars(scaling, dropout_p):

@@ -100,22 +100,11 @@ def _read_tensors(path):
     return tensors
 
 
-def load_adapter(model, path, adapter_dtype=None, backend=None):
-    """Load a PEFT-format LoRA adapter from directory `path` into `model`.
-
-    Linear layers named by the config's target_modules become LoRALinear (if they are not
-    already) with the file's r, lora_alpha, lora_dropout and use_rslora, and get its weights.
-    Everything is checked first (config, file integrity, missing and unexpected keys, shapes,
-    ranks): on any error a ValueError names the problem and the model is unchanged.
-    Returns the model.
+def _check_tensors(model, path, targets, tensors, r):
+    """Raise ValueError unless `tensors` hold exactly a lora_A and a lora_B per target module, floating
+    point and of the shapes that module and rank `r` need, and no target is merged or has an adapter of
+    another rank. Reads the model only.
     """
-    config = _read_config(path)
-    tensors = _read_tensors(path)
-    r = config["r"]
-    targets = find_target_modules(model, config["target_modules"], types=(torch.nn.Linear, LoRALinear))
-    if not targets:
-        raise ValueError(f"{path}: target_modules {config['target_modules']!r} match no Linear layer of "
-                         f"{type(model).__name__}")
     expected = {f"{name}.{part}": name for name in targets for part in ("lora_A", "lora_B")}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -135,6 +124,25 @@ def load_adapter(model, path, adapter_dtype=None, backend=None):
             raise ValueError(f"{path}: {name} is merged; unmerge the model before loading an adapter into it")
         if isinstance(module, LoRALinear) and module.r != r:
             raise ValueError(f"{path}: rank {r} does not match the model's existing adapter {name} (r = {module.r})")
+
+
+def load_adapter(model, path, adapter_dtype=None, backend=None):
+    """Load a PEFT-format LoRA adapter from directory `path` into `model`.
+
+    Linear layers named by the config's target_modules become LoRALinear (if they are not
+    already) with the file's r, lora_alpha, lora_dropout and use_rslora, and get its weights.
+    Everything is checked first (config, file integrity, missing and unexpected keys, shapes,
+    ranks): on any error a ValueError names the problem and the model is unchanged.
+    Returns the model.
+    """
+    config = _read_config(path)
+    tensors = _read_tensors(path)
+    r = config["r"]
+    targets = find_target_modules(model, config["target_modules"], types=(torch.nn.Linear, LoRALinear))
+    if not targets:
+        raise ValueError(f"{path}: target_modules {config['target_modules']!r} match no Linear layer of "
+                         f"{type(model).__name__}")
+    _check_tensors(model, path, targets, tensors, r)
 
     # Checked: now change the model.
     to_wrap = [name for name in targets if not isinstance(model.get_submodule(name), LoRALinear)]

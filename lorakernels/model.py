@@ -45,9 +45,11 @@ def lora_modules(model):
 
 
 def apply_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, adapter_dtype=None,
-               backend=None):
+               backend=None, base_gemm=None):
     """Replace the matching nn.Linear submodules with LoRALinear (sharing their weights) and freeze
     everything that is not a LoRA parameter. Returns the model (modified in place).
+
+    backend, base_gemm: given to every LoRALinear (see `lora_linear`); None follows the environment.
 
     Raises ValueError, listing the model's Linear names, when nothing matches; nothing is changed then.
     """
@@ -58,7 +60,8 @@ def apply_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_r
     # Build every replacement before swapping any in, so a bad argument leaves the model untouched.
     replacements = [(name, LoRALinear.from_linear(model.get_submodule(name), r=r, lora_alpha=lora_alpha,
                                                   lora_dropout=lora_dropout, use_rslora=use_rslora,
-                                                  adapter_dtype=adapter_dtype, backend=backend))
+                                                  adapter_dtype=adapter_dtype, backend=backend,
+                                                  base_gemm=base_gemm))
                     for name in names]
     for name, module in replacements:
         _set_submodule(model, name, module)

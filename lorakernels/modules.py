@@ -8,12 +8,19 @@ from torch import nn
 
 from lorakernels import ops
 from lorakernels._validation import check_lora_hyperparameters
-from lorakernels.functional import lora_linear, resolve_backend
+from lorakernels.functional import lora_linear
+from lorakernels.plan import resolve_backend, resolve_base_gemm
 
 
 def lora_scaling(r, lora_alpha, use_rslora=False):
     """PEFT's scaling: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def _check_arguments(in_features, out_features, r, lora_alpha, lora_dropout, base_gemm):
+    check_lora_hyperparameters(in_features, out_features, r, lora_alpha, lora_dropout)
+    if base_gemm is not None:
+        resolve_base_gemm(base_gemm)  # a bad strategy fails here, not at the first forward
 
 
 class LoRALinear(nn.Module):
@@ -26,6 +33,7 @@ class LoRALinear(nn.Module):
         device, dtype: of the frozen base (and of the adapters unless adapter_dtype is given).
         adapter_dtype: dtype of lora_A/lora_B, e.g. torch.float32 with a bf16 base (PEFT's default).
         backend: 'auto' | 'triton' | 'torch' (see `lora_linear`); None follows LORAKERNELS_BACKEND.
+        base_gemm: 'triton' | 'cublas' (see `lora_linear`); None follows LORAKERNELS_BASE_GEMM.
 
     Parameters: weight [out, in] and bias [out] (frozen), lora_A [r, in] (kaiming-uniform,
     a = sqrt(5)) and lora_B [out, r] (zeros, so a fresh adapter leaves the layer unchanged).
@@ -37,25 +45,25 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True,
-                 use_rslora=False, device=None, dtype=None, adapter_dtype=None, backend=None):
+                 use_rslora=False, device=None, dtype=None, adapter_dtype=None, backend=None, base_gemm=None):
         super().__init__()
-        check_lora_hyperparameters(in_features, out_features, r, lora_alpha, lora_dropout)
+        _check_arguments(in_features, out_features, r, lora_alpha, lora_dropout, base_gemm)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_from(base, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, backend)
+        self._init_from(base, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, backend, base_gemm)
 
     @classmethod
     def from_linear(cls, linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, adapter_dtype=None,
-                    backend=None):
+                    backend=None, base_gemm=None):
         """Wrap an existing nn.Linear: its weight and bias are shared (no copy) and frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear; got {type(linear).__name__}")
-        check_lora_hyperparameters(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout)
+        _check_arguments(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, base_gemm)
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        module._init_from(linear, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, backend)
+        module._init_from(linear, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, backend, base_gemm)
         return module
 
-    def _init_from(self, base, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, backend):
+    def _init_from(self, base, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, backend, base_gemm):
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.r = r
@@ -64,6 +72,7 @@ class LoRALinear(nn.Module):
         self.use_rslora = use_rslora
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.backend = backend
+        self.base_gemm = base_gemm
         self.merged = False
         self.adapters_disabled = False
         self._original_weight = None
@@ -91,7 +100,7 @@ class LoRALinear(nn.Module):
         if self.adapters_disabled:
             return F.linear(x, self.weight, self.bias)
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                           self.lora_dropout, self.training, backend=self.backend)
+                           self.lora_dropout, self.training, backend=self.backend, base_gemm=self.base_gemm)
 
     def _merge_backend(self):
         return resolve_backend(self.backend, self.weight.device)
@@ -127,4 +136,4 @@ class LoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
                 f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}, "
-                f"adapter_dtype={self.lora_A.dtype}, merged={self.merged}")
+                f"adapter_dtype={self.lora_A.dtype}, base_gemm={self.base_gemm}, merged={self.merged}")

@@ -1,66 +1,20 @@
 """Numerics-checking helpers shared by the test suite and `python -m benchmarks`.
 
-- `patch_interpreter_bf16`: opt-in fixes that make the Triton interpreter compute bf16
-  as a GPU does (see its docstring), so CPU runs cover bf16.
-- Fresh random operands, the replayed dropout mask, reference gradients by autograd in
-  fp64 or at the inputs' precision, and flash-attention's error rule: a kernel's max
-  error against fp64 is within ERROR_FACTOR times plain PyTorch's at the same precision,
-  plus one rounding step of the dtype at the output's scale.
+Fresh random operands, the replayed dropout mask, reference gradients by autograd in fp64 or
+at the inputs' precision, and flash-attention's error rule: a kernel's max error against fp64
+is within ERROR_FACTOR times plain PyTorch's at the same precision, plus one rounding step of
+the dtype at the output's scale.
 """
 
-import numpy as np
 import torch
 
 from lorakernels import ops
-from lorakernels.functional import draw_seed
+from lorakernels.autograd import draw_seed
 from lorakernels.reference import lora_linear_ref
 
 # A kernel's max error against fp64 may be this many times PyTorch's at the same precision
 # (plus one rounding step of the dtype at the output's scale).
 ERROR_FACTOR = 3.0
-
-
-def patch_interpreter_bf16():
-    """Interpreter-only fixes for bf16, so the CPU suite checks bf16 as a GPU computes it.
-
-    1. `tl.dot` on bf16 returns garbage: the interpreter keeps bf16 tiles as raw uint16
-       bit patterns and hands them to np.matmul as integers (upstream triton issue #11584,
-       fix declined). Widening the bits to fp32 (bf16 is the top half of an fp32) before
-       the matmul gives the exact products a GPU's bf16 tensor cores accumulate in fp32.
-    2. fp32 -> bf16 casts truncate the mantissa, where a GPU rounds to nearest even
-       (`.to(tl.bfloat16)` lowers to cvt.rn.bf16.f32): half of all stores were one ulp off.
-    Compiled GPU kernels are untouched.
-    """
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    if getattr(builder, "_lorakernels_bf16_patch", False):
-        return
-    original_dot = builder.create_dot
-    original_cast = builder.cast_impl
-
-    def widen(handle):
-        if getattr(handle.dtype, "scalar", handle.dtype) != tl.bfloat16:
-            return handle
-        bits = handle.data.astype(np.uint32) << 16
-        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return original_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
-            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-            nan = np.isnan(src.data)
-            rounded[nan] = 0x7FC0
-            return interpreter.TensorHandle(rounded, tl.bfloat16)
-        return original_cast(self, src, dst_type)
-
-    builder.create_dot = create_dot
-    builder.cast_impl = cast_impl
-    builder._lorakernels_bf16_patch = True
 
 
 def make_inputs(M, K, N, r, dtype, adapter_dtype=None, bias=True, leading=None, device=None):

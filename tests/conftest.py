@@ -1,8 +1,8 @@
 """Test setup: where the kernels run.
 
 By default on CPU tensors through the Triton interpreter: TRITON_INTERPRET=1 must be set
-before triton decorates the kernels, so before lorakernels is imported, and the
-interpreter gets its bf16 fixes (lorakernels.testing.patch_interpreter_bf16).
+before triton decorates the kernels, so before lorakernels is imported (which then installs
+its interpreter fixes, lorakernels._interpreter).
 
 LORAKERNELS_TEST_DEVICE=cuda runs the same tests on a GPU: compiled kernels, and every
 tensor a test creates without naming a device lands on the GPU (torch.set_default_device).
@@ -27,10 +27,6 @@ if TEST_DEVICE == "cuda":
     if not torch.cuda.is_available():
         raise RuntimeError("LORAKERNELS_TEST_DEVICE=cuda, but torch sees no CUDA device")
     torch.set_default_device("cuda")
-elif os.environ["TRITON_INTERPRET"] == "1":
-    from lorakernels.testing import patch_interpreter_bf16
-
-    patch_interpreter_bf16()
 
 
 @pytest.fixture(autouse=True)

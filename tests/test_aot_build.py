@@ -3,8 +3,8 @@
 GEMM kernels use the target's tensor-core MMA (wgmma on sm_90, mma.sync on sm_80).
 
 The builds run in a subprocess with TRITON_INTERPRET=0 (interpreted kernels cannot be
-compiled); the variant list is `lorakernels.ops.variants.all_variants()`, which reads the
-same config functions the launchers call. This would catch: a config over the shared-memory
+compiled); the variant list is `lorakernels.build_gate.variants.all_variants()`, generated
+from the kernel specs whose config functions the launchers call. This would catch: a config over the shared-memory
 limit, a tile that spills, a `tl.dot` with a dimension under 16, an operation a GPU backend
 rejects, or a GEMM that silently lost its tensor-core path.
 """
@@ -16,9 +16,10 @@ import sys
 
 import pytest
 
-from lorakernels.ops import configs
-from lorakernels.ops.aot import TARGETS, problems
-from lorakernels.ops.variants import ELEM_BYTES, all_variants
+from lorakernels.build_gate.aot import TARGETS, problems
+from lorakernels.build_gate.variants import all_variants
+from lorakernels.ops import specs
+from lorakernels.ops.configs import PADDED_RANKS
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -28,7 +29,7 @@ def builds(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "builds.json"
     # A fresh compile cache: every variant is really built, nothing comes from an earlier run.
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(out.parent / "triton-cache")}
-    run = subprocess.run([sys.executable, "-m", "lorakernels.ops.aot", "--json", str(out)], env=env,
+    run = subprocess.run([sys.executable, "-m", "lorakernels.build_gate", "--json", str(out)], env=env,
                          capture_output=True, text=True, timeout=1800)
     assert out.exists(), f"the build script wrote no results:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     return json.loads(out.read_text())
@@ -62,21 +63,15 @@ def test_every_config_the_launchers_can_pick_is_in_the_gate():
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         return (name, dtype, aligned, r_pad, tuple(sorted(cfg.items())), warps, stages)
 
-    def as_dict(cfg):
-        return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-
     expected = []
     for dtype in ("bf16", "fp32"):
-        for name, gemm in zip(("lora_linear_fwd_kernel", "lora_grad_x_kernel"), configs.GEMMS):
-            offered = configs.gemm_configs(ELEM_BYTES[dtype], gemm)
-            assert offered, f"no {gemm} GEMM config for {dtype}"
-            expected += [key(name, dtype, None, as_dict(cfg)) for cfg in offered]
-            unaligned = configs.unaligned_gemm_config(ELEM_BYTES[dtype], gemm)
-            expected.append(key(name, dtype, None, as_dict(unaligned), aligned=False))
-        for r_pad in configs.PADDED_RANKS:
-            for name, config_of in (("lora_down_kernel", configs.down_config),
-                                    ("lora_grad_dy_kernel", configs.grad_dy_config),
-                                    ("lora_adapter_grad_kernel", configs.adapter_grad_config)):
-                expected.append(key(name, dtype, r_pad, config_of(r_pad, ELEM_BYTES[dtype], False)))
+        for spec in (specs.F2, specs.B2):
+            offered = spec.configs(specs.ELEM_BYTES[dtype])
+            assert offered, f"no {spec.code} GEMM config for {dtype}"
+            expected += [key(spec.name, dtype, None, cfg) for cfg in offered]
+            expected.append(key(spec.name, dtype, None, spec.unaligned_config(specs.ELEM_BYTES[dtype]), aligned=False))
+        for r_pad in PADDED_RANKS:
+            for spec in (specs.F1, specs.B1, specs.B3):
+                expected += [key(spec.name, dtype, r_pad, cfg) for cfg in spec.configs(specs.ELEM_BYTES[dtype], r_pad)]
     missing = [k for k in expected if k not in built]
     assert not missing, f"configs the launchers can pick but the gate does not build: {missing}"

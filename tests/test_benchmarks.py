@@ -86,6 +86,17 @@ def test_lorakernels_provider_is_the_real_module():
     assert isinstance(providers["lorakernels"].module, LoRALinear)
 
 
+def test_cublas_provider_is_the_same_layer_with_the_cublas_strategy():
+    """No copy of the adapter (a copy would let the two providers drift apart) nor of the base weight."""
+    providers = make_providers(16, 16, 2, torch.float32, 0.0, DEVICE, names=["lorakernels", "lorakernels-cublas"])
+    if "lorakernels-cublas" not in providers:
+        pytest.skip("the cuBLAS strategy needs the Triton kernels (CUDA or the interpreter)")
+    lora, cublas = providers["lorakernels"].module, providers["lorakernels-cublas"].module
+    assert isinstance(cublas, LoRALinear) and cublas.base_gemm == "cublas"
+    for name in ("weight", "bias", "lora_A", "lora_B"):
+        assert getattr(cublas, name) is getattr(lora, name), name
+
+
 class _Broken(torch.nn.Module):
     def forward(self, x):
         raise RuntimeError("provider exploded")

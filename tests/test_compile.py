@@ -62,6 +62,16 @@ def test_new_scaling_and_new_seeds_do_not_recompile():
     assert not torch.equal(outs[0] * 0.75 / 0.5, outs[1])
 
 
+def test_scalar_pack_round_trips_seeds_and_floats():
+    """The seed travels as a float64: every seed draw_seed can return must come back exact."""
+    from lorakernels.autograd import draw_seed, pack_scalars, unpack_scalars
+
+    for seed in (0, 2**31 - 2, draw_seed()):
+        assert unpack_scalars(pack_scalars(seed, 0.3, 0.25)) == (int(seed), 0.3, 0.25)
+    packed = torch.compile(pack_scalars, fullgraph=True, backend="eager")(torch.tensor(2**31 - 2), 0.3, 0.25)
+    assert unpack_scalars(packed) == (2**31 - 2, 0.3, 0.25)
+
+
 @pytest.mark.parametrize("checkpointed", [False, True])
 def test_compiled_dropout_backward_uses_the_forward_mask(checkpointed):
     """Also under activation checkpointing inside the compiled region (a combination PEFT users
@@ -119,22 +129,24 @@ def test_gradient_accumulation_adds_up():
 def test_eager_path_equals_the_custom_ops(backend, monkeypatch):
     """Eager mode runs a plain autograd.Function (no custom-op dispatch per call); it must
     compute, save and differentiate exactly as the custom ops that torch.compile sees."""
-    from lorakernels import functional
+    from lorakernels import autograd, functional
+    from lorakernels.plan import Backend, LaunchPlan
     from lorakernels.testing import saved_activation_bytes
 
     x, weight, bias, lora_A, lora_B = make_inputs(37, 24, 20, 4, torch.float32)
     scalars = torch.tensor([1234.0, 0.5, 0.25], dtype=torch.float64, device="cpu")
+    plan = LaunchPlan(Backend(backend))
 
     def run(path):
         leaves = [t.clone().requires_grad_() for t in (x, lora_A, lora_B)]
-        call = (lambda: path(leaves[0], weight, bias, leaves[1], leaves[2], scalars, backend, "triton"))
+        call = (lambda: path(leaves[0], weight, bias, leaves[1], leaves[2], scalars))
         saved, y = saved_activation_bytes(call, [weight, bias, *leaves[1:]])
         y.backward(dy)
         return saved, [y.detach()] + [t.grad for t in leaves]
 
     dy = torch.randn(37, 20)
-    saved_op, custom_op = run(lambda *a: functional.lora_linear_forward_op(*a)[0])
-    saved_eager, eager = run(functional._EagerLoRALinear.apply)
+    saved_op, custom_op = run(lambda *a: autograd.lora_linear_forward_op(*a, *plan.to_op_args())[0])
+    saved_eager, eager = run(lambda *a: autograd.EagerLoRALinear.apply(*a, plan))
     assert saved_eager == saved_op == x.nbytes + 4 * 37 * 4 + 24
     for a, b in zip(eager, custom_op):
         assert torch.equal(a, b)

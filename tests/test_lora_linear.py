@@ -145,13 +145,3 @@ def test_base_gemm_alone(dtype, shape):
     ):
         assert actual.dtype == dtype
         assert_close_to_reference("base GEMM", actual, exp64, lowp, dtype)
-
-
-def test_gemm_autotuning_is_per_token_bucket():
-    """F2/B2 configs are chosen per power-of-two token bucket, not once for every M."""
-    from lorakernels.kernels.lora_forward import lora_linear_fwd_kernel
-    from lorakernels.ops import lora_linear as launch
-
-    assert [launch.token_bucket(m) for m in (1, 64, 65, 4096, 4097, 10**6)] == [64, 64, 128, 4096, 8192, 16384]
-    assert launch._autotuner(lora_linear_fwd_kernel, 3000) is launch._autotuner(lora_linear_fwd_kernel, 4096)
-    assert launch._autotuner(lora_linear_fwd_kernel, 4096) is not launch._autotuner(lora_linear_fwd_kernel, 8192)

@@ -1,26 +1,23 @@
-"""Launch configurations: the single source that the launchers and the ahead-of-time build gate read.
+"""Launch configurations: the config functions that the kernel specs (`ops.specs`) name.
 
-Under the Triton interpreter (`TRITON_INTERPRET=1`) every kernel runs with one fixed
-config (autotune needs a GPU driver). On a GPU the two large GEMMs (forward F2, dX B2)
-are autotuned over `gemm_configs(elem_bytes, gemm)` (per N, K, BASE_GEMM, dtypes and
-power-of-two token bucket: `ops.lora_linear.token_bucket`); the memory-bound rank-R kernels use one
-config per padded rank. None of these have been tuned on a GPU yet: they are the usual
-Hopper/Ampere starting points, kept to those that build for sm_80 and sm_90 within shared
-memory and without register spills, as tests/test_aot_build.py checks for every config
-these functions can return.
+The launchers and the ahead-of-time build gate both read them through the specs, so the
+gate builds exactly what a launcher can pick. A config is a dict of block constexprs plus
+`num_warps` and `num_stages`; every function takes (elem_bytes of the activations, padded
+rank) and returns its GPU candidates, best guess first. Under the Triton interpreter
+(`TRITON_INTERPRET=1`) every kernel runs with its spec's fixed `INTERPRETER_*` config
+(autotune needs a GPU driver). On a GPU the two large GEMMs (forward F2, dX B2) are
+autotuned over their candidates (per N, K, BASE_GEMM, dtypes and power-of-two token
+bucket: `ops.specs.token_bucket`); the memory-bound rank-R kernels have one config per
+padded rank. None of these have been tuned on a GPU yet: they are the usual Hopper/Ampere
+starting points, kept to those that build for sm_80 and sm_90 within shared memory and
+without register spills, as tests/test_aot_build.py checks for every config these functions
+can return.
 """
-
-import os
 
 import triton
 
 # Padded ranks the kernels are built for: ranks 1..256 padded to a power of two >= 16.
 PADDED_RANKS = (16, 32, 64, 128, 256)
-
-
-def interpreting():
-    """True when kernels run on CPU tensors through the Triton interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def padded_rank(r):
@@ -29,98 +26,94 @@ def padded_rank(r):
 
 
 def _gemm(bm, bn, bk, warps, stages, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-                         num_warps=warps, num_stages=stages)
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "num_warps": warps,
+            "num_stages": stages}
 
 
 # Candidates for the fused GEMMs (F2 forward, B2 dX): output tile BLOCK_M x BLOCK_N,
-# reduction step BLOCK_K, in both kernels.
+# reduction step BLOCK_K, in both kernels (they are one GEMM core).
 # A 128 x 128 tile takes 8 warps: with 4, its fp32 accumulator alone is 128 registers a
 # thread, and the build gate measured spills (dX kernel with dropout: 3-4 KiB of stack on
 # sm_80 and sm_90; benchmarks/results/aot_build.md).
-GEMM_CANDIDATES = [
+GEMM_CANDIDATES = (
     _gemm(128, 128, 64, 8, 3),
     _gemm(128, 128, 32, 8, 3),
     _gemm(128, 64, 64, 4, 4),
     _gemm(64, 128, 64, 4, 4),
     _gemm(64, 64, 64, 4, 3),
     _gemm(64, 64, 32, 4, 2),
-]
+)
 
 # fp32 activations: on the IEEE (non-TF32) path tl.dot runs on FMA units with both operand
 # tiles in registers; 64 x 64 x 32 spilled there (16-32 B of stack on sm_80 and sm_90, build
 # gate), so fp32 launches use 16-wide K steps, TF32 or not. The dX kernel also carries the
 # Philox mask of its LoRA term: with 4 warps triton 3.6 spilled it (8-24 B of stack on sm_80
 # and sm_90), so it takes 8; the forward kernel spilled with 8 on triton 3.9 and keeps 4.
-FP32_GEMM_CONFIGS = {"forward": _gemm(64, 64, 16, 4, 3), "grad_x": _gemm(64, 64, 16, 8, 3)}
-GEMMS = tuple(FP32_GEMM_CONFIGS)  # F2 ("forward": X W^T) and B2 ("grad_x": dY W)
+F2_FP32_CONFIG = _gemm(64, 64, 16, 4, 3)
+B2_FP32_CONFIG = _gemm(64, 64, 16, 8, 3)
 
 # Tensors that miss the JIT's 16-byte alignment (views at odd offsets, sizes or row strides
 # not multiples of 16) get no vectorized loads and need more address registers: the large
-# tiles spill there (measured by the build gate), so such launches take this one config.
+# tiles spill there (measured by the build gate), so such 16-bit launches take this one config
+# (fp32 keeps its own, already small).
 UNALIGNED_GEMM_CONFIG = _gemm(64, 64, 32, 4, 3)
 
 INTERPRETER_GEMM_CONFIG = _gemm(32, 64, 32, 4, 1, group_m=4)
 
 
-def _check_gemm(gemm):
-    if gemm not in GEMMS:
-        raise ValueError(f"gemm must be one of {GEMMS}; got {gemm!r}")
+def f2_configs(elem_bytes, r_pad=None):
+    """F2 (forward GEMM) candidates for `elem_bytes`-byte activations, any rank (16-rank chunks)."""
+    return list(GEMM_CANDIDATES) if elem_bytes == 2 else [F2_FP32_CONFIG]
 
 
-def gemm_configs(elem_bytes, gemm):
-    """GPU autotuning candidates for F2 (gemm="forward") or B2 (gemm="grad_x") with
-    `elem_bytes`-byte activations (any rank: both add the rank-R term in 16-rank chunks)."""
-    _check_gemm(gemm)
-    return list(GEMM_CANDIDATES) if elem_bytes == 2 else [FP32_GEMM_CONFIGS[gemm]]
+def b2_configs(elem_bytes, r_pad=None):
+    """B2 (dX GEMM) candidates, as `f2_configs`."""
+    return list(GEMM_CANDIDATES) if elem_bytes == 2 else [B2_FP32_CONFIG]
 
 
-def unaligned_gemm_config(elem_bytes, gemm):
-    """The one F2/B2 config for operands that miss the 16-byte alignment."""
-    _check_gemm(gemm)
-    return UNALIGNED_GEMM_CONFIG if elem_bytes == 2 else FP32_GEMM_CONFIGS[gemm]
+def f2_unaligned_config(elem_bytes):
+    """The one F2 config for operands that miss the 16-byte alignment."""
+    return UNALIGNED_GEMM_CONFIG if elem_bytes == 2 else F2_FP32_CONFIG
 
 
-def _interpret(interpret):
-    return interpreting() if interpret is None else interpret
+def b2_unaligned_config(elem_bytes):
+    """The one B2 config for operands that miss the 16-byte alignment."""
+    return UNALIGNED_GEMM_CONFIG if elem_bytes == 2 else B2_FP32_CONFIG
 
 
 # The rank-R kernels keep an fp32 [BLOCK, R_PAD] accumulator in registers: past rank 64 they
 # use 8 warps and 32-row tiles so that it and the V/U tiles fit without spills. fp32
 # activations halve the K/N tile so that tiles (and the Philox work on them) cost the same
 # registers. Each choice here was checked for spills by the build gate.
+INTERPRETER_RANK_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+INTERPRETER_B1_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 
-def down_config(r_pad, elem_bytes, interpret=None):
+def f1_configs(elem_bytes, r_pad):
     """F1 (dropout + down-projection): memory-bound, one config per padded rank and dtype size."""
-    if _interpret(interpret):
-        return {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_M": 64 if r_pad <= 64 and elem_bytes == 2 else 32,
-            "BLOCK_K": 64 if elem_bytes == 2 and r_pad <= 64 else 32,  # 64 spilled 8-16 B at rank 128 (gate)
-            # fp32 at rank 64 spilled 8 B with 4 warps on sm_80 (triton 3.6, gate)
-            "num_warps": 4 if r_pad <= 64 and elem_bytes == 2 else 8, "num_stages": 3}
+    small = r_pad <= 64 and elem_bytes == 2
+    return [{"BLOCK_M": 64 if small else 32,
+             "BLOCK_K": 64 if small else 32,  # 64 spilled 8-16 B at rank 128 (gate)
+             # fp32 at rank 64 spilled 8 B with 4 warps on sm_80 (triton 3.6, gate)
+             "num_warps": 4 if small else 8, "num_stages": 3}]
 
 
-def grad_dy_config(r_pad, elem_bytes, interpret=None):
+def b1_configs(elem_bytes, r_pad):
     """B1 (V, and at small ranks the dB partials, from one pass over dY).
 
     BLOCK_M sets how many dB partials exist (M / BLOCK_M slabs of N x R fp32 each).
     """
-    if _interpret(interpret):
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     if r_pad <= 64:
-        return {"BLOCK_M": 128 if elem_bytes == 2 else 64, "BLOCK_N": 64 if elem_bytes == 2 else 32,
-                "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
+        return [{"BLOCK_M": 128 if elem_bytes == 2 else 64, "BLOCK_N": 64 if elem_bytes == 2 else 32,
+                 "num_warps": 8, "num_stages": 3}]
+    return [{"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}]
 
 
-def adapter_grad_config(r_pad, elem_bytes, interpret=None):
-    """dA and (at large ranks) dB^T partials: V^T Xd over slices of rows."""
-    if _interpret(interpret):
-        return {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+def b3_configs(elem_bytes, r_pad):
+    """B3: dA and (at large ranks) dB^T partials, V^T Xd over slices of rows."""
     if elem_bytes == 2:
-        return {"BLOCK_M": 64 if r_pad <= 64 else 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_M": 32 if r_pad <= 64 else 16, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
+        return [{"BLOCK_M": 64 if r_pad <= 64 else 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}]
+    return [{"BLOCK_M": 32 if r_pad <= 64 else 16, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}]
 
 
 # dB joins B1's pass over dY up to this padded rank. Its partials cost 2 x (M / BLOCK_M) x N x R x 4
@@ -128,14 +121,8 @@ def adapter_grad_config(r_pad, elem_bytes, interpret=None):
 # cheaper while R < BLOCK_M / 4 = 32 at BLOCK_M = 128.
 FUSED_DB_MAX_RANK = 32
 
-
-def merge_config(interpret=None):
-    """Merge (W + s B A): memory-bound; 64 x 64 fp64 tiles, 8 warps."""
-    if _interpret(interpret):
-        return {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 1}
-
-
+MERGE_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 1}  # fp64 tiles: memory-bound
+INTERPRETER_MERGE_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
 REDUCE_CONFIG = {"BLOCK": 1024, "num_warps": 4, "num_stages": 1}
 DROPOUT_MASK_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
 

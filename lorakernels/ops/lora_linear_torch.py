@@ -1,12 +1,15 @@
 """Plain-PyTorch backend of the fused LoRA linear: the default on CPU tensors.
 
-Same contract as `lorakernels.ops.lora_linear` (same arguments, same saved state: x, U
-in fp32, the seed), written with whole-tensor torch ops. The dropout mask comes from a
-torch.Generator seeded with the seed, regenerated in backward, never stored; it is a
-different stream from the Triton kernels' Philox mask.
+Same contract as `lorakernels.ops.lora_linear` (same operand descriptions, same saved state:
+x, U in fp32, the seed), written with whole-tensor torch ops; one strategy, whatever the
+plan's base GEMM. The dropout mask comes from a torch.Generator seeded with the seed,
+regenerated in backward, never stored; it is a different stream from the Triton kernels'
+Philox mask.
 """
 
 import torch
+
+from lorakernels.operands import GradsNeeded
 
 
 def torch_keep_mask(seed, M, K, dropout_p, device):
@@ -16,11 +19,11 @@ def torch_keep_mask(seed, M, K, dropout_p, device):
     return torch.rand((M, K), generator=generator, device=device) >= dropout_p
 
 
-def _keep_scale(seed, M, K, dropout_p, device):
+def _keep_scale(adapter, M, K, device):
     """keep / (1 - p) as an fp32 (M, K) tensor, or None without dropout."""
-    if dropout_p == 0:
+    if not adapter.has_dropout:
         return None
-    return torch_keep_mask(seed, M, K, dropout_p, device) / (1.0 - dropout_p)
+    return torch_keep_mask(adapter.seed, M, K, adapter.dropout_p, device) / (1.0 - adapter.dropout_p)
 
 
 def _dropped(x, keep_scale):
@@ -29,30 +32,27 @@ def _dropped(x, keep_scale):
     return x if keep_scale is None else x * keep_scale
 
 
-def lora_forward_torch(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_gemm=None):
+def lora_forward(x, base, adapter, plan):
     """Torch forward: returns (y [M, N] in x's dtype, u = Xd A^T [M, R] fp32)."""
-    del base_gemm  # one strategy here
-    u = _dropped(x, _keep_scale(seed, x.shape[0], x.shape[1], dropout_p, x.device)) @ lora_A.float().t()
-    y = torch.nn.functional.linear(x, weight, bias)
-    y = y.addmm_((u * scaling).to(x.dtype), lora_B.to(x.dtype).t())
+    u = _dropped(x, _keep_scale(adapter, x.shape[0], x.shape[1], x.device)) @ adapter.lora_A.float().t()
+    y = torch.nn.functional.linear(x, base.weight, base.bias)
+    y = y.addmm_((u * adapter.scaling).to(x.dtype), adapter.lora_B.to(x.dtype).t())
     return y, u
 
 
-def lora_backward_torch(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
-                        needs_dx=True, needs_da=True, needs_db=True, base_gemm=None):
+def lora_backward(dy, x, u, base, adapter, plan, needs=GradsNeeded()):
     """Torch backward: returns (dx, dA, dB), None for those not needed (x is needed only for dA)."""
-    del base_gemm
-    M, K = dy.shape[0], weight.shape[1]
+    M, K = dy.shape[0], base.in_features
     dy32 = dy.float()
-    v = scaling * (dy32 @ lora_B.float()) if (needs_dx or needs_da) else None
-    db = (scaling * (dy32.t() @ u)).to(lora_B.dtype) if needs_db else None
+    v = adapter.scaling * (dy32 @ adapter.lora_B.float()) if (needs.dx or needs.da) else None
+    db = (adapter.scaling * (dy32.t() @ u)).to(adapter.lora_B.dtype) if needs.db else None
     # The mask is regenerated once and serves both dA and dX.
-    keep_scale = _keep_scale(seed, M, K, dropout_p, dy.device) if (needs_da or needs_dx) else None
-    da = (v.t() @ _dropped(x, keep_scale)).to(lora_A.dtype) if needs_da else None
+    keep_scale = _keep_scale(adapter, M, K, dy.device) if (needs.da or needs.dx) else None
+    da = (v.t() @ _dropped(x, keep_scale)).to(adapter.lora_A.dtype) if needs.da else None
     dx = None
-    if needs_dx:
-        lora_term = v @ lora_A.float()
+    if needs.dx:
+        lora_term = v @ adapter.lora_A.float()
         if keep_scale is not None:
             lora_term = lora_term * keep_scale
-        dx = (dy @ weight).add_(lora_term.to(dy.dtype))
+        dx = (dy @ base.weight).add_(lora_term.to(dy.dtype))
     return dx, da, db

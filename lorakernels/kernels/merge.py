@@ -14,7 +14,7 @@ import triton.language as tl
 
 
 @triton.jit
-def lora_merge_kernel(
+def merge_kernel(
     w_ptr,
     b_ptr,
     a_ptr,

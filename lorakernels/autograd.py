@@ -1,0 +1,213 @@
+"""The autograd layer (layer 3) of the fused LoRA linear.
+
+Two autograd paths share one forward body, one backward body and one saved state
+(`SavedState`):
+
+- two torch.library custom ops with a registered autograd formula
+  (`lorakernels::lora_linear_forward` / `lorakernels::lora_linear_backward`), which
+  torch.compile(fullgraph=True) sees as one opaque node per direction (the fake
+  implementations give it the output shapes);
+- `EagerLoRALinear`, a plain autograd.Function for eager mode (why: see its docstring).
+
+Both build the operand descriptions of `lorakernels.operands` and call `ops.lora_forward` /
+`ops.lora_backward` with a `LaunchPlan`. The plan crosses the custom-op boundary as
+`plan.to_op_args()` (the schema takes only plain values) and is rebuilt with
+`LaunchPlan.from_op_args`. Inputs arrive validated and flattened to 2-D (`lora_linear`).
+"""
+
+import contextlib
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from lorakernels import ops
+from lorakernels.operands import Adapter, DenseWeight, GradsNeeded
+from lorakernels.plan import LaunchPlan
+
+
+def draw_seed():
+    """Dropout seed (an int64 CPU scalar tensor) from torch's default CPU generator.
+
+    `torch.manual_seed` reproduces it and `torch.utils.checkpoint` (which restores the CPU
+    RNG state) replays it on recompute. Drawing on the CPU never synchronizes a GPU. The
+    device is explicit: under `torch.set_default_device("cuda")` the draw would otherwise
+    come from the CUDA generator, which checkpoint recompute does not replay.
+    """
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device="cpu")
+
+
+# The scalar pack: the dropout seed, the scaling and dropout_p travel in one float64 CPU tensor
+# [seed, scaling, p]. The seed is drawn outside the op (so the op is a pure function of its
+# inputs), and a tensor, unlike a float argument of a custom op (compiled once per value), is
+# data to torch.compile: a new seed never recompiles, a new scaling or p at most once (when
+# automatic dynamic makes it symbolic). Reading it inside the op costs no GPU synchronization
+# (it lives on the CPU). float64 holds every seed (< 2**31) exactly.
+_ONE = torch.ones((), dtype=torch.float64, device="cpu")
+
+
+def pack_scalars(seed, scaling, dropout_p):
+    """[seed, scaling, dropout_p] as one float64 CPU tensor; seed: an int or `draw_seed()`'s tensor."""
+    if torch.compiler.is_compiling():
+        # Built by tensor arithmetic: torch.compile traces a float multiplied into a tensor
+        # without specializing on its value (torch.tensor / as_tensor of a float would).
+        return torch.stack([_ONE * seed, _ONE * scaling, _ONE * dropout_p])
+    return torch.tensor([int(seed), scaling, dropout_p], dtype=torch.float64, device="cpu")
+
+
+def unpack_scalars(scalars):
+    """(seed: int, scaling: float, dropout_p: float) from `pack_scalars`'s tensor."""
+    seed, scaling, dropout_p = scalars.tolist()
+    return int(seed), scaling, dropout_p
+
+
+class SavedState(NamedTuple):
+    """What backward needs, saved by both autograd paths in this order. Never the dropout mask:
+    backward regenerates it from the seed.
+
+    x: the input [M, K], only when lora_A needs a gradient (dA = s (dY B)^T dropout(X)).
+    weight: [N, K], for dX. lora_A, lora_B: the adapter.
+    u: U = dropout(X) A^T [M, R] fp32, only when lora_B needs a gradient (dB = s dY^T U).
+    scalars: the scalar pack [seed, scaling, p].
+    """
+
+    x: Optional[torch.Tensor]
+    weight: torch.Tensor
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    u: Optional[torch.Tensor]
+    scalars: torch.Tensor
+
+    @classmethod
+    def of_forward(cls, x, weight, lora_A, lora_B, u, scalars):
+        """The state one forward leaves: x and U only where a gradient will need them."""
+        return cls(x if lora_A.requires_grad else None, weight, lora_A, lora_B,
+                   u if lora_B.requires_grad else None, scalars)
+
+    def save(self, ctx, plan, has_bias):
+        ctx.save_for_backward(*self)
+        ctx.plan = plan
+        ctx.has_bias = has_bias
+
+    @classmethod
+    def load(cls, ctx):
+        return cls(*ctx.saved_tensors)
+
+
+def _autocast_off(device_type):
+    # Entering an autocast context costs microseconds per call: only when autocast is on.
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _adapter(lora_A, lora_B, scalars):
+    seed, scaling, dropout_p = unpack_scalars(scalars)
+    return Adapter(lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def _forward(x, weight, bias, lora_A, lora_B, scalars, plan):
+    """(y [M, N], u [M, R] fp32): the forward body of both paths."""
+    # Operand dtypes were settled by `lora_linear` (autocast included): no casting inside.
+    with _autocast_off(x.device.type):
+        return ops.lora_forward(x, DenseWeight(weight, bias), _adapter(lora_A, lora_B, scalars), plan)
+
+
+def _backward(dy, state, plan, needs):
+    """(dx, dA, dB), None where `needs` does not ask: the backward body of both paths."""
+    with _autocast_off(dy.device.type):
+        return ops.lora_backward(dy, state.x, state.u, DenseWeight(state.weight),
+                                 _adapter(state.lora_A, state.lora_B, state.scalars), plan, needs)
+
+
+@torch.library.custom_op("lorakernels::lora_linear_forward", mutates_args=())
+def lora_linear_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           lora_A: torch.Tensor, lora_B: torch.Tensor, scalars: torch.Tensor, backend: str,
+                           base_gemm: str, tf32: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y [M, N], u [M, R] fp32) for 2-D x with a unit last-dim stride (see `lora_linear`).
+
+    scalars: `pack_scalars`'s tensor; backend, base_gemm, tf32: `LaunchPlan.to_op_args()`.
+    """
+    return _forward(x, weight, bias, lora_A, lora_B, scalars, LaunchPlan.from_op_args(backend, base_gemm, tf32))
+
+
+@lora_linear_forward_op.register_fake
+def _forward_fake(x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm, tf32):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32))
+
+
+@torch.library.custom_op("lorakernels::lora_linear_backward", mutates_args=())
+def lora_linear_backward_op(dy: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tensor,
+                            lora_A: torch.Tensor, lora_B: torch.Tensor, u: Optional[torch.Tensor],
+                            scalars: torch.Tensor, backend: str, base_gemm: str, tf32: bool, needs_dx: bool,
+                            needs_da: bool, needs_db: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB); a gradient that is not needed comes back as an empty tensor.
+
+    x, weight, lora_A, lora_B, u, scalars: a `SavedState`; backend, base_gemm, tf32 as the forward's.
+    """
+    grads = _backward(dy, SavedState(x, weight, lora_A, lora_B, u, scalars),
+                      LaunchPlan.from_op_args(backend, base_gemm, tf32), GradsNeeded(needs_dx, needs_da, needs_db))
+    return tuple(g if g is not None else dy.new_empty(0) for g in grads)
+
+
+@lora_linear_backward_op.register_fake
+def _backward_fake(dy, x, weight, lora_A, lora_B, u, scalars, backend, base_gemm, tf32, needs_dx, needs_da,
+                   needs_db):
+    return (dy.new_empty((dy.shape[0], weight.shape[1]) if needs_dx else (0,)),
+            lora_A.new_empty(lora_A.shape if needs_da else (0,)),
+            lora_B.new_empty(lora_B.shape if needs_db else (0,)))
+
+
+def _backward_by_op(dy, state, plan, needs):
+    return lora_linear_backward_op(dy, *state, *plan.to_op_args(), *needs)
+
+
+def _grads_of_inputs(ctx, dy, backward):
+    """The gradients of (x, weight, bias, lora_A, lora_B, scalars), then None for each plan argument."""
+    needs_dx, _, needs_dbias, needs_da, needs_db = ctx.needs_input_grad[:5]
+    dx = da = db = None
+    if needs_dx or needs_da or needs_db:
+        needs = GradsNeeded(needs_dx, needs_da, needs_db)
+        dx, da, db = backward(dy.contiguous(), SavedState.load(ctx), ctx.plan, needs)
+    dbias = dy.sum(0) if ctx.has_bias and needs_dbias else None
+    grads = (dx if needs_dx else None, None, dbias, da if needs_da else None, db if needs_db else None, None)
+    return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm, tf32 = inputs
+    state = SavedState.of_forward(x, weight, lora_A, lora_B, output[1], scalars)
+    state.save(ctx, LaunchPlan.from_op_args(backend, base_gemm, tf32), bias is not None)
+
+
+def _op_backward(ctx, dy, du):
+    del du  # U is an internal output: nothing flows back through it
+    return _grads_of_inputs(ctx, dy, _backward_by_op)
+
+
+lora_linear_forward_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class EagerLoRALinear(torch.autograd.Function):
+    """The same forward, backward and saved state as the custom ops, for eager mode.
+
+    apply(x, weight, bias, lora_A, lora_B, scalars, plan) -> y: the custom op's arguments, with
+    the `LaunchPlan` itself in place of its op arguments.
+
+    A custom op call goes through the dispatcher, the registered autograd wrapper and a
+    torch.compile guard, in both directions: on a 2-core CPU that added about 175 us of Python
+    per layer per forward + backward, the order of a GPU's time for the GEMMs of a layer with
+    a few thousand tokens, so eager training would wait on the host. torch.compile keeps
+    using the custom ops (`lora_linear` switches on `torch.compiler.is_compiling()`), where
+    that cost is paid once, at tracing.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scalars, plan):
+        y, u = _forward(x, weight, bias, lora_A, lora_B, scalars, plan)
+        SavedState.of_forward(x, weight, lora_A, lora_B, u, scalars).save(ctx, plan, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _grads_of_inputs(ctx, dy, _backward)

@@ -1,0 +1,3 @@
+from lorakernels.build_gate.aot import main
+
+raise SystemExit(main())

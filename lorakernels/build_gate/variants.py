@@ -1,0 +1,101 @@
+"""Every kernel variant the launchers can choose on a GPU, generated from the kernel specs.
+
+A variant is one kernel with concrete argument types, constexprs and launch options. Per spec
+and dtype case (`KernelSpec.gate_cases`): every config the spec's config function offers, at
+the heaviest feature path, and every valid feature path at the first config (for the rank-R
+kernels: at the smallest padded rank); every padded rank in the main cases, the extremes in
+the others; the unaligned fallback where the spec has one. Argument types follow the roles in
+the spec (activations in x's dtype, U/V/partials in fp32, adapters in x's dtype or fp32) and
+the JIT's specialization for the usual aligned case: pointers, and the sizes and strides the
+spec marks aligned, divisible by 16.
+"""
+
+import dataclasses
+
+from lorakernels.ops.configs import PADDED_RANKS
+from lorakernels.ops.specs import ALL, ELEM_BYTES, Ptr, Role, Scalar, Size, Stride
+
+_POINTER_TYPE = {Role.FP32: "*fp32", Role.INT8: "*i8"}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelVariant:
+    spec: object
+    dtype: str  # activation dtype
+    adapter_dtype: str
+    constexprs: tuple  # sorted (name, value) pairs
+    num_warps: int
+    num_stages: int
+    aligned: bool = True
+
+    @property
+    def name(self):
+        return self.spec.name
+
+    @property
+    def kernel(self):
+        return self.spec.kernel
+
+    def _type(self, arg):
+        if isinstance(arg, Ptr):
+            return {Role.ACTIVATION: "*" + self.dtype, Role.ADAPTER: "*" + self.adapter_dtype}.get(
+                arg.role, _POINTER_TYPE.get(arg.role))
+        return "fp32" if isinstance(arg, Scalar) else "i32"
+
+    def signature(self):
+        """(signature, constexprs, attrs) for triton.compiler.ASTSource."""
+        consts = dict(self.constexprs)
+        runtime = iter(self.spec.args)
+        sig, attrs = {}, {}
+        for i, name in enumerate(self.kernel.arg_names):
+            if name in consts:
+                sig[name] = "constexpr"
+                continue
+            arg = next(runtime)
+            sig[name] = self._type(arg)
+            divisible = isinstance(arg, Ptr) or (isinstance(arg, (Size, Stride)) and arg.aligned)
+            if self.aligned and divisible:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        return sig, consts, attrs
+
+    def describe(self):
+        c = dict(self.constexprs)
+        blocks = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK") if k in c)
+        flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs
+                         if not k.startswith("BLOCK") and k not in ("GROUP_M",))
+        return (f"{self.name} {self.dtype}/{self.adapter_dtype} {blocks} w{self.num_warps}s{self.num_stages} "
+                f"{flags}{'' if self.aligned else ' unaligned'}")
+
+
+def _variant(spec, dtype, adapter_dtype, config, precision, r_pad, flags, aligned=True):
+    config = dict(config)
+    warps, stages = config.pop("num_warps"), config.pop("num_stages")
+    case = {"INPUT_PRECISION": precision, "R_PAD": r_pad}
+    constexprs = {**config, **flags, **{k: case[k] for k in spec.case_constexprs}}
+    return KernelVariant(spec, dtype, adapter_dtype, tuple(sorted(constexprs.items())), warps, stages, aligned)
+
+
+def spec_variants(spec):
+    """The variants of one kernel spec (see the module docstring)."""
+    out = []
+    for case_index, (dtype, adapter, precision) in enumerate(spec.gate_cases):
+        main = case_index < spec.main_cases
+        ranks = [None]
+        if "R_PAD" in spec.case_constexprs:
+            ranks = PADDED_RANKS if main else (PADDED_RANKS[0], PADDED_RANKS[-1])
+        for r_pad in ranks:
+            candidates = spec.configs(ELEM_BYTES[dtype], r_pad)
+            paths = spec.flag_combinations(r_pad)
+            for i, config in enumerate(candidates if main else candidates[:1]):
+                every_path = i == 0 and r_pad in (None, PADDED_RANKS[0])
+                out += [_variant(spec, dtype, adapter, config, precision, r_pad, flags)
+                        for flags in (paths if every_path else paths[:1])]
+        if spec.unaligned_config is not None and adapter == "fp32" and precision == "ieee":
+            out.append(_variant(spec, dtype, adapter, spec.unaligned_config(ELEM_BYTES[dtype]), precision, None,
+                                spec.flag_combinations()[0], aligned=False))
+    return out
+
+
+def all_variants():
+    """The variants the gate builds, for every kernel spec."""
+    return list(dict.fromkeys(v for spec in ALL for v in spec_variants(spec)))

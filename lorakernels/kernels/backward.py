@@ -1,0 +1,129 @@
+"""Backward kernels of the fused LoRA linear (layer 1).
+
+    V  = s * dY @ B                           [M, R]  (B1, b1_grad_dy_kernel)
+    dB = s * dY^T @ U                         [N, R]  (B1 partials, or B3 on dY at large ranks)
+    dX = dY @ W + (V @ A) * keep / (1 - p)    [M, K]  (B2, b2_grad_x_kernel: the GEMM core)
+    dA = V^T @ Xd                             [R, K]  (B3, b3_adapter_grad_kernel)
+
+Reductions over M are two-stage: each program writes an fp32 partial for its slice of
+rows, then reduce_partials_kernel sums the partials in a fixed order. No atomics, so
+the same inputs give the same bits on every run.
+"""
+
+import triton
+import triton.language as tl
+
+from lorakernels.kernels.dropout import load_dropped
+from lorakernels.kernels.gemm_core import fused_gemm_tile
+
+
+@triton.jit
+def b1_grad_dy_kernel(dy_ptr, b_ptr, u_ptr, v_ptr, db_part_ptr, M, N, R, stride_dym, stride_bn, stride_um,
+                      stride_vm, scaling, COMPUTE_V: tl.constexpr, COMPUTE_DB: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      R_PAD: tl.constexpr):
+    """B1: one pass over a BLOCK_M-row slab of dY gives V (complete) and the slab's dB partial.
+
+    db_part is fp32 [cdiv(M, BLOCK_M), N, R], unscaled; V is fp32 [M, R], scaled by s.
+    Grid: (cdiv(M, BLOCK_M),).
+    """
+    dot_dtype = dy_ptr.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, R_PAD)
+    row_ok = rows < M
+    rank_ok = ranks < R
+    if COMPUTE_DB:
+        u = tl.load(u_ptr + rows[:, None] * stride_um + ranks[None, :],
+                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(dot_dtype)
+        db_part_ptr += pid * N * R
+    v_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        outs = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        out_ok = outs < N
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :],
+                     mask=row_ok[:, None] & out_ok[None, :], other=0.0)
+        if COMPUTE_V:
+            b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :],
+                        mask=out_ok[:, None] & rank_ok[None, :], other=0.0)
+            v_acc = tl.dot(dy, b.to(dot_dtype), v_acc, input_precision=INPUT_PRECISION)
+        if COMPUTE_DB:
+            db = tl.dot(tl.trans(dy), u, input_precision=INPUT_PRECISION)
+            tl.store(db_part_ptr + outs[:, None] * R + ranks[None, :], db,
+                     mask=out_ok[:, None] & rank_ok[None, :])
+    if COMPUTE_V:
+        tl.store(v_ptr + rows[:, None] * stride_vm + ranks[None, :], v_acc * tl.cast(scaling, tl.float32),
+                 mask=row_ok[:, None] & rank_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def b2_grad_x_kernel(dy_ptr, w_ptr, v_ptr, a_ptr, dx_ptr, M, N, K, R,
+                     stride_dym, stride_wn, stride_vm, stride_am, stride_dxm, seed, p,
+                     BASE_GEMM: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """B2: dX = dY @ W + (V @ A) * keep / (1 - p), dX written once.
+
+    The GEMM core with dX as its output: BLOCK_N tiles dX's K (in_features) columns and BLOCK_K
+    steps through the reduction over dY's N columns. With BASE_GEMM=False only the masked LoRA
+    term is written (cuBLAS adds dY @ W afterwards).
+    Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N),).
+    """
+    fused_gemm_tile(dy_ptr, stride_dym, w_ptr, stride_wn,
+                    v_ptr, stride_vm, a_ptr, stride_am, 1,
+                    dx_ptr, dx_ptr, stride_dxm,
+                    M, K, N, R, 1.0, seed, p,
+                    False, False, HAS_DROPOUT, BASE_GEMM, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def b3_adapter_grad_kernel(x_ptr, v_ptr, part_ptr, M, K, R, stride_xm, stride_vm, rows_per_split, seed, p,
+                           HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
+    """B3, adapter-gradient partials: part[s] = V[rows of s]^T @ Xd[rows of s], fp32 [S, R, K].
+
+    dA: V = s dY B, X = x with its dropout mask regenerated from the seed. dB^T: V = U,
+    X = dY, no dropout. X is read once. `rows_per_split` is a multiple of BLOCK_M.
+    Grid: (cdiv(K, BLOCK_K), S).
+    """
+    dot_dtype = x_ptr.dtype.element_ty
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(1).to(tl.int64)
+    ranks = tl.arange(0, R_PAD)
+    col_ok = cols < K
+    rank_ok = ranks < R
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, M)
+    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_ok = rows < row_end
+        x = load_dropped(x_ptr, rows, cols, stride_xm, row_ok[:, None] & col_ok[None, :], seed, p, HAS_DROPOUT)
+        v_t = tl.load(v_ptr + rows[None, :] * stride_vm + ranks[:, None],
+                      mask=rank_ok[:, None] & row_ok[None, :], other=0.0)
+        acc = tl.dot(v_t.to(dot_dtype), x, acc, input_precision=INPUT_PRECISION)
+    tl.store(part_ptr + split * R * K + ranks[:, None] * K + cols[None, :], acc,
+             mask=rank_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def reduce_partials_kernel(part_ptr, out_ptr, num_parts, numel, cols, stride_ot, scaling,
+                           TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr):
+    """out = scaling * sum_s part[s], summed in s order (deterministic), cast once.
+
+    part: fp32 [num_parts, rows, cols] contiguous (numel = rows * cols per part). out: contiguous
+    [rows, cols]; with TRANSPOSED, out is the transposed view of a contiguous [cols, rows] tensor
+    (element (i, j) at j * stride_ot + i): dB^T partials go straight into dB. The index split
+    costs 32-36 registers (build gate: 64-68 against 32), so the contiguous case keeps a path without it.
+    Grid: (cdiv(numel, BLOCK),).
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    part_ptrs = part_ptr + offs
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _ in range(0, num_parts):
+        acc += tl.load(part_ptrs, mask=ok, other=0.0)
+        part_ptrs += numel
+    out_offs = offs
+    if TRANSPOSED:
+        out_offs = (offs % cols) * stride_ot + offs // cols
+    tl.store(out_ptr + out_offs, (acc * tl.cast(scaling, tl.float32)).to(out_ptr.dtype.element_ty), mask=ok)

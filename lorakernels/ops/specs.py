@@ -1,0 +1,326 @@
+"""Kernel specs: one description per kernel, read by the launchers and by the build gate.
+
+A spec names each runtime argument of its kernel, in the kernel's order, with its role:
+a tensor (`Ptr`: which dtype it has, whether it may be absent), a size, a stride of one of
+the tensors, a float scalar or a seed. It lists the feature constexprs with their domains,
+the config function, and the dtype cases the launchers produce. From that one description:
+
+- `KernelSpec.launch` builds the kernel's argument list from named values (strides are read
+  off their tensors, an absent optional tensor gets a stand-in pointer that the kernel's
+  flags compile out), checks the 16-byte alignment the fast configs assume, and picks the
+  config: the interpreter's, the unaligned fallback, the one per padded rank, or the
+  autotuner's choice per token bucket;
+- the build gate (`lorakernels.build_gate`) enumerates the variants and derives their
+  signatures (pointer dtypes from the roles, divisibility from the aligned arguments).
+
+Adding a kernel argument touches the kernel and its spec; tests/test_specs.py fails when a
+spec and its kernel disagree.
+"""
+
+import dataclasses
+import enum
+import itertools
+from typing import Callable, Optional
+
+import triton
+
+from lorakernels._interpreter import ensure_interpreter_fixes
+from lorakernels.kernels.backward import b1_grad_dy_kernel, b2_grad_x_kernel, b3_adapter_grad_kernel, \
+    reduce_partials_kernel
+from lorakernels.kernels.dropout import dropout_keep_mask_kernel
+from lorakernels.kernels.forward import f1_dropout_down_kernel, f2_forward_gemm_kernel
+from lorakernels.kernels.merge import merge_kernel
+from lorakernels.ops import configs
+from lorakernels.plan import interpreting
+
+
+class Role(enum.Enum):
+    """The dtype of a tensor argument, by what it holds."""
+
+    ACTIVATION = "activation"  # x's dtype (x, weight, bias, dy, y, dx)
+    ADAPTER = "adapter"  # lora_A / lora_B's dtype: x's, or fp32
+    FP32 = "fp32"  # U, V and reduction partials
+    INT8 = "int8"
+
+
+@dataclasses.dataclass(frozen=True)
+class Ptr:
+    """A tensor argument `<tensor>_ptr`; every tensor the fast configs get is 16-byte aligned."""
+
+    name: str
+    role: Role
+    optional: bool = False
+
+    @property
+    def tensor(self):
+        return self.name[:-len("_ptr")]
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """An integer argument passed by name; `aligned`: divisible by 16 on the fast path."""
+
+    name: str
+    aligned: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Stride:
+    """`tensor.stride(dim)` (0 for an absent optional tensor); `aligned` as for Size."""
+
+    name: str
+    tensor: str
+    dim: int = 0
+    aligned: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Scalar:
+    """A float argument (cast to fp32 inside the kernel)."""
+
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Seed:
+    """The dropout seed: an int, never specialized on (`do_not_specialize`)."""
+
+    name: str = "seed"
+
+
+# (activation dtype, adapter dtype, dot input precision): the combinations the LoRA-linear
+# launchers produce. The first three are the main cases (every config, every padded rank);
+# fp16, and bf16 with bf16 adapters, have the tile sizes of bf16 with fp32 adapters and lighter
+# adapter loads, so the gate builds their first config and extreme ranks.
+LAYER_CASES = (("bf16", "fp32", "ieee"),  # PEFT's default: bf16 model, fp32 adapters
+               ("fp32", "fp32", "tf32"),  # fp32 with torch.backends.cuda.matmul.allow_tf32
+               ("fp32", "fp32", "ieee"),  # fp32 without TF32
+               ("fp16", "fp16", "ieee"),
+               ("bf16", "bf16", "ieee"))
+DTYPES = ("fp32", "fp16", "bf16")
+ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def token_bucket(M):
+    """The autotuning bucket of a launch with M rows (tokens): a power of two in [64, 16384]."""
+    return min(max(triton.next_power_of_2(M), 64), 16384)
+
+
+def _always(flags, r_pad):
+    return True
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KernelSpec:
+    """Everything the launchers and the build gate need to know about one kernel.
+
+    code: its name in the docs (F1, F2, B1, B2, B3, ...). args: its runtime arguments in order.
+    flags: feature constexprs and their domains, the heaviest path first. configs(elem_bytes,
+    r_pad): GPU candidates (several: autotuned). unaligned_config(elem_bytes): the fallback
+    for operands that miss the alignment (GEMMs). valid_flags(flags, r_pad): which flag
+    combinations a launcher can produce. gemm: its main loop is a full GEMM (tensor cores
+    required). autotune_key: kernel arguments the autotuner keys on (with the token bucket
+    and activation size). gate_cases/main_cases: the dtype cases the build gate builds.
+    """
+
+    code: str
+    kernel: object
+    args: tuple
+    flags: dict
+    configs: Callable
+    interpreter_config: dict
+    unaligned_config: Optional[Callable] = None
+    valid_flags: Callable = _always
+    gemm: bool = False
+    autotune_key: tuple = ()
+    gate_cases: tuple = LAYER_CASES
+    main_cases: int = 3
+
+    @property
+    def name(self):
+        return self.kernel.fn.__name__
+
+    @property
+    def case_constexprs(self):
+        """The constexprs set per dtype case or rank, not enumerated as features."""
+        return tuple(n for n in ("INPUT_PRECISION", "R_PAD") if n in self.kernel.arg_names)
+
+    def flag_combinations(self, r_pad=None):
+        """Every valid assignment of the feature flags, the heaviest first."""
+        names = list(self.flags)
+        combos = (dict(zip(names, values)) for values in itertools.product(*self.flags.values()))
+        return [c for c in combos if self.valid_flags(c, r_pad)]
+
+    def _arguments(self, values):
+        """The kernel's runtime arguments in order, from tensors (by tensor name) and scalars (by name)."""
+        tensors = [values[a.tensor] for a in self.args if isinstance(a, Ptr) and values[a.tensor] is not None]
+        out = []
+        for a in self.args:
+            if isinstance(a, Ptr):
+                t = values[a.tensor]
+                if t is None and not a.optional:
+                    raise ValueError(f"{self.code} ({self.name}): tensor {a.tensor!r} is required")
+                out.append(t if t is not None else tensors[0])  # stand-in: compiled out by the flags
+            elif isinstance(a, Stride):
+                t = values[a.tensor]
+                out.append(t.stride(a.dim) if t is not None else 0)
+            elif isinstance(a, Scalar):
+                out.append(float(values[a.name]))
+            else:
+                out.append(values[a.name])
+        return out
+
+    def activation_bytes(self, values):
+        """Element size of the activations (what the configs are chosen by); 4 without any."""
+        for a in self.args:
+            if isinstance(a, Ptr) and a.role is Role.ACTIVATION and values[a.tensor] is not None:
+                return values[a.tensor].element_size()
+        return 4
+
+    def aligned(self, arguments):
+        """Whether the arguments meet the 16-byte alignment the fast configs were built for."""
+        for a, value in zip(self.args, arguments):
+            if isinstance(a, Ptr) and value.data_ptr() % 16:
+                return False
+            if isinstance(a, (Size, Stride)) and a.aligned and value % 16:
+                return False
+        return True
+
+    def launch(self, grid, config=None, **values):
+        """Launch over `grid(config)` with the named values; returns the config it ran with
+        (None when the autotuner chose it).
+
+        values: each tensor by its name without `_ptr` (None for an absent optional one), each
+        size, scalar and seed by its argument name, each feature flag and case constexpr.
+        config: a config dict to run with instead of the spec's choice.
+        """
+        expected = {a.tensor if isinstance(a, Ptr) else a.name for a in self.args if not isinstance(a, Stride)}
+        expected |= {*self.flags, *self.case_constexprs}
+        if set(values) != expected:
+            raise TypeError(f"{self.code} ({self.name}): missing {sorted(expected - set(values))}, "
+                            f"unexpected {sorted(set(values) - expected)}")
+        if interpreting():
+            ensure_interpreter_fixes()  # bf16 would be garbage without them (lorakernels._interpreter)
+        constexprs = {n: values.pop(n) for n in (*self.flags, *self.case_constexprs)}
+        arguments = self._arguments(values)
+        elem_bytes = self.activation_bytes(values)
+        r_pad = constexprs.get("R_PAD")
+        if config is None:
+            config = self.pick_config(arguments, elem_bytes, r_pad)
+        if config == "autotune":
+            self.autotuner(values["M"], elem_bytes, r_pad)[grid](*arguments, **constexprs)
+            return None
+        meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+        self.kernel[grid(meta)](*arguments, **constexprs, **meta, num_warps=config["num_warps"],
+                                num_stages=config["num_stages"])
+        return config
+
+    def pick_config(self, arguments, elem_bytes, r_pad=None):
+        """The config a launch with these arguments runs: a dict, or "autotune"."""
+        if interpreting():
+            return self.interpreter_config
+        if self.unaligned_config is not None and not self.aligned(arguments):
+            return self.unaligned_config(elem_bytes)
+        candidates = self.configs(elem_bytes, r_pad)
+        return candidates[0] if len(candidates) == 1 else "autotune"
+
+    def fixed_config(self, elem_bytes, r_pad=None):
+        """The config of a kernel with one candidate (the interpreter's under the interpreter),
+        for launchers whose grid or buffers depend on it before the launch."""
+        if interpreting():
+            return self.interpreter_config
+        (config,) = self.configs(elem_bytes, r_pad)
+        return config
+
+    def autotuner(self, M, elem_bytes, r_pad=None):
+        """The autotuner for launches with M rows: one per (token bucket, activation size, rank).
+
+        The best tile for 512 tokens is not the best for 16k, and an autotune key can only name
+        kernel arguments (M itself would retune at every new sequence length); the compiled
+        binaries are shared between buckets, only the choice of config is per bucket.
+        """
+        key = (token_bucket(M), elem_bytes, r_pad)
+        if key not in self._autotuners:
+            candidates = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+                                        num_warps=c["num_warps"], num_stages=c["num_stages"])
+                          for c in self.configs(elem_bytes, r_pad)]
+            self._autotuners[key] = triton.autotune(configs=candidates, key=list(self.autotune_key))(self.kernel)
+        return self._autotuners[key]
+
+    def __post_init__(self):
+        object.__setattr__(self, "_autotuners", {})
+
+
+def _b1_valid(flags, r_pad):
+    # B1 runs for V, for the dB partials (only up to FUSED_DB_MAX_RANK), or both.
+    return (flags["COMPUTE_V"] or flags["COMPUTE_DB"]) and (
+        not flags["COMPUTE_DB"] or r_pad is None or r_pad <= configs.FUSED_DB_MAX_RANK)
+
+
+ACT, ADAPTER, FP32 = Role.ACTIVATION, Role.ADAPTER, Role.FP32
+BOOL = (True, False)
+
+F1 = KernelSpec(
+    "F1", f1_dropout_down_kernel,
+    (Ptr("x_ptr", ACT), Ptr("a_ptr", ADAPTER), Ptr("u_ptr", FP32), Size("M"), Size("K", True), Size("R"),
+     Stride("stride_xm", "x", aligned=True), Stride("stride_am", "a", aligned=True), Stride("stride_um", "u"),
+     Seed(), Scalar("p")),
+    {"HAS_DROPOUT": BOOL}, configs.f1_configs, configs.INTERPRETER_RANK_CONFIG)
+
+F2 = KernelSpec(
+    "F2", f2_forward_gemm_kernel,
+    (Ptr("x_ptr", ACT), Ptr("w_ptr", ACT), Ptr("bias_ptr", ACT, optional=True), Ptr("u_ptr", FP32),
+     Ptr("b_ptr", ADAPTER), Ptr("y_ptr", ACT), Size("M"), Size("N", True), Size("K", True), Size("R"),
+     Stride("stride_xm", "x", aligned=True), Stride("stride_wn", "w", aligned=True), Stride("stride_um", "u"),
+     Stride("stride_bn", "b"), Stride("stride_ym", "y", aligned=True), Scalar("scaling")),
+    {"HAS_BIAS": BOOL, "BASE_GEMM": BOOL}, configs.f2_configs, configs.INTERPRETER_GEMM_CONFIG,
+    unaligned_config=configs.f2_unaligned_config, gemm=True, autotune_key=("N", "K", "BASE_GEMM"))
+
+B1 = KernelSpec(
+    "B1", b1_grad_dy_kernel,
+    (Ptr("dy_ptr", ACT), Ptr("b_ptr", ADAPTER), Ptr("u_ptr", FP32, optional=True),
+     Ptr("v_ptr", FP32, optional=True), Ptr("db_part_ptr", FP32, optional=True), Size("M"), Size("N", True),
+     Size("R"), Stride("stride_dym", "dy", aligned=True), Stride("stride_bn", "b"), Stride("stride_um", "u"),
+     Stride("stride_vm", "v"), Scalar("scaling")),
+    {"COMPUTE_V": BOOL, "COMPUTE_DB": BOOL}, configs.b1_configs, configs.INTERPRETER_B1_CONFIG,
+    valid_flags=_b1_valid)
+
+B2 = KernelSpec(
+    "B2", b2_grad_x_kernel,
+    (Ptr("dy_ptr", ACT), Ptr("w_ptr", ACT), Ptr("v_ptr", FP32), Ptr("a_ptr", ADAPTER), Ptr("dx_ptr", ACT),
+     Size("M"), Size("N", True), Size("K", True), Size("R"), Stride("stride_dym", "dy", aligned=True),
+     Stride("stride_wn", "w", aligned=True), Stride("stride_vm", "v"), Stride("stride_am", "a", aligned=True),
+     Stride("stride_dxm", "dx", aligned=True), Seed(), Scalar("p")),
+    {"BASE_GEMM": BOOL, "HAS_DROPOUT": BOOL}, configs.b2_configs, configs.INTERPRETER_GEMM_CONFIG,
+    unaligned_config=configs.b2_unaligned_config, gemm=True, autotune_key=("N", "K", "BASE_GEMM"))
+
+B3 = KernelSpec(
+    "B3", b3_adapter_grad_kernel,
+    (Ptr("x_ptr", ACT), Ptr("v_ptr", FP32), Ptr("part_ptr", FP32), Size("M"), Size("K", True), Size("R"),
+     Stride("stride_xm", "x", aligned=True), Stride("stride_vm", "v"), Size("rows_per_split"), Seed(),
+     Scalar("p")),
+    {"HAS_DROPOUT": BOOL}, configs.b3_configs, configs.INTERPRETER_RANK_CONFIG)
+
+REDUCE = KernelSpec(
+    "reduce", reduce_partials_kernel,
+    (Ptr("part_ptr", FP32), Ptr("out_ptr", ADAPTER), Size("num_parts"), Size("numel", True), Size("cols"),
+     Stride("stride_ot", "out", 1), Scalar("scaling")),
+    {"TRANSPOSED": BOOL}, lambda elem_bytes, r_pad: [configs.REDUCE_CONFIG], configs.REDUCE_CONFIG,
+    gate_cases=tuple(("fp32", d, "ieee") for d in DTYPES))
+
+MERGE = KernelSpec(
+    "merge", merge_kernel,
+    (Ptr("w_ptr", ACT), Ptr("b_ptr", ADAPTER), Ptr("a_ptr", ADAPTER), Ptr("out_ptr", ACT), Size("N"),
+     Size("K", True), Size("R"), Stride("stride_wn", "w", aligned=True), Stride("stride_bn", "b"),
+     Stride("stride_ar", "a"), Stride("stride_on", "out", aligned=True), Scalar("scaling")),
+    {"SUBTRACT": BOOL}, lambda elem_bytes, r_pad: [configs.MERGE_CONFIG], configs.INTERPRETER_MERGE_CONFIG,
+    gate_cases=tuple((d, a, "ieee") for d in DTYPES for a in sorted({d, "fp32"})))
+
+DROPOUT_MASK = KernelSpec(
+    "mask", dropout_keep_mask_kernel,
+    (Ptr("out_ptr", Role.INT8), Size("M"), Size("K", True), Stride("stride_om", "out", aligned=True), Seed(),
+     Scalar("p")),
+    {}, lambda elem_bytes, r_pad: [configs.DROPOUT_MASK_CONFIG], configs.DROPOUT_MASK_CONFIG,
+    gate_cases=(("fp32", "fp32", "ieee"),))
+
+ALL = (F1, F2, B1, B2, B3, REDUCE, MERGE, DROPOUT_MASK)
