@@ -7,167 +7,202 @@ import traceback
 
 import torch
 
-from benchmarks.harness import bench, peak_memory
+from benchmarks.harness import Budget, call_batches, interleave, one_call, peak_memory
 from benchmarks.providers import make_providers
 from lorakernels import LoRALinear, ops
 from lorakernels.testing import saved_activation_bytes
 
 MODES = ("forward", "backward", "full")
+# Every provider's time is also reported as a ratio to these, computed round by round.
+LAYER_REFERENCES = ("floor", "unfused", "peft", "lorakernels-cublas")
 
 
 def dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
 
-def _record(records, shape, provider, mode, metric, value, p20=None, p80=None, unit="s"):
+def _record(records, shape, provider, mode, metric, value, p20=None, p80=None, unit="s", benchmark="layer"):
     M, K, N, r, dropout, dtype = shape
-    records.append(dict(benchmark="layer", provider=provider, mode=mode, M=M, K=K, N=N, r=r, dropout=dropout,
+    records.append(dict(benchmark=benchmark, provider=provider, mode=mode, M=M, K=K, N=N, r=r, dropout=dropout,
                         dtype=dtype_name(dtype), metric=metric, value=value, p20=p20, p80=p80, unit=unit))
 
 
 def failure(section, what, error):
     """A failed measurement, kept for the report (and the exit status) instead of ending the run."""
     print(f"\nFAILED {section} {what}: {type(error).__name__}: {error}")
-    traceback.print_exc()
+    traceback.print_exception(type(error), error, error.__traceback__)
     return dict(section=section, what=what, error=f"{type(error).__name__}: {error}")
 
 
-def layer_benchmarks(device, shapes, dtype, providers, repeats, progress=None, failures=None, extras=True,
-                     timer=bench):
+def layer_benchmarks(device, shapes, dtype, providers, budget, progress=None, failures=None, extras=True,
+                     calls=None):
     """shapes: (tokens M, K, N, r, dropout) tuples. Returns long-format records; a provider that
-    fails is reported in `failures` and the others still run. extras=False skips inference
-    after merge and the GEMM comparison; `timer` times forward / backward / full (harness.bench,
-    or harness.bench_calls where the host's cost is the point)."""
+    fails is reported in `failures` and the others still run. Each mode times the providers in
+    alternation (harness.interleave). extras=False skips inference after merge and the GEMM
+    comparison; `calls`: time batches of that many back-to-back calls by the host clock
+    (harness.call_batches, where the host's cost is the point) instead of single calls."""
     records = []
     failures = [] if failures is None else failures
+    sample = call_batches(device, calls) if calls else one_call(device, budget)
     gemm_shapes = set()
     for M, K, N, r, dropout in shapes:
         shape = (M, K, N, r, dropout, dtype)
         layers = make_providers(K, N, r, dtype, dropout, device, names=providers)
         x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn(M, N, device=device, dtype=dtype)
-        for name, provider in layers.items():
-            try:
-                records += _provider_benchmarks(device, shape, name, provider, x, dy, repeats, failures, timer)
-            except Exception as error:  # noqa: BLE001 - one broken provider must not end a GPU session
-                failures.append(failure("layer", f"{name} at {shape}", error))
-            if progress:
-                progress()
+        records += _shape_benchmarks(device, shape, layers, x, dy, budget, sample, failures)
+        for _ in layers if progress else ():
+            progress()
         if not extras:
             continue
         try:
-            records += _inference_after_merge(device, shape, layers, x, repeats)
+            records += _inference_after_merge(device, shape, layers, x, budget)
         except Exception as error:  # noqa: BLE001
             failures.append(failure("layer", f"inference after merge at {shape}", error))
         if device.type == "cuda" and (M, K, N) not in gemm_shapes:
             gemm_shapes.add((M, K, N))
             try:
-                records += gemm_benchmark(device, M, K, N, dtype)
+                records += gemm_benchmark(device, M, K, N, dtype, budget)
             except Exception as error:  # noqa: BLE001
                 failures.append(failure("gemm", f"at {shape}", error))
         del layers, x, dy
     return records
 
 
-def _provider_benchmarks(device, shape, name, provider, x, dy, repeats, failures, timer):
+def _shape_benchmarks(device, shape, layers, x, dy, budget, sample, failures):
+    """Every provider at one shape: counts and saved bytes, then each mode's timings with the
+    providers in alternation, then peak memory. A provider that fails leaves the later modes."""
+    records, modules = [], {}
+    for name, provider in layers.items():
+        modules[name] = provider.module.train()
+        records += _counts(shape, name, provider, x, failures)
+    # released before every timed run: each backward allocates them fresh
+    grads = {name: [x] + [p for p in m.parameters() if p.requires_grad] for name, m in modules.items()}
+    for mode in MODES:
+        fns = {}
+        for name, module in modules.items():
+            try:
+                fns[name] = _mode_fn(mode, module, x, dy)
+            except Exception as error:  # noqa: BLE001 - one broken provider must not end a GPU session
+                failures.append(failure("layer", f"{name} {mode} at {shape}", error))
+        timing = interleave(fns, sample, budget, grads)
+        records += _timing_records(shape, "layer", mode, timing, LAYER_REFERENCES)
+        for name, error in timing.errors.items():
+            failures.append(failure("layer", f"{name} {mode} at {shape}", error))
+        modules = {name: m for name, m in modules.items() if name in timing.names()}
+        del fns, timing
+    for name, module in modules.items():
+        try:
+            mem = peak_memory(lambda: module(x).backward(dy), device, grad_to_none=grads[name])
+        except Exception as error:  # noqa: BLE001
+            failures.append(failure("layer", f"{name} peak memory at {shape}", error))
+            continue
+        if mem is not None:
+            _record(records, shape, name, "full", "peak_memory", mem, unit="B")
+    for t in [x] + [t for ts in grads.values() for t in ts]:
+        t.grad = None
+    return records
+
+
+def _counts(shape, name, provider, x, failures):
+    """Trainable parameters and the bytes autograd saves for backward."""
     records = []
-    module = provider.module.train()
-    params = [p for p in module.parameters() if p.requires_grad]
-    grads = [x] + params  # released before every timed run: each backward allocates them fresh
     _record(records, shape, name, "full", "trainable_params", provider.trainable_parameters(), unit="")
+    module = provider.module
     try:  # counted apart from the timings: a compiled module may refuse saved-tensor hooks
         saved, _ = saved_activation_bytes(lambda: module(x), list(module.parameters()))
         _record(records, shape, name, "full", "saved_bytes", saved, unit="B")
     except Exception as error:  # noqa: BLE001
         failures.append(failure("layer", f"{name} saved bytes at {shape}", error))
+    return records
 
-    def forward():
-        return module(x)
 
-    def full():
-        module(x).backward(dy)
-
+def _mode_fn(mode, module, x, dy):
+    """The callable that one mode times: forward, backward (of a graph kept for it) or both."""
+    if mode == "forward":
+        return lambda: module(x)
+    if mode == "full":
+        return lambda: module(x).backward(dy)
     y = module(x)
-
-    def backward():
-        y.backward(dy, retain_graph=True)
-
-    for mode, fn in (("forward", forward), ("backward", backward), ("full", full)):
-        median, p20, p80 = timer(fn, device, repeats, grad_to_none=grads)
-        _record(records, shape, name, mode, "time", median, p20, p80)
-    mem = peak_memory(full, device, grad_to_none=grads)
-    if mem is not None:
-        _record(records, shape, name, "full", "peak_memory", mem, unit="B")
-    del y
-    for t in grads:
-        t.grad = None
-    return records
+    return lambda: y.backward(dy, retain_graph=True)
 
 
-@torch.no_grad()
-def _inference_after_merge(device, shape, layers, x, repeats):
-    """Inference latency: the base layer, LoRA merged (plain GEMM) and the bottleneck adapter."""
+def _timing_records(shape, benchmark, mode, timing, references):
+    """Each provider's median time with its 20/80th percentiles, and its per-round ratios to the
+    references timed in the same rounds (metric ratio_to_<reference>: median and percentiles
+    over the rounds)."""
     records = []
-    for name in ("floor", "lorakernels", "adapter"):
-        if name not in layers:
-            continue
-        module = layers[name].module.eval()
-        if isinstance(module, LoRALinear):
-            module.merge()
-        try:
-            median, p20, p80 = bench(lambda: module(x), device, repeats)
-        finally:
-            if isinstance(module, LoRALinear):
-                module.unmerge()
-        _record(records, shape, name, "inference-merged", "time", median, p20, p80)
+    for name in timing.names():
+        _record(records, shape, name, mode, "time", *timing.stats(name), benchmark=benchmark)
+        for ref in references:
+            ratio = timing.ratio(name, ref) if ref != name else None
+            if ratio is not None:
+                _record(records, shape, name, mode, f"ratio_to_{ref}", *ratio, unit="x", benchmark=benchmark)
     return records
 
 
 @torch.no_grad()
-def gemm_benchmark(device, M, K, N, dtype, repeats=None):
+def _inference_after_merge(device, shape, layers, x, budget):
+    """Inference latency: the base layer, LoRA merged (plain GEMM) and the bottleneck adapter,
+    timed in alternation."""
+    modules = {name: layers[name].module.eval() for name in ("floor", "lorakernels", "adapter") if name in layers}
+    merged = [m for m in modules.values() if isinstance(m, LoRALinear)]
+    for module in merged:
+        module.merge()
+    try:
+        timing = interleave({name: (lambda m=m: m(x)) for name, m in modules.items()}, one_call(device, budget),
+                            budget)
+    finally:
+        for module in merged:
+            module.unmerge()
+    if timing.errors:
+        raise next(iter(timing.errors.values()))
+    return _timing_records(shape, "layer", "inference-merged", timing, ("floor",))
+
+
+@torch.no_grad()
+def gemm_benchmark(device, M, K, N, dtype, budget=None):
     """The fused kernels' main loops with the rank-R term switched off (F2: X W^T + b, B2: dY W)
-    against cuBLAS (torch.addmm / torch.mm) on the same operands: the ratio the fusion must beat."""
+    against cuBLAS (torch.addmm / torch.mm) on the same operands, the two in alternation: the
+    ratio the fusion must beat."""
     x = torch.randn(M, K, device=device, dtype=dtype)
     dy = torch.randn(M, N, device=device, dtype=dtype)
     weight = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
     bias = torch.randn(N, device=device, dtype=dtype)
     cases = {
-        ("forward", "triton-gemm"): lambda: ops.base_gemm_forward(x, weight, bias),
-        ("forward", "cublas"): lambda: torch.addmm(bias, x, weight.t()),
-        ("grad-x", "triton-gemm"): lambda: ops.base_gemm_grad_x(dy, weight),
-        ("grad-x", "cublas"): lambda: torch.mm(dy, weight),
+        "forward": {"triton-gemm": lambda: ops.base_gemm_forward(x, weight, bias),
+                    "cublas": lambda: torch.addmm(bias, x, weight.t())},
+        "grad-x": {"triton-gemm": lambda: ops.base_gemm_grad_x(dy, weight),
+                   "cublas": lambda: torch.mm(dy, weight)},
     }
-    torch.testing.assert_close(cases["forward", "triton-gemm"](), cases["forward", "cublas"](), rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(cases["grad-x", "triton-gemm"](), cases["grad-x", "cublas"](), rtol=2e-2, atol=2e-2)
+    for fns in cases.values():
+        torch.testing.assert_close(fns["triton-gemm"](), fns["cublas"](), rtol=2e-2, atol=2e-2)
+    budget = budget or Budget()
     records = []
+    for mode, fns in cases.items():
+        timing = interleave(fns, one_call(device, budget), budget)
+        if timing.errors:
+            raise next(iter(timing.errors.values()))
+        records += _timing_records((M, K, N, None, None, dtype), "gemm", mode, timing, ("cublas",))
     flops = 2 * M * N * K
-    for (mode, provider), fn in cases.items():
-        median, p20, p80 = bench(fn, device, repeats)
-        rec = dict(benchmark="gemm", provider=provider, mode=mode, M=M, K=K, N=N, r=None, dropout=None,
-                   dtype=dtype_name(dtype))
-        records.append(dict(rec, metric="time", value=median, p20=p20, p80=p80, unit="s"))
-        records.append(dict(rec, metric="tflops", value=flops / median / 1e12, p20=None, p80=None, unit="TFLOP/s"))
-    return records
+    return records + [dict(rec, metric="tflops", value=flops / rec["value"] / 1e12, p20=None, p80=None,
+                           unit="TFLOP/s") for rec in records if rec["metric"] == "time"]
 
 
-def merge_benchmark(device, N, K, r, dtype, repeats):
-    """Merge kernel bandwidth (one read + one write of W) against a device-to-device copy."""
+def merge_benchmark(device, N, K, r, dtype, budget):
+    """Merge kernel bandwidth (one read + one write of W) against a device-to-device copy, the
+    two in alternation."""
     backend = "triton" if device.type == "cuda" else "torch"
     weight = torch.randn(N, K, device=device, dtype=dtype)
     out = torch.empty_like(weight)
     lora_A = torch.randn(r, K, device=device)
     lora_B = torch.randn(N, r, device=device)
     moved = 2 * weight.numel() * weight.element_size()
-    t_merge = bench(lambda: ops.lora_merge(weight, lora_A, lora_B, 1.0, out=out, backend=backend), device, repeats)
-    t_copy = bench(lambda: out.copy_(weight), device, repeats)
-    base = dict(benchmark="merge", M=None, K=K, N=N, r=r, dropout=None, dtype=dtype_name(dtype),
-                mode="merge", p20=None, p80=None)
-    return [
-        {**base, "provider": f"lorakernels-merge ({backend})", "metric": "time", "value": t_merge[0], "unit": "s",
-         "p20": t_merge[1], "p80": t_merge[2]},
-        {**base, "provider": f"lorakernels-merge ({backend})", "metric": "bandwidth", "value": moved / t_merge[0] / 1e9,
-         "unit": "GB/s"},
-        {**base, "provider": "copy", "metric": "time", "value": t_copy[0], "unit": "s", "p20": t_copy[1],
-         "p80": t_copy[2]},
-        {**base, "provider": "copy", "metric": "bandwidth", "value": moved / t_copy[0] / 1e9, "unit": "GB/s"},
-    ]
+    merge = f"lorakernels-merge ({backend})"
+    timing = interleave({merge: lambda: ops.lora_merge(weight, lora_A, lora_B, 1.0, out=out, backend=backend),
+                         "copy": lambda: out.copy_(weight)}, one_call(device, budget), budget)
+    if timing.errors:
+        raise next(iter(timing.errors.values()))
+    records = _timing_records((None, K, N, r, None, dtype), "merge", "merge", timing, ("copy",))
+    return records + [dict(rec, metric="bandwidth", value=moved / rec["value"] / 1e9, p20=None, p80=None,
+                           unit="GB/s") for rec in records if rec["metric"] == "time"]

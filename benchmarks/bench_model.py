@@ -2,17 +2,18 @@
 weights, no downloads): one training step (forward, backward, AdamW step) for full fine-tuning,
 LoRA with the fused kernels, LoRA as PEFT computes it (real PEFT when installed, else the
 unfused reference), and bottleneck adapters; then inference latency for base, LoRA merged,
-LoRA unmerged and adapters."""
+LoRA unmerged and adapters. The variants are timed in alternation (harness.interleave)."""
 
+import copy
 import gc
 
 import torch
 from torch import nn
 
 from benchmarks.bench_layer import dtype_name, failure
-from benchmarks.harness import bench, peak_memory
+from benchmarks.harness import call_batches, interleave, one_call, peak_memory
 from benchmarks.providers import BottleneckAdapter, UnfusedLoRA
-from lorakernels import LoRALinear, apply_lora, merge_lora, unmerge_lora
+from lorakernels import LoRALinear, apply_lora, merge_lora
 from lorakernels.model import _set_submodule, find_target_modules
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -57,32 +58,82 @@ def _variant(name, size, dtype, device, r, dropout):
     return model
 
 
-def model_benchmarks(device, size, batch, seq, dtype, r, dropout, repeats, inference_shapes, providers=None,
+def model_benchmarks(device, size, batch, seq, dtype, r, dropout, budget, inference_shapes, providers=None,
                      failures=None):
-    """One AdamW training step per variant, then inference latency. A variant that fails is
-    reported in `failures` and the others still run."""
-    records = []
+    """One AdamW training step per variant, then inference latency, each with the variants in
+    alternation. A variant that fails is reported in `failures` and the others still run."""
     failures = [] if failures is None else failures
     ids = torch.randint(0, size["vocab"], (batch, seq), device=device)
     names = providers or ["full-ft", "lorakernels", "peft", "adapter"]
     base = dict(benchmark="model", M=batch * seq, K=size["hidden"], N=size["layers"], r=r, dropout=dropout,
                 dtype=dtype_name(dtype), p20=None, p80=None)
-    for name in names:
-        try:
-            records += _train_step(device, name, size, dtype, r, dropout, repeats, ids, base)
-        except Exception as error:  # noqa: BLE001 - one broken variant must not end a GPU session
-            failures.append(failure("model", f"{name} train step", error))
-        gc.collect()  # the previous variant must be gone before the next one's peak is measured
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    records = _train_steps(device, names, size, dtype, r, dropout, budget, ids, base, failures)
     try:
-        records += _inference(device, size, dtype, r, repeats, inference_shapes, base)
+        records += _inference(device, size, dtype, r, budget, inference_shapes, base)
     except Exception as error:  # noqa: BLE001
         failures.append(failure("model", "inference", error))
     return records
 
 
-def _train_step(device, name, size, dtype, r, dropout, repeats, ids, base):
+def _train_steps(device, names, size, dtype, r, dropout, budget, ids, base, failures):
+    """The variants' training steps in alternation (every model held at once), each sample one
+    step by the host clock, the device synchronized around it: a ~1B-model step takes ~0.1 s on
+    a GPU, so do_bench's L2 flush does not matter and its extra runs would cost seconds. Then
+    (CUDA) each variant's peak memory, one model in memory at a time."""
+    steps, params = {}, {}
+    for name in names:
+        try:
+            steps[name], params[name] = _training_step(device, name, size, dtype, r, dropout, ids)
+        except Exception as error:  # noqa: BLE001 - one broken variant must not end a GPU session
+            failures.append(failure("model", f"{name} train step", error))
+    # At least 10 steps per variant (the GPU protocol's 5 rounds would leave p20 and p80 at the extremes).
+    budget = budget._replace(rounds=max(budget.rounds, 10))
+    timing = interleave(steps, call_batches(device, calls=1), budget, warmup=1)
+    for name, error in timing.errors.items():
+        failures.append(failure("model", f"{name} train step", error))
+    records = []
+    for name in timing.names():
+        median, p20, p80 = timing.stats(name)
+        rec = dict(base, provider=name, mode="train-step")
+        records += [dict(rec, metric="time", value=median, p20=p20, p80=p80, unit="s"),
+                    dict(rec, metric="tokens_per_s", value=ids.numel() / median, unit="tok/s"),
+                    dict(rec, metric="trainable_params", value=params[name], unit="")]
+        ratio = timing.ratio(name, names[0]) if name != names[0] else None
+        if ratio:
+            records.append(dict(rec, metric=f"ratio_to_{names[0]}", value=ratio[0], p20=ratio[1], p80=ratio[2],
+                                unit="x"))
+    del steps, timing
+    _release(device)
+    timed = [rec["provider"] for rec in records if rec["metric"] == "time"]
+    return records + _train_peak_memory(device, timed, size, dtype, r, dropout, ids, base, failures)
+
+
+def _train_peak_memory(device, names, size, dtype, r, dropout, ids, base, failures):
+    """Peak memory of a training step (CUDA; nothing elsewhere): weights, gradients, optimizer
+    state and activations, each variant built anew and alone in memory."""
+    records = []
+    for name in names if device.type == "cuda" else ():
+        try:
+            step, _ = _training_step(device, name, size, dtype, r, dropout, ids)
+            mem = peak_memory(step, device, include_resident=True)
+            records.append(dict(base, provider=name, mode="train-step", metric="peak_memory_incl_optimizer",
+                                value=mem, unit="B"))
+        except Exception as error:  # noqa: BLE001
+            failures.append(failure("model", f"{name} peak memory", error))
+        step = None
+        _release(device)
+    return records
+
+
+def _release(device):
+    gc.collect()  # the previous models must be gone before the next peak is measured
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _training_step(device, name, size, dtype, r, dropout, ids):
+    """(step, trainable parameter count) of one variant; the step has run once, so the optimizer
+    state exists (and peak memory includes it)."""
     model = _variant(name, size, dtype, device, r, dropout).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=False)
@@ -92,38 +143,34 @@ def _train_step(device, name, size, dtype, r, dropout, repeats, ids, base):
         model(ids, labels=ids).loss.backward()
         optimizer.step()
 
-    step()  # creates the optimizer state, so peak memory includes it
-    # A ~1B-model step takes ~0.1 s on a GPU: a 1 s window times about ten of them.
-    median, p20, p80 = bench(step, device, repeats, rep_ms=1000)
-    rec = dict(base, provider=name, mode="train-step")
-    mem = peak_memory(step, device, include_resident=True)  # weights, gradients, optimizer state, activations
-    records = [dict(rec, metric="time", value=median, p20=p20, p80=p80, unit="s"),
-               dict(rec, metric="tokens_per_s", value=ids.numel() / median, unit="tok/s"),
-               dict(rec, metric="trainable_params", value=sum(p.numel() for p in params), unit="")]
-    if mem is not None:
-        records.append(dict(rec, metric="peak_memory_incl_optimizer", value=mem, unit="B"))
-    return records
+    step()
+    return step, sum(p.numel() for p in params)
 
 
 @torch.no_grad()
-def _inference(device, size, dtype, r, repeats, shapes, base):
-    records = []
+def _inference(device, size, dtype, r, budget, shapes, base):
+    """Inference latency of base, LoRA unmerged, LoRA merged (a merged copy) and adapters, the four
+    in alternation, with each one's per-round ratio to base."""
     models = {"base": build_llama(size, dtype, device).eval(),
               "lora-unmerged": _variant("lorakernels", size, dtype, device, r, 0.0).eval(),
               "adapter": _variant("adapter", size, dtype, device, r, 0.0).eval()}
-    for name, module in models.items():
-        for m in module.modules():
-            if isinstance(m, LoRALinear):
-                nn.init.normal_(m.lora_B, std=0.02)
+    for m in models["lora-unmerged"].modules():
+        if isinstance(m, LoRALinear):
+            nn.init.normal_(m.lora_B, std=0.02)
+    models["lora-merged"] = merge_lora(copy.deepcopy(models["lora-unmerged"]))
+    records = []
     for batch, seq in shapes:
         ids = torch.randint(0, size["vocab"], (batch, seq), device=device)
-        for name, model in models.items():
-            t = bench(lambda: model(ids), device, repeats)
-            records.append(dict(base, provider=name, mode=f"inference b{batch} s{seq}", M=batch * seq, metric="time",
-                                value=t[0], p20=t[1], p80=t[2], unit="s"))
-        merge_lora(models["lora-unmerged"])
-        t = bench(lambda: models["lora-unmerged"](ids), device, repeats)
-        records.append(dict(base, provider="lora-merged", mode=f"inference b{batch} s{seq}", M=batch * seq,
-                            metric="time", value=t[0], p20=t[1], p80=t[2], unit="s"))
-        unmerge_lora(models["lora-unmerged"])
+        timing = interleave({name: (lambda m=model: m(ids)) for name, model in models.items()},
+                            one_call(device, budget), budget)
+        if timing.errors:
+            raise next(iter(timing.errors.values()))
+        rec = dict(base, mode=f"inference b{batch} s{seq}", M=batch * seq)
+        for name in timing.names():
+            median, p20, p80 = timing.stats(name)
+            records.append(dict(rec, provider=name, metric="time", value=median, p20=p20, p80=p80, unit="s"))
+            ratio = timing.ratio(name, "base") if name != "base" else None
+            if ratio:
+                records.append(dict(rec, provider=name, metric="ratio_to_base", value=ratio[0], p20=ratio[1],
+                                    p80=ratio[2], unit="x"))
     return records

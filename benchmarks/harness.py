@@ -1,9 +1,16 @@
 """Timing, memory and result records shared by the benchmark scripts.
 
-On CUDA: `triton.testing.do_bench` (CUDA events, warm-up, L2 flushed before every run)
-gives the median and the 20th/80th percentiles; peak memory is
-`torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`. On CPU: wall-clock
-medians over repeats (labelled as CPU timings), and no peak-memory figure.
+Providers are timed in alternation: a measurement is a series of rounds, each round times
+every provider once (in an order that rotates from round to round), until the Budget is
+spent. Each provider's median and 20th/80th percentiles come from all its samples, as order
+statistics (never below the fastest sample nor above the slowest); a ratio between two
+providers is computed within each round and its median over the rounds is reported, so that
+both sides of a ratio are always measured under the same machine conditions.
+
+One sample: on CUDA, one `triton.testing.do_bench` call (CUDA events, warm-up, L2 flushed
+before every run) with `return_mode="all"`, which gives every run's time; on CPU, one call
+by the wall clock (labelled as CPU timings). Peak memory is `torch.cuda.max_memory_allocated`
+after `reset_peak_memory_stats` (CUDA only).
 
 Gradients named in `grad_to_none` are reset before every timed run (outside the timed
 region on CUDA), so that a backward allocates its gradients fresh each time instead of
@@ -11,11 +18,25 @@ adding into the previous ones: the same work a training step does after
 `zero_grad(set_to_none=True)`.
 """
 
+import math
 import platform
 import statistics
 import time
+from typing import NamedTuple
 
 import torch
+
+
+class Budget(NamedTuple):
+    """How long one measurement runs: rounds go on until there are at least `rounds` of them
+    and `seconds` have passed, and never beyond `max_rounds`. On CUDA each round is one
+    do_bench call per provider, with `round_ms` milliseconds of timed runs after a warm-up of
+    a quarter of that."""
+
+    rounds: int = 10
+    seconds: float = 0.0
+    round_ms: float = 20.0
+    max_rounds: int = 10_000
 
 
 def environment(device):
@@ -31,53 +52,117 @@ def _clear_grads(tensors):
         t.grad = None
 
 
-def bench(fn, device, repeats=None, grad_to_none=None, rep_ms=100):
-    """(median, p20, p80) seconds of fn().
+def quantile(samples, q):
+    """The q-quantile of `samples` as an order statistic (nearest rank): always one of the samples."""
+    if not samples:
+        raise ValueError("no samples")
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
-    CUDA: as many runs as fit in `rep_ms` milliseconds after a 25 ms warm-up (do_bench).
-    CPU: `repeats` runs (default 5) after one warm-up.
-    """
+
+def summarize(samples):
+    """(median, p20, p80) of the samples; p20 and p80 are order statistics, within [min, max]."""
+    return statistics.median(samples), quantile(samples, 0.2), quantile(samples, 0.8)
+
+
+class Timing:
+    """One interleaved measurement: `rounds[i][name]` lists the seconds provider `name` took in
+    round i; `errors[name]` is the exception that removed a provider (its samples are dropped)."""
+
+    def __init__(self, rounds, errors):
+        self.rounds, self.errors = rounds, errors
+
+    def names(self):
+        return list(dict.fromkeys(name for samples in self.rounds for name in samples))
+
+    def stats(self, name):
+        """(median, p20, p80) seconds over all of the provider's samples."""
+        return summarize([t for samples in self.rounds for t in samples.get(name, ())])
+
+    def ratio(self, name, ref):
+        """(median, p20, p80) over the rounds of name's time / ref's time in the same round
+        (each side the median of its samples in that round); None if they never shared a round."""
+        ratios = [statistics.median(r[name]) / statistics.median(r[ref]) for r in self.rounds
+                  if name in r and ref in r]
+        return summarize(ratios) if ratios else None
+
+
+def one_call(device, budget, clock=time.perf_counter):
+    """A sampler: CUDA, every run of one do_bench call; elsewhere one call by `clock`."""
     if device.type == "cuda":
         import triton.testing
 
-        ms = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=rep_ms, grad_to_none=grad_to_none)
-        return tuple(m / 1e3 for m in ms)
-    _clear_grads(grad_to_none)
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats or 5):
-        _clear_grads(grad_to_none)
-        start = time.perf_counter()
+        def sample(fn, grads):
+            ms = triton.testing.do_bench(fn, warmup=budget.round_ms / 4, rep=budget.round_ms, grad_to_none=grads,
+                                         return_mode="all")
+            return [m / 1e3 for m in ms]
+        return sample
+
+    def sample(fn, grads):
+        _clear_grads(grads)
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
-    return _median_p20_p80(times)
+        return [clock() - start]
+    return sample
 
 
-def bench_calls(fn, device, repeats=None, grad_to_none=None, calls=20):
-    """(median, p20, p80) seconds per call of fn() run `calls` times back to back, by the host
-    clock with the device synchronized around each batch of calls; `repeats` batches
-    (default 10). For calls so small that issuing them is the cost: do_bench flushes the L2
-    before every run, GPU work that overlaps the host's preparation of the next call and
-    would hide the host time this is meant to measure."""
+def call_batches(device, calls=20, clock=time.perf_counter):
+    """A sampler: seconds per call of fn() run `calls` times back to back, by the host clock with
+    the device synchronized around the batch. For calls so small that issuing them is the cost:
+    do_bench flushes the L2 before every run, GPU work that overlaps the host's preparation of
+    the next call and would hide the host time this is meant to measure."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):  # warm-up
-        _clear_grads(grad_to_none)
-        fn()
-    per_call = []
-    for _ in range(repeats or 10):
+
+    def sample(fn, grads):
         sync()
-        start = time.perf_counter()
+        start = clock()
         for _ in range(calls):
-            _clear_grads(grad_to_none)
+            _clear_grads(grads)
             fn()
         sync()
-        per_call.append((time.perf_counter() - start) / calls)
-    return _median_p20_p80(per_call)
+        return [(clock() - start) / calls]
+    return sample
 
 
-def _median_p20_p80(times):
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return statistics.median(times), q[0], q[3]
+def interleave(fns, sample, budget, grads=None, clock=time.perf_counter, warmup=2):
+    """Times the callables `fns` ({name: fn}) in rounds, each round sampling every one of them
+    once, the order rotated by one each round. A callable that raises is reported in the
+    Timing's errors and the others go on. `grads`: {name: tensors whose .grad is reset}."""
+    grads = grads or {}
+    errors = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                _clear_grads(grads.get(name))
+                fn()
+        except Exception as error:  # noqa: BLE001 - reported by the caller; the others still run
+            errors[name] = error
+    active = [name for name in fns if name not in errors]
+    rounds, start = [], clock()
+    while active and _another_round(len(rounds), clock() - start, budget):
+        shift = len(rounds) % len(active)
+        samples = {}
+        for name in active[shift:] + active[:shift]:
+            try:
+                samples[name] = sample(fns[name], grads.get(name))
+            except Exception as error:  # noqa: BLE001
+                errors[name] = error
+        active = [name for name in active if name not in errors]
+        rounds.append(samples)
+    return Timing([{n: s for n, s in samples.items() if n not in errors} for samples in rounds], errors)
+
+
+def _another_round(done, elapsed, budget):
+    return done < budget.max_rounds and (done < budget.rounds or elapsed < budget.seconds)
+
+
+def bench(fn, device, budget=None, grad_to_none=None, clock=time.perf_counter):
+    """(median, p20, p80) seconds of fn() alone, over the rounds of `budget` (default Budget())."""
+    budget = budget or Budget()
+    timing = interleave({"fn": fn}, one_call(device, budget, clock), budget, {"fn": grad_to_none}, clock)
+    if timing.errors:
+        raise timing.errors["fn"]
+    return timing.stats("fn")
 
 
 def peak_memory(fn, device, grad_to_none=None, include_resident=False):

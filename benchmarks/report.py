@@ -49,8 +49,19 @@ def _index(records, benchmark, metric):
     return {RecordKey.of(r): r for r in records if r["benchmark"] == benchmark and r["metric"] == metric}
 
 
-def _ratio(rec, ref):
-    return f"{rec['value'] / ref['value']:.2f}" if ref else "-"
+def _ratios(records, benchmark):
+    """{(RecordKey, reference provider): record} of the per-round ratios (metric ratio_to_<reference>)."""
+    return {(RecordKey.of(r), r["metric"][len("ratio_to_"):]): r for r in records
+            if r["benchmark"] == benchmark and r["metric"].startswith("ratio_to_")}
+
+
+def _ratio(rec, ref, ratios=None):
+    """rec's time over ref's: the median of the per-round ratios when the two were timed in
+    alternation (a `ratios` entry), else the ratio of the two medians; "-" without ref."""
+    if not ref:
+        return "-"
+    per_round = (ratios or {}).get((RecordKey.of(rec), ref["provider"]))
+    return f"{per_round['value'] if per_round else rec['value'] / ref['value']:.2f}"
 
 
 def write_markdown(records, env, path, failures=()):
@@ -64,9 +75,23 @@ def _header(env):
     return [f"# Benchmark results ({env['protocol']} protocol)", "",
             f"Device: {env['device']}; torch {env['torch']}; triton {env['triton']}; {env['timestamp']}.",
             f"**{env['note']}.**", "",
-            "Layer timings are medians; `x floor` is the ratio to the frozen layer alone (F.linear + its dX "
-            "GEMM), `x unfused` to plain-PyTorch LoRA and `x peft` to a PEFT LoRA layer, all measured in the "
-            "same run.", ""]
+            f"Timings are medians of every sample (budget per measurement: {_budget_text(env)}). The providers "
+            "of a table are timed in alternation: each round times every provider once, in an order rotated "
+            "from round to round. `x floor` (time over the frozen layer alone: F.linear + its dX GEMM), "
+            "`x unfused` (over plain-PyTorch LoRA) and `x peft` (over a PEFT LoRA layer) are the medians over "
+            "the rounds of the ratio within each round, so both sides of a ratio share the machine's "
+            "conditions; they need not equal the ratio of the two medians shown. The CSV also has each "
+            "median's 20/80th percentiles, order statistics of the samples.", ""]
+
+
+def _budget_text(env):
+    b = env.get("budget")
+    if not b:
+        return "not recorded"
+    text = f"at least {b['rounds']} rounds"
+    text += f" and {b['seconds']:g} s" if b["seconds"] else ""
+    return text + (f"; on CUDA one do_bench call of {b['round_ms']:g} ms per provider and round"
+                   if env.get("device_type") == "cuda" else "")
 
 
 def _failures_section(failures):
@@ -78,7 +103,7 @@ def _failures_section(failures):
 
 def _layer_sections(records):
     """One table per mode: each provider's median time and its ratios to the floor, unfused and PEFT."""
-    times = _index(records, "layer", "time")
+    times, ratios = _index(records, "layer", "time"), _ratios(records, "layer")
     shapes = sorted({key.shape for key in times}, key=lambda s: (s.K, s.M, s.r, -(s.dropout or 0)))
     lines = []
     for mode in LAYER_MODES:
@@ -89,8 +114,8 @@ def _layer_sections(records):
                 if key.mode != mode or key.shape != shape:
                     continue
                 rows.append(f"| {shape.M} | {shape.K} | {shape.r} | {shape.dropout} | {key.provider} | "
-                            f"{_fmt_time(rec['value'])} | {_ratio(rec, floor)} | {_ratio(rec, unfused)} | "
-                            f"{_ratio(rec, peft)} |")
+                            f"{_fmt_time(rec['value'])} | {_ratio(rec, floor, ratios)} | "
+                            f"{_ratio(rec, unfused, ratios)} | {_ratio(rec, peft, ratios)} |")
         if rows:
             lines += [f"## Layer, {mode}", "",
                       "| tokens | K=N | r | p | provider | time | x floor | x unfused | x peft |",
@@ -110,17 +135,17 @@ def _overhead_section(records):
              "which bounds any layer whose kernels take less.", "",
              "| provider | forward | backward | forward + backward | x floor (fwd + bwd) |",
              "|---|---|---|---|---|"]
-    floor = overhead.get(RecordKey.at("floor", "full", shape))
+    floor, ratios = overhead.get(RecordKey.at("floor", "full", shape)), _ratios(records, "overhead")
     for provider in dict.fromkeys(key.provider for key in overhead):
         cells = [overhead.get(RecordKey.at(provider, mode, shape)) for mode in ("forward", "backward", "full")]
         lines.append(f"| {provider} | " + " | ".join(_fmt_time(c["value"]) if c else "-" for c in cells) +
-                     f" | {_ratio(cells[2], floor) if cells[2] else '-'} |")
+                     f" | {_ratio(cells[2], floor, ratios) if cells[2] else '-'} |")
     lines.append("")
     return lines
 
 
 def _gemm_section(records):
-    gemm = _index(records, "gemm", "time")
+    gemm, ratios = _index(records, "gemm", "time"), _ratios(records, "gemm")
     if not gemm:
         return []
     lines = ["## The fused kernels' GEMM main loop against cuBLAS", "",
@@ -132,7 +157,7 @@ def _gemm_section(records):
             continue
         rec, cublas = gemm[key], gemm.get(key._replace(provider="cublas"))
         lines.append(f"| {key.M} | {key.K} | {key.mode} | {_fmt_time(rec['value'])} | "
-                     f"{_fmt_time(cublas['value']) if cublas else '-'} | {_ratio(rec, cublas)} |")
+                     f"{_fmt_time(cublas['value']) if cublas else '-'} | {_ratio(rec, cublas, ratios)} |")
     lines.append("")
     return lines
 
@@ -173,18 +198,22 @@ def _model_section(records):
     lines = ["## Model (Llama-style decoder)", "",
              "One training step (forward, backward, AdamW step) and inference. Weights and AdamW state in "
              "the model's dtype (no fp32 master copy); LoRA adapters in fp32 as PEFT keeps them. Peak memory "
-             "is everything allocated during the step: weights, gradients, optimizer state, activations.", "",
-             "| provider | mode | time | tokens/s | trainable params | peak memory incl. optimizer |",
-             "|---|---|---|---|---|---|"]
+             "is everything allocated during the step: weights, gradients, optimizer state, activations. "
+             "`x ref`: the median over rounds of the per-round time ratio to the first variant (training) "
+             "or to the base model (inference).", "",
+             "| provider | mode | time | x ref | tokens/s | trainable params | peak memory incl. optimizer |",
+             "|---|---|---|---|---|---|---|"]
     for (provider, mode), metrics in model.items():
+        ratio = next((f"{rec['value']:.2f} x {metric[len('ratio_to_'):]}" for metric, rec in metrics.items()
+                      if metric.startswith("ratio_to_")), "-")
         tps = metrics.get("tokens_per_s")
         prm = metrics.get("trainable_params")
         mem = metrics.get("peak_memory_incl_optimizer")
         tps_text = f"{tps['value']:,.0f}" if tps else "-"
         prm_text = f"{prm['value']:,}" if prm else "-"
         mem_text = f"{mem['value'] / 2**20:.0f} MiB" if mem else "-"
-        lines.append(f"| {provider} | {mode} | {_fmt_time(metrics['time']['value'])} | {tps_text} | {prm_text} | "
-                     f"{mem_text} |")
+        lines.append(f"| {provider} | {mode} | {_fmt_time(metrics['time']['value'])} | {ratio} | {tps_text} | "
+                     f"{prm_text} | {mem_text} |")
     lines.append("")
     return lines
 
@@ -197,19 +226,19 @@ def summary(records):
 
 def _layer_summary(records):
     lines = []
-    times = _index(records, "layer", "time")
+    times, ratios = _index(records, "layer", "time"), _ratios(records, "layer")
     for key, rec in times.items():
         if key.provider == "lorakernels" and key.mode == "full":
             refs = {name: times.get(key._replace(provider=name)) for name in ("floor", "peft", "lorakernels-cublas")}
             lines.append(f"layer M={key.M} K={key.K} r={key.r} p={key.dropout}: {_fmt_time(rec['value'])}, "
-                         + ", ".join(f"x {name} {_ratio(rec, ref)}" for name, ref in refs.items() if ref))
+                         + ", ".join(f"x {name} {_ratio(rec, ref, ratios)}" for name, ref in refs.items() if ref))
     return lines
 
 
 def _gemm_summary(records):
-    gemm = _index(records, "gemm", "time")
+    gemm, ratios = _index(records, "gemm", "time"), _ratios(records, "gemm")
     return [f"gemm {key.mode} M={key.M} K={key.K}: triton / cublas "
-            f"{_ratio(rec, gemm.get(key._replace(provider='cublas')))}"
+            f"{_ratio(rec, gemm.get(key._replace(provider='cublas')), ratios)}"
             for key, rec in gemm.items() if key.provider == "triton-gemm"]
 
 
@@ -219,8 +248,9 @@ def _model_summary(records):
 
 
 def write_plots(records, env, out_dir):
-    """Time vs tokens per provider (full step, per K); saved bytes, peak memory (CUDA) and the
-    model's peak memory (CUDA) per provider. [] without matplotlib."""
+    """Time per provider (full step, r = 16, p > 0, per K): against tokens where the run has two
+    token counts or more for that K, else a bar chart at the one token count; saved bytes, peak
+    memory (CUDA) and the model's peak memory (CUDA) per provider. [] without matplotlib."""
     try:
         import matplotlib
 
@@ -228,22 +258,7 @@ def write_plots(records, env, out_dir):
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    written = []
-    times = [r for r in records if r["benchmark"] == "layer" and r["metric"] == "time" and r["mode"] == "full"]
-    for K in sorted({r["K"] for r in times}):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for provider in sorted({r["provider"] for r in times}):
-            pts = sorted((r["M"], r["value"] * 1e3) for r in times
-                         if r["K"] == K and r["provider"] == provider and r["r"] == 16 and r["dropout"])
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=provider)
-        ax.set(xlabel="tokens", ylabel="ms (forward + backward)", title=f"K = N = {K}, r = 16, p > 0 ({env['device']})")
-        ax.legend(fontsize=7)
-        path = out_dir / f"time_vs_tokens_K{K}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+    written = _time_plots(plt, records, env, out_dir)
     for metric, ylabel, name in (("saved_bytes", "MiB saved for backward", "saved_bytes.png"),
                                  ("peak_memory", "peak MiB of a training step (CUDA)", "peak_memory.png")):
         rows = [r for r in records if r["benchmark"] == "layer" and r["metric"] == metric]
@@ -260,6 +275,36 @@ def write_plots(records, env, out_dir):
         written.append(_bar(plt, [r["provider"] for r in model], [r["value"] / 2**30 for r in model],
                             "peak GiB incl. optimizer state", f"Llama-style model, {model[0]['M']} tokens per step",
                             out_dir / "model_peak_memory.png"))
+    return written
+
+
+def _time_plots(plt, records, env, out_dir):
+    """Per K: time_vs_tokens_K<K>.png (a line per provider) with two token counts or more, else
+    time_K<K>_M<M>.png (a bar per provider): a line through one point shows nothing."""
+    times = [r for r in records if r["benchmark"] == "layer" and r["metric"] == "time" and r["mode"] == "full"
+             and r["r"] == 16 and r["dropout"]]
+    written = []
+    for K in sorted({r["K"] for r in times}):
+        at_k = [r for r in times if r["K"] == K]
+        tokens = sorted({r["M"] for r in at_k})
+        title = f"K = N = {K}, r = 16, p > 0 ({env['device']})"
+        if len(tokens) == 1:
+            at_k.sort(key=lambda r: r["dropout"])  # one bar per provider: the largest p at this M
+            bars = {r["provider"]: r["value"] * 1e3 for r in at_k}
+            written.append(_bar(plt, list(bars), list(bars.values()), "ms (forward + backward)",
+                                f"{tokens[0]} tokens, {title}", out_dir / f"time_K{K}_M{tokens[0]}.png"))
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for provider in sorted({r["provider"] for r in at_k}):
+            pts = sorted((r["M"], r["value"] * 1e3) for r in at_k if r["provider"] == provider)
+            ax.plot(*zip(*pts), marker="o", label=provider)
+        ax.set(xlabel="tokens", ylabel="ms (forward + backward)", title=title)
+        ax.legend(fontsize=7)
+        path = out_dir / f"time_vs_tokens_K{K}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
     return written
 
 

@@ -7,7 +7,9 @@ Elsewhere it runs a small CPU protocol: memory, saved bytes and parameters are t
 quantities, and the timings are CPU timings (lorakernels on its torch backend), labelled so.
 
 Writes results.csv (long format: one metric per row), results.json (with the environment),
-results.md, and PNG plots when matplotlib is installed, to --output-dir.
+results.md, and PNG plots when matplotlib is installed, to --output-dir: by default
+benchmarks/results/local/<protocol>, which git ignores, so that a run leaves the committed
+results alone (those are regenerated with an explicit --output-dir benchmarks/results/<protocol>).
 """
 
 import argparse
@@ -20,12 +22,14 @@ import torch
 
 from benchmarks.bench_layer import failure, layer_benchmarks, merge_benchmark
 from benchmarks.bench_model import model_benchmarks
-from benchmarks.harness import bench_calls, environment
+from benchmarks.harness import Budget, environment
 from benchmarks.report import summary, write_markdown, write_plots
 
 PROTOCOLS = {
     "gpu": dict(
-        dtype=torch.bfloat16, repeats=None,
+        # 5 rounds of do_bench, each 5 ms of warm-up and 20 ms of timed runs per provider: the
+        # windows of one do_bench call with its defaults (25 + 100 ms), split into rounds.
+        dtype=torch.bfloat16, budget=Budget(rounds=5, round_ms=20),
         layer_shapes=[(t, k, k, 16, p) for k in (4096, 5120, 8192) for t in (2048, 4096, 8192) for p in (0.1, 0.0)]
         + [(4096, 4096, 4096, r, 0.1) for r in (8, 64, 128)],
         # torch.compile recompiles per shape: PEFT + compile is timed at 4096 tokens, r = 16,
@@ -37,22 +41,24 @@ PROTOCOLS = {
                    batch=4, seq=1024, inference=[(1, 128), (32, 512)]),
     ),
     "cpu": dict(
-        dtype=torch.float32, repeats=3,
+        # Rounds go on for at least 0.5 s per measurement (>= 15 samples per provider).
+        dtype=torch.float32, budget=Budget(rounds=15, seconds=0.5),
         layer_shapes=[(256, 256, 256, 16, 0.1), (256, 256, 256, 16, 0.0), (512, 512, 512, 16, 0.1)],
         merge=[(512, 512, 16)],
         overhead_shape=(16, 64, 64, 16, 0.1),
-        overhead_repeats=10,  # batches of 20 back-to-back calls
         model=dict(size=dict(vocab=1000, hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2),
                    batch=2, seq=64, inference=[(1, 128), (4, 128)]),
     ),
 }
+OVERHEAD_CALLS = 20  # host overhead: one sample is a batch of this many back-to-back calls
 PROVIDERS = ["floor", "lorakernels", "lorakernels-cublas", "unfused", "peft", "peft+compile", "full-ft", "adapter"]
 
 
-def run(device, protocol, providers=None, skip_model=False, progress=True, layer_shapes=None, repeats=None,
+def run(device, protocol, providers=None, skip_model=False, progress=True, layer_shapes=None, budget=None,
         checkpoint=None):
     """Run a protocol. Returns (records, failures, section_seconds).
 
+    `budget` (a harness.Budget) replaces the protocol's budget per measurement.
     `checkpoint(records, failures, seconds)`, if given, is called after each layer shape and
     each section, so that a run stopped by a time limit still leaves what it finished.
     """
@@ -62,55 +68,59 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
     # Shapes given on the command line get every requested provider, peft+compile included.
     compile_shapes = layer_shapes or p.get("compile_shapes", ())
     layer_shapes = layer_shapes or p["layer_shapes"]
-    # --repeats applies everywhere; otherwise the protocol's, with more for the microsecond-scale overhead runs.
-    overhead_repeats = repeats or p.get("overhead_repeats", p["repeats"])
-    repeats = repeats or p["repeats"]
+    budget = budget or p["budget"]
     bar = _progress(len(layer_shapes) * len(providers), progress)
     start = time.perf_counter()
-    for shape_records in _layer_section(device, p, providers, layer_shapes, compile_shapes, repeats, bar, failures):
+    for shape_records in _layer_section(device, p, providers, layer_shapes, compile_shapes, budget, bar, failures):
         records += shape_records
         if checkpoint:
             checkpoint(records, failures, dict(seconds, layer=time.perf_counter() - start))
     seconds["layer"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    records += _overhead_section(device, p, providers, overhead_repeats, failures)
+    records += _overhead_section(device, p, providers, budget, failures)
     seconds["overhead"] = time.perf_counter() - start
     if checkpoint:
         checkpoint(records, failures, seconds)
 
     start = time.perf_counter()
-    records += _merge_section(device, p, repeats, failures)
+    records += _merge_section(device, p, budget, failures)
     seconds["merge"] = time.perf_counter() - start
     if checkpoint:
         checkpoint(records, failures, seconds)
 
     if _model_section_enabled(skip_model):
         start = time.perf_counter()
-        records += _model_section(device, p, repeats, failures)
+        records += _model_section(device, p, budget, failures)
         seconds["model"] = time.perf_counter() - start
     return records, failures, seconds
 
 
-def _layer_section(device, p, providers, layer_shapes, compile_shapes, repeats, bar, failures):
+def protocol_budget(protocol, rounds=None, seconds=None):
+    """The protocol's harness.Budget per measurement, with `rounds` and `seconds` replaced where given."""
+    given = dict(rounds=rounds, seconds=seconds)
+    return PROTOCOLS[protocol]["budget"]._replace(**{k: v for k, v in given.items() if v is not None})
+
+
+def _layer_section(device, p, providers, layer_shapes, compile_shapes, budget, bar, failures):
     """Yields the layer benchmarks' records one shape at a time, measuring each when asked for it."""
     for shape in layer_shapes:
         names = [n for n in providers if n != "peft+compile" or shape in compile_shapes]
-        yield layer_benchmarks(device, [shape], p["dtype"], names, repeats, progress=bar, failures=failures)
+        yield layer_benchmarks(device, [shape], p["dtype"], names, budget, progress=bar, failures=failures)
 
 
-def _overhead_section(device, p, providers, repeats, failures):
+def _overhead_section(device, p, providers, budget, failures):
     """Host overhead: a layer so small that per-call Python and kernel launches set the time."""
     tiny = layer_benchmarks(device, [p["overhead_shape"]], p["dtype"], [n for n in providers if n != "peft+compile"],
-                            repeats, failures=failures, extras=False, timer=bench_calls)
+                            budget, failures=failures, extras=False, calls=OVERHEAD_CALLS)
     return [dict(r, benchmark="overhead") for r in tiny]
 
 
-def _merge_section(device, p, repeats, failures):
+def _merge_section(device, p, budget, failures):
     records = []
     for N, K, r in p["merge"]:
         try:
-            records += merge_benchmark(device, N, K, r, p["dtype"], repeats)
+            records += merge_benchmark(device, N, K, r, p["dtype"], budget)
         except Exception as error:  # noqa: BLE001 - reported, and the run goes on
             failures.append(failure("merge", f"{N} x {K}, r = {r}", error))
     return records
@@ -127,9 +137,9 @@ def _model_section_enabled(skip_model):
     return not skip_model
 
 
-def _model_section(device, p, repeats, failures):
+def _model_section(device, p, budget, failures):
     m = p["model"]
-    return model_benchmarks(device, m["size"], m["batch"], m["seq"], p["dtype"], 16, 0.1, repeats, m["inference"],
+    return model_benchmarks(device, m["size"], m["batch"], m["seq"], p["dtype"], 16, 0.1, budget, m["inference"],
                             failures=failures)
 
 
@@ -162,14 +172,17 @@ def write(records, env, out_dir, failures=(), plots=True):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default=None, help="default: benchmarks/results/<gpu|cpu>")
+    parser.add_argument("--output-dir", default=None, help="default: benchmarks/results/local/<gpu|cpu> (ignored by "
+                        "git; the committed results are regenerated with --output-dir benchmarks/results/<gpu|cpu>)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None, help="default: the device's")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None)
     parser.add_argument("--layer-shapes", nargs="+", type=_layer_shape, default=None, metavar="M,K,N,r,p",
                         help="layer shapes instead of the protocol's: tokens, in, out features, rank, dropout")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement on CPU "
-                        "(on CUDA, do_bench repeats for a fixed time)")
+    parser.add_argument("--repeats", type=int, default=None, help="at least this many rounds per measurement, each "
+                        "timing every provider once (on CUDA a round is one do_bench call per provider)")
+    parser.add_argument("--seconds", type=float, default=None, help="rounds go on for at least this long per "
+                        "measurement (the CPU protocol: 0.5)")
     parser.add_argument("--skip-model", action="store_true", help="layer and merge benchmarks only")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -178,7 +191,9 @@ def main(argv=None):
     env = dict(environment(device), protocol=protocol,
                note="GPU timings" if device.type == "cuda" else
                "CPU timings, lorakernels on its torch backend: not a measure of the Triton kernels")
-    out_dir = args.output_dir or f"benchmarks/results/{protocol}"
+    budget = protocol_budget(protocol, args.repeats, args.seconds)
+    env["budget"] = budget._asdict()
+    out_dir = args.output_dir or default_output_dir(protocol)
     start = time.perf_counter()
 
     def checkpoint(records, failures, seconds):  # tables only: the plots are drawn once, at the end
@@ -186,7 +201,7 @@ def main(argv=None):
               plots=False)
 
     records, failures, seconds = run(device, protocol, args.providers, args.skip_model, not args.no_progress,
-                                     args.layer_shapes, args.repeats, checkpoint)
+                                     args.layer_shapes, budget, checkpoint)
     env["seconds"] = dict(seconds, total=time.perf_counter() - start)
     plots = write(records, env, out_dir, failures)
     print(Path(out_dir, "results.md").read_text())
@@ -196,6 +211,11 @@ def main(argv=None):
     if failures:
         print(f"{len(failures)} measurement(s) FAILED (listed in results.md)")
     return 1 if failures else 0
+
+
+def default_output_dir(protocol):
+    """Where a run writes without --output-dir: a directory git ignores (benchmarks/results/.gitignore)."""
+    return Path(__file__).resolve().parent / "results" / "local" / protocol
 
 
 def _layer_shape(text):

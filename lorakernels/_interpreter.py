@@ -2,9 +2,9 @@
 
 `apply_interpreter_fixes` installs all of them. `lorakernels` calls it when it is imported (so
 processes the package starts itself, workers and subprocesses, get them too), and the
-launchers call `ensure_interpreter_fixes` before an interpreted launch (for a process that set
-TRITON_INTERPRET=1 only after importing the package). Without the interpreter both do nothing;
-compiled GPU kernels never take these paths.
+launchers call `ensure_interpreter_fixes` before every interpreted launch (a no-op once the
+fixes are in: a safety net should the interpreter's classes be reloaded). Without the
+interpreter both do nothing; compiled GPU kernels never take these paths.
 
 1. Index fix (Triton 3.6 with numpy >= 2.4): see `_patch_index`.
 2. bf16 fixes (every supported Triton): see `_patch_bf16`. Without them the interpreter

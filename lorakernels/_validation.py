@@ -32,6 +32,7 @@ def check_lora_linear_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p
         if t is not x and t.dim() >= 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a unit stride in its last dimension; got strides {t.stride()}")
     check_scalars(scaling, dropout_p)
+    check_scaling_fits(scaling, lora_A.dtype, f"r = {lora_A.shape[0]}")
 
 
 def check_dense_weight(x, weight, bias, named):
@@ -50,6 +51,10 @@ def check_dense_weight(x, weight, bias, named):
     if x.shape[-1] != in_features:
         raise ValueError(f"x's last dimension must be in_features = {in_features} (weight {tuple(weight.shape)}); "
                          f"got x {tuple(x.shape)}")
+    if in_features == 0:
+        # nn.Linear allows it, but the adapter has no weights to learn (x A^T is identically zero).
+        raise ValueError(f"in_features must be positive for a LoRA adapter; got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must be (out_features,) = ({out_features},); got {tuple(bias.shape)}")
 
@@ -80,6 +85,40 @@ def check_scalars(scaling, dropout_p):
         raise TypeError(f"dropout_p must be a Python float; got {dropout_p!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
+
+
+def check_scaling_fits(scaling, dtype, detail):
+    """ValueError when |scaling| exceeds the largest finite value of the adapters' `dtype`.
+
+    Such a scaling is inf there, and the LoRA term becomes inf or NaN. `detail` says where the
+    scaling comes from, for the message (e.g. "lora_alpha / r = 1e+06 / 1").
+    """
+    if torch.compiler.is_compiling() or not dtype.is_floating_point:
+        return
+    largest = torch.finfo(dtype).max
+    if abs(scaling) > largest:
+        raise ValueError(f"scaling = {scaling:g} ({detail}) is not finite in the adapters' dtype {dtype} "
+                         f"(largest {largest:g}); choose a lora_alpha that keeps the scaling within that range")
+
+
+def memory_span(t):
+    """(device, first byte, end byte) of t's elements (torch strides are never negative), or None
+    for a tensor without elements or that reports no address (meta, wrapper subclasses such as DTensor)."""
+    first = t.data_ptr()
+    if t.numel() == 0 or first == 0:
+        return None
+    return t.device, first, first + (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def spans_overlap(a, b):
+    """True when two `memory_span`s (None: no address) overlap on one device."""
+    return a is not None and b is not None and a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
+
+
+def shares_memory(a, b):
+    """True when tensors a and b may write each other's elements: the same tensor, or overlapping
+    memory (tied weights, views). Tensors without an address count by identity only."""
+    return a is b or spans_overlap(memory_span(a), memory_span(b))
 
 
 def check_lora_hyperparameters(in_features, out_features, r, lora_alpha, lora_dropout):

@@ -3,38 +3,126 @@
 Keys follow PEFT: `base_model.model.<module name>.lora_A.weight` / `.lora_B.weight`, where
 <module name> is the name inside the base model. Files are safetensors only: loading never
 unpickles anything. Loading checks the whole file against the model before changing it.
+
+Integrity: safetensors has no checksum, so `save_adapter` records two SHA-256 digests in the
+safetensors header metadata: one of the tensors (names, dtypes, shapes and bytes) and one of the
+config fields that loading reads (r, lora_alpha, lora_dropout, use_rslora, target_modules).
+`load_adapter` verifies both when present: flipped bytes, or a config and weights from two saves
+that differ in those fields, are a ValueError. Files without them (PEFT's) load unverified. The
+config file itself carries no digest: PEFT warns about keys it does not know.
 """
 
+import hashlib
 import json
 import math
 import os
+import re
+import shutil
+import uuid
 
 import torch
 
+from lorakernels._validation import MAX_RANK
 from lorakernels.model import apply_lora, find_target_modules, lora_modules
 from lorakernels.modules import LoRALinear, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
+_TENSORS_DIGEST = "lorakernels.tensors_sha256"
+_CONFIG_DIGEST = "lorakernels.config_sha256"
+
+# PEFT options that change what an adapter computes or which modules it has, and that this loader does
+# not implement: each must be absent or hold one of these (PEFT's defaults; compared with their types).
+_PLAIN_LORA = {
+    "fan_in_fan_out": (False,), "use_dora": (False,), "bias": ("none",), "lora_bias": (False,),
+    "rank_pattern": ({}, None), "alpha_pattern": ({}, None), "layers_to_transform": (None, []),
+    "modules_to_save": (None, []), "exclude_modules": (None, []), "layer_replication": (None, []),
+    "target_parameters": (None, []), "trainable_token_indices": (None, []), "alora_invocation_tokens": (None, []),
+    "use_bdlora": (None, False),
+}
 
 
-def save_adapter(model, path, base_model_name_or_path=None):
-    """Write the model's LoRA adapters to directory `path` in PEFT's format.
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    All LoRALinear layers must share r, lora_alpha, lora_dropout and use_rslora (one LoraConfig).
+
+def _check_unsupported(config, file):
+    bad = {key: config[key] for key in _PLAIN_LORA if key in config
+           and not any(type(config[key]) is type(ok) and config[key] == ok for ok in _PLAIN_LORA[key])}
+    if bad:
+        needs = "; ".join(f"{key!r} absent or " + " or ".join(json.dumps(ok) for ok in _PLAIN_LORA[key]) for key in bad)
+        raise ValueError(f"{file}: unsupported LoRA options {bad}; plain LoRA needs {needs}")
+
+
+def _check_target_modules(value, file):
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"{file}: 'target_modules' = {value!r} is not a valid regular expression: {exc}") from exc
+        return value
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) and t for t in value):
+        raise ValueError(f"{file}: 'target_modules' must be a regex string or a non-empty list of module names; "
+                         f"got {value!r}")
+    return sorted(set(value))
+
+
+def _parse_config(config, file):
+    """Type-check every field loading reads; return them normalised: r, lora_alpha, lora_dropout,
+    use_rslora, target_modules (a regex string or a sorted list of names). Raise ValueError naming
+    `file`, the key and the value.
     """
-    from safetensors.torch import save_file
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: the adapter config must be a JSON object; got {type(config).__name__} "
+                         f"{config!r:.80}")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{file}: 'peft_type' = {config['peft_type']!r}; only 'LORA' adapters load here")
+    _check_unsupported(config, file)
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            raise ValueError(f"{file}: missing {key!r}")
+    r, alpha = config["r"], config["lora_alpha"]
+    dropout, rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_RANK:
+        raise ValueError(f"{file}: 'r' must be an integer in [1, {MAX_RANK}]; got {r!r}")
+    if not _is_number(alpha) or not math.isfinite(alpha):
+        raise ValueError(f"{file}: 'lora_alpha' must be a finite number; got {alpha!r}")
+    if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{file}: 'lora_dropout' must be a number in [0, 1); got {dropout!r}")
+    if not isinstance(rslora, bool):
+        raise ValueError(f"{file}: 'use_rslora' must be true or false; got {rslora!r}")
+    return {"r": r, "lora_alpha": alpha, "lora_dropout": float(dropout), "use_rslora": rslora,
+            "target_modules": _check_target_modules(config["target_modules"], file)}
 
-    layers = lora_modules(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRALinear layers to save")
+
+def _config_digest(parsed):
+    fields = {**parsed, "lora_alpha": float(parsed["lora_alpha"])}  # 8 and 8.0 are one config
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _tensor_digest(tensors):
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        digest.update(json.dumps([key, str(t.dtype), list(t.shape)]).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _build_config(layers, base_model_name_or_path):
     hyper = {(m.r, m.lora_alpha, m.lora_dropout, m.use_rslora) for _, m in layers}
     if len(hyper) > 1:
         raise ValueError(f"save_adapter writes one LoraConfig; the layers differ in (r, lora_alpha, lora_dropout, "
                          f"use_rslora): {sorted(hyper)}")
+    if isinstance(base_model_name_or_path, os.PathLike):
+        base_model_name_or_path = os.fspath(base_model_name_or_path)
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(f"base_model_name_or_path must be a str, an os.PathLike or None; got "
+                        f"{type(base_model_name_or_path).__name__} {base_model_name_or_path!r}")
     r, lora_alpha, lora_dropout, use_rslora = hyper.pop()
-    config = {
+    return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "use_rslora": use_rslora,
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name, _ in layers}),
@@ -42,14 +130,113 @@ def save_adapter(model, path, base_model_name_or_path=None):
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
     }
+
+
+def _fsync_path(path):
+    """fsync a file, or a directory (so that renames in it are durable) where the OS allows it."""
+    if not os.path.isdir(path):
+        flags = os.O_RDWR
+    elif hasattr(os, "O_DIRECTORY"):
+        flags = os.O_RDONLY | os.O_DIRECTORY
+    else:
+        return  # Windows cannot open a directory; NTFS journals renames itself
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _keep_old_weights(weights, backup):
+    """A second name for the current weights file (a hard link, else a copy), so a failed save can put it back."""
+    if not os.path.exists(weights):
+        return False
+    try:
+        os.link(weights, backup)
+    except OSError:
+        shutil.copy2(weights, backup)
+    return True
+
+
+def _restore(weights, backup, had_old):
+    try:
+        if had_old:
+            os.replace(backup, weights)
+        else:
+            os.unlink(weights)
+    except OSError as exc:
+        kept = f"; the previous weights are kept in {backup}" if had_old else ""
+        raise OSError(f"save_adapter failed between replacing {WEIGHTS_NAME} and {CONFIG_NAME} in "
+                      f"{os.path.dirname(weights)} and could not undo it ({exc}): the new weights sit beside the "
+                      f"previous config (if any), which load_adapter refuses unless the two configs agree in every "
+                      f"field it reads{kept}") from exc
+
+
+def _swap_in(directory, tensors, metadata, config_text):
+    """Write both files under temporary names in `directory`, fsync them, then replace weights, then config."""
+    from safetensors.torch import save_file
+
+    token = uuid.uuid4().hex[:12]
+    weights, config = os.path.join(directory, WEIGHTS_NAME), os.path.join(directory, CONFIG_NAME)
+    tmp_weights, tmp_config, backup = (os.path.join(directory, f".{name}.{token}.{ext}") for name, ext in
+                                       ((WEIGHTS_NAME, "tmp"), (CONFIG_NAME, "tmp"), (WEIGHTS_NAME, "old")))
+    leftovers = [tmp_weights, tmp_config, backup]
+    try:
+        save_file(tensors, tmp_weights, metadata=metadata)
+        _fsync_path(tmp_weights)
+        with open(tmp_config, "w") as f:
+            f.write(config_text)
+            f.flush()
+            os.fsync(f.fileno())
+        had_old, replaced = _keep_old_weights(weights, backup), False
+        try:
+            os.replace(tmp_weights, weights)
+            replaced = True
+            _fsync_path(directory)  # the weights' rename is durable before the config's starts
+            os.replace(tmp_config, config)
+        except BaseException:
+            if replaced:
+                leftovers.remove(backup)  # _restore moves it back, or reports where it is kept
+                _restore(weights, backup, had_old)
+            raise
+        _fsync_path(directory)
+    finally:
+        for leftover in leftovers:
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+
+
+def save_adapter(model, path, base_model_name_or_path=None):
+    """Write the model's LoRA adapters to directory `path` in PEFT's format.
+
+    All LoRALinear layers must share r, lora_alpha, lora_dropout and use_rslora (one LoraConfig).
+    base_model_name_or_path: a str, an os.PathLike (stored as a str) or None.
+
+    Everything is built and checked first (config serialised to JSON, digests computed); both files
+    are then written under temporary names in `path` and fsynced, and renamed over the old ones with
+    os.replace: first the weights, then the config. Each file is thus always whole, old or new. If
+    the save fails (an exception, Ctrl-C included) the old weights are put back (or, with no old
+    adapter, the new weights removed), leaving the old adapter whole. What remains: a process
+    killed or a power loss between the two renames leaves the new weights beside the old config (a
+    loader reading in that instant sees the same pair); the digests make `load_adapter` refuse that
+    pair (ValueError) unless the two configs agree in every field loading reads, when the pair is
+    the new adapter. PEFT's loader does not check the digests.
+    Leftover hidden files `.adapter_*.tmp` / `.old` from such a kill are safe to delete. Concurrent
+    saves to one directory are not serialised.
+    """
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRALinear layers to save")
+    config = _build_config(layers, base_model_name_or_path)
+    config_text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
     tensors = {}
     for name, m in layers:
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+    metadata = {"format": "pt", _TENSORS_DIGEST: _tensor_digest(tensors),
+                _CONFIG_DIGEST: _config_digest(_parse_config(config, CONFIG_NAME))}
     os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    _swap_in(os.fspath(path), tensors, metadata, config_text)
 
 
 def _read_config(path):
@@ -57,37 +244,42 @@ def _read_config(path):
     try:
         with open(file) as f:
             config = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read the adapter config {file}: {exc}") from exc
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{file}: peft_type {config.get('peft_type')!r} is not LORA")
-    unsupported = {k: config[k] for k in ("fan_in_fan_out", "use_dora", "rank_pattern", "alpha_pattern",
-                                           "layers_to_transform", "modules_to_save") if config.get(k)}
-    if config.get("bias", "none") != "none":
-        unsupported["bias"] = config["bias"]
-    if unsupported:
-        raise ValueError(f"{file}: unsupported LoRA options {unsupported}")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in config:
-            raise ValueError(f"{file}: missing {key!r}")
-    if not isinstance(config["r"], int) or not isinstance(config["lora_alpha"], (int, float)) or not math.isfinite(
-            config["lora_alpha"]):
-        raise ValueError(f"{file}: r must be an int and lora_alpha a number; got {config['r']!r}, "
-                         f"{config['lora_alpha']!r}")
-    return config
+    return _parse_config(config, file)
 
 
 def _read_tensors(path):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """The weights file's tensors (as stored) and its header metadata ({} when it has none)."""
+    from safetensors import SafetensorError, safe_open
 
     file = os.path.join(path, WEIGHTS_NAME)
     if not os.path.exists(file):
         raise ValueError(f"adapter weights not found: {file} (only safetensors files are read)")
     try:
-        raw = load_file(file)
+        with safe_open(file, framework="pt") as f:
+            metadata = f.metadata() or {}
+            raw = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"cannot read adapter weights {file} (corrupt or truncated?): {exc}") from exc
+    return raw, metadata
+
+
+def _verify_digests(path, raw, metadata, parsed):
+    """Check the digests save_adapter records, where the weights file has them (PEFT's files do not)."""
+    file = os.path.join(path, WEIGHTS_NAME)
+    recorded = metadata.get(_TENSORS_DIGEST)
+    if recorded is not None and recorded != _tensor_digest(raw):
+        raise ValueError(f"{file} fails its integrity check: the SHA-256 of its tensors is not the one recorded when "
+                         f"it was saved ({recorded[:16]}...); the file is corrupt")
+    recorded = metadata.get(_CONFIG_DIGEST)
+    if recorded is not None and recorded != _config_digest(parsed):
+        raise ValueError(f"{os.path.join(path, CONFIG_NAME)} and {file} come from different saves: the weights were "
+                         f"saved with another r / lora_alpha / lora_dropout / use_rslora / target_modules than the "
+                         f"config holds {({k: parsed[k] for k in sorted(parsed)})}; save the adapter again")
+
+
+def _rename_tensors(path, raw):
     tensors = {}
     for key, value in raw.items():
         name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
@@ -96,6 +288,8 @@ def _read_tensors(path):
             for infix in (f".{part}.weight", f".{part}.default.weight"):
                 if name.endswith(infix):
                     name = name[: -len(infix)] + "." + part
+        if name in tensors:
+            raise ValueError(f"{os.path.join(path, WEIGHTS_NAME)}: {key!r} and another key both hold {name}")
         tensors[name] = value
     return tensors
 
@@ -131,12 +325,15 @@ def load_adapter(model, path, adapter_dtype=None, backend=None):
 
     Linear layers named by the config's target_modules become LoRALinear (if they are not
     already) with the file's r, lora_alpha, lora_dropout and use_rslora, and get its weights.
-    Everything is checked first (config, file integrity, missing and unexpected keys, shapes,
-    ranks): on any error a ValueError names the problem and the model is unchanged.
-    Returns the model.
+    Everything is checked first, the same way whether or not the model already has LoRA layers:
+    every config field read (type and range), the digests save_adapter records (see the module
+    docstring), missing and unexpected keys, shapes, ranks. On any error a ValueError names the
+    file, key and value, and the model is unchanged. Returns the model.
     """
     config = _read_config(path)
-    tensors = _read_tensors(path)
+    raw, metadata = _read_tensors(path)
+    _verify_digests(path, raw, metadata, config)
+    tensors = _rename_tensors(path, raw)
     r = config["r"]
     targets = find_target_modules(model, config["target_modules"], types=(torch.nn.Linear, LoRALinear))
     if not targets:
@@ -146,8 +343,7 @@ def load_adapter(model, path, adapter_dtype=None, backend=None):
 
     # Checked: now change the model.
     to_wrap = [name for name in targets if not isinstance(model.get_submodule(name), LoRALinear)]
-    hyper = dict(r=r, lora_alpha=config["lora_alpha"], lora_dropout=float(config.get("lora_dropout", 0.0)),
-                 use_rslora=bool(config.get("use_rslora", False)))
+    hyper = {key: config[key] for key in ("r", "lora_alpha", "lora_dropout", "use_rslora")}
     if to_wrap:
         apply_lora(model, to_wrap, adapter_dtype=adapter_dtype, backend=backend, **hyper)
     with torch.no_grad():

@@ -162,16 +162,39 @@ def _backward_by_op(dy, state, plan, needs):
     return lora_linear_backward_op(dy, *state, *plan.to_op_args(), *needs)
 
 
+_NO_DOUBLE_BACKWARD = (
+    b"lora_linear does not support second-order gradients: its backward (fused kernels) is not itself "
+    b"differentiable. A gradient computed with create_graph=True through a LoRA layer (a gradient penalty, "
+    b"double backward) cannot be differentiated again; compute that term without the LoRA layer, or through "
+    b"lorakernels.lora_linear_ref.")
+
+
+def _refuse_double_backward(grads):
+    """Under create_graph=True, return the gradients behind a node that raises a clear error if
+    anything backpropagates through them (both backends alike: the Triton kernels have no
+    derivative, and the torch backend's formulas run without a graph). Without create_graph,
+    the gradients unchanged."""
+    tensors = [g for g in grads if g is not None]
+    if not torch.is_grad_enabled() or not tensors:
+        return grads
+    # The node torch.autograd.function.once_differentiable uses, with a message of our own; its
+    # inputs must require grad for its outputs to carry it.
+    guarded = iter(torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, len(tensors))(
+        *(t.detach().requires_grad_() for t in tensors)))
+    return tuple(next(guarded) if g is not None else None for g in grads)
+
+
 def _grads_of_inputs(ctx, dy, backward):
     """The gradients of (x, weight, bias, lora_A, lora_B, scalars), then None for each plan argument."""
     needs_dx, _, needs_dbias, needs_da, needs_db = ctx.needs_input_grad[:5]
     dx = da = db = None
-    if needs_dx or needs_da or needs_db:
-        needs = GradsNeeded(needs_dx, needs_da, needs_db)
-        dx, da, db = backward(dy.contiguous(), SavedState.load(ctx), ctx.plan, needs)
-    dbias = dy.sum(0) if ctx.has_bias and needs_dbias else None
+    with torch.no_grad():
+        if needs_dx or needs_da or needs_db:
+            needs = GradsNeeded(needs_dx, needs_da, needs_db)
+            dx, da, db = backward(dy.contiguous(), SavedState.load(ctx), ctx.plan, needs)
+        dbias = dy.sum(0) if ctx.has_bias and needs_dbias else None
     grads = (dx if needs_dx else None, None, dbias, da if needs_da else None, db if needs_db else None, None)
-    return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
+    return _refuse_double_backward(grads) + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
 
 def _setup_context(ctx, inputs, output):

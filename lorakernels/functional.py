@@ -10,6 +10,7 @@ import torch
 from lorakernels._validation import check_lora_linear_inputs
 from lorakernels.autograd import EagerLoRALinear, draw_seed, lora_linear_forward_op, pack_scalars
 from lorakernels.plan import resolve_plan
+from lorakernels.reference import lora_linear_ref
 
 
 def _as_rows(t):
@@ -44,10 +45,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     """Fused LoRA linear: y = x W^T + b + scaling * dropout(x) A^T B^T.
 
     Args:
-        x: [*, in_features], fp32/fp16/bf16, any strides.
+        x: [*, in_features], in_features >= 1, fp32/fp16/bf16, any strides. On the meta device
+            (all operands) only shapes and dtypes are computed, with autograd, as by nn.Linear.
         weight: [out_features, in_features], frozen, x's dtype. bias: [out_features] or None.
         lora_A: [r, in_features]; lora_B: [out_features, r]; x's dtype or fp32.
-        scaling: lora_alpha / r (or lora_alpha / sqrt(r) for rsLoRA).
+        scaling: lora_alpha / r (or lora_alpha / sqrt(r) for rsLoRA), finite in the adapters' dtype.
         dropout_p: dropout on the input of A, in [0, 1). training: False disables dropout.
         backend: 'auto' | 'triton' | 'torch' or a `plan.Backend` (default: env LORAKERNELS_BACKEND, else 'auto').
         base_gemm: 'triton' | 'cublas' or a `plan.BaseGemm` (default: env LORAKERNELS_BASE_GEMM, else 'triton').
@@ -58,6 +60,12 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         x, weight, bias, lora_A, lora_B = _autocast_operands(x, weight, bias, lora_A, lora_B)
     check_lora_linear_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     _check_frozen(weight)
+    if x.is_meta:
+        # Meta tensors (models built under `torch.device("meta")` before their weights are
+        # loaded) carry shapes and dtypes only: the plain composition propagates them, and
+        # autograd's, as nn.Linear's does. Backend choices are checked as for a CUDA model.
+        resolve_plan(torch.device("cuda"), backend, base_gemm)
+        return lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling)
     plan = resolve_plan(x.device, backend, base_gemm)
     p = dropout_p if training else 0.0
     scalars = pack_scalars(draw_seed() if p > 0 else 0, scaling, p)

@@ -7,11 +7,13 @@ regular expression that must match a whole module name.
 
 import contextlib
 import re
+import warnings
 
 import torch
 from torch import nn
 
-from lorakernels.modules import LoRALinear
+from lorakernels._validation import memory_span, spans_overlap
+from lorakernels.modules import LoRALinear, tied_weight_error
 
 
 def _matches(name, target_modules):
@@ -39,6 +41,40 @@ def _set_submodule(model, name, module):
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _bypassed(model, name):
+    """Why PyTorch never calls the forward of the Linear `name` (its parent reads its weight directly), or None."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.MultiheadAttention):
+        return f"{name} (nn.MultiheadAttention passes {child}.weight to F.multi_head_attention_forward)"
+    if isinstance(parent, nn.TransformerEncoderLayer) and child in ("linear1", "linear2"):
+        return f"{name} (nn.TransformerEncoderLayer's fast path passes {child}.weight to a fused kernel)"
+    return None
+
+
+def _check_not_bypassed(model, names):
+    bypassed = [reason for reason in (_bypassed(model, name) for name in names) if reason]
+    if bypassed:
+        raise ValueError("apply_lora cannot adapt Linear layers whose weights PyTorch reads directly, bypassing their "
+                         "forward, so that an adapter there would be silently ignored: " + "; ".join(bypassed)
+                         + ". Leave them out of target_modules; nothing was changed.")
+
+
+def _tied_parameters(model, names):
+    """{name: ((parameter name, parameter), ...)} for each module `name` whose weight shares memory
+    with parameters of the model outside that module (tied weights)."""
+    spans = [(n, p, memory_span(p)) for n, p in model.named_parameters(remove_duplicate=False)]
+    tied = {}
+    for name in filter(None, names):  # "" is the model itself: nothing is outside it
+        weight, inside = model.get_submodule(name).weight, name + "."
+        span = memory_span(weight)
+        others = tuple((n, p) for n, p, s in spans
+                       if (p is weight or spans_overlap(span, s)) and not n.startswith(inside))
+        if others:
+            tied[name] = others
+    return tied
+
+
 def lora_modules(model):
     """(name, LoRALinear) pairs of the model, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
@@ -51,12 +87,18 @@ def apply_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_r
 
     backend, base_gemm: given to every LoRALinear (see `lora_linear`); None follows the environment.
 
-    Raises ValueError, listing the model's Linear names, when nothing matches; nothing is changed then.
+    Raises ValueError, listing the model's Linear names, when nothing matches, and naming them when
+    a match is a Linear whose weight PyTorch reads without calling it (the out_proj of
+    nn.MultiheadAttention, linear1/linear2 of nn.TransformerEncoderLayer); nothing is changed then.
+    Warns for a match whose weight is tied to another parameter (a tied lm_head): such a layer
+    trains, but merging it in place is refused until it is untied.
     """
     names = find_target_modules(model, target_modules)
     if not names:
         raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear in {type(model).__name__}; "
                          f"its Linear modules end in: {_linear_suffixes(model)}")
+    _check_not_bypassed(model, names)
+    tied = _tied_parameters(model, names)
     # Build every replacement before swapping any in, so a bad argument leaves the model untouched.
     replacements = [(name, LoRALinear.from_linear(model.get_submodule(name), r=r, lora_alpha=lora_alpha,
                                                   lora_dropout=lora_dropout, use_rslora=use_rslora,
@@ -64,7 +106,12 @@ def apply_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_r
                                                   base_gemm=base_gemm))
                     for name in names]
     for name, module in replacements:
+        module.tied_to = tied.get(name, ())
         _set_submodule(model, name, module)
+    for name, others in tied.items():
+        warnings.warn(f"apply_lora: {name}.weight is tied to {[n for n, _ in others]} (they share memory). The "
+                      f"adapter trains as usual, but merging it in place would change those too: merge_lora, "
+                      f"merge_and_unload and LoRALinear.merge refuse it until {name} is untied.", stacklevel=2)
     mark_only_lora_as_trainable(model)
     return model
 
@@ -82,9 +129,27 @@ def lora_state_dict(model):
     return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
 
 
+def _check_untied(model, modules):
+    """Refuse, before anything is merged, when a weight to merge is tied to a parameter outside its layer.
+
+    Records the current ties on each layer (`LoRALinear.tied_to`), which `merge()` checks again.
+    """
+    tied = _tied_parameters(model, [name for name, _ in modules])
+    for name, module in modules:
+        module.tied_to = tied.get(name, ())
+    if tied:
+        described = "; ".join(f"{name}.weight with {[n for n, _ in others]}" for name, others in tied.items())
+        raise tied_weight_error(described, next(iter(tied)))
+
+
 def merge_lora(model, keep_original=True):
-    """Merge every LoRALinear of the model (see LoRALinear.merge). Returns the model."""
-    for _, module in lora_modules(model):
+    """Merge every LoRALinear of the model (see LoRALinear.merge). Returns the model.
+
+    Raises ValueError, before merging anything, when a weight is tied to a parameter outside its layer.
+    """
+    modules = lora_modules(model)
+    _check_untied(model, modules)
+    for _, module in modules:
         module.merge(keep_original=keep_original)
     return model
 
@@ -99,8 +164,14 @@ def unmerge_lora(model):
 
 @torch.no_grad()
 def merge_and_unload(model):
-    """Fold every adapter into its weight and put plain nn.Linear modules back (no LoRA left)."""
-    for name, module in lora_modules(model):
+    """Fold every adapter into its weight and put plain nn.Linear modules back (no LoRA left).
+
+    Raises ValueError, before changing anything, when a weight to merge is tied to a parameter outside
+    its layer (see `merge_lora`).
+    """
+    modules = lora_modules(model)
+    _check_untied(model, [(name, module) for name, module in modules if not module.merged])
+    for name, module in modules:
         if not module.merged:
             module.merge(keep_original=False)
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakernels import ops
-from lorakernels._validation import check_lora_hyperparameters
+from lorakernels._validation import check_lora_hyperparameters, check_scaling_fits, shares_memory
 from lorakernels.functional import lora_linear
 from lorakernels.plan import resolve_backend, resolve_base_gemm
 
@@ -17,10 +17,26 @@ def lora_scaling(r, lora_alpha, use_rslora=False):
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
-def _check_arguments(in_features, out_features, r, lora_alpha, lora_dropout, base_gemm):
+def _check_arguments(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, base_gemm):
     check_lora_hyperparameters(in_features, out_features, r, lora_alpha, lora_dropout)
+    formula = (f"lora_alpha / sqrt(r) = {lora_alpha!r} / sqrt({r})" if use_rslora
+               else f"lora_alpha / r = {lora_alpha!r} / {r}")
+    check_scaling_fits(lora_scaling(r, lora_alpha, use_rslora), adapter_dtype, formula)
     if base_gemm is not None:
         resolve_base_gemm(base_gemm)  # a bad strategy fails here, not at the first forward
+
+
+def tied_weight_error(tied, layer):
+    """The ValueError for merging in place weights that share memory with parameters outside their layer.
+
+    tied: which weights share memory with what, e.g. "lm_head.weight with ['model.embed_tokens.weight']".
+    layer: the name of a tied layer, for the untying snippet.
+    """
+    return ValueError(
+        f"cannot merge in place a weight tied to parameters outside its layer (e.g. a Hugging Face model's "
+        f"tie_word_embeddings=True): {tied}; the merge would change those too. Untie first: give the layer its own "
+        f"copy, `{layer}.weight = nn.Parameter({layer}.weight.detach().clone(), requires_grad=False)` (and set "
+        f"config.tie_word_embeddings = False so that Hugging Face does not tie it again); nothing was changed")
 
 
 class LoRALinear(nn.Module):
@@ -41,13 +57,15 @@ class LoRALinear(nn.Module):
     `merge()` folds the adapter into `weight` (one pass of the merge kernel) so that forward is
     the plain GEMM; `unmerge()` restores the base weight bit for bit from a copy kept while
     merged (pass `keep_original=False` to save that memory: unmerge then subtracts, and a
-    16-bit weight can drift by rounding, as with PEFT). Training while merged is refused.
+    16-bit weight can drift by rounding, as with PEFT). Training while merged is refused, and so
+    is merging a weight tied to a parameter outside the layer (`tied_to`, recorded by `apply_lora`).
     """
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True,
                  use_rslora=False, device=None, dtype=None, adapter_dtype=None, backend=None, base_gemm=None):
         super().__init__()
-        _check_arguments(in_features, out_features, r, lora_alpha, lora_dropout, base_gemm)
+        _check_arguments(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora,
+                         adapter_dtype or dtype or torch.get_default_dtype(), base_gemm)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_from(base, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, backend, base_gemm)
 
@@ -57,7 +75,8 @@ class LoRALinear(nn.Module):
         """Wrap an existing nn.Linear: its weight and bias are shared (no copy) and frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear; got {type(linear).__name__}")
-        _check_arguments(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, base_gemm)
+        _check_arguments(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, use_rslora,
+                         adapter_dtype or linear.weight.dtype, base_gemm)
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module._init_from(linear, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, backend, base_gemm)
@@ -76,6 +95,9 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.adapters_disabled = False
         self._original_weight = None
+        # ((name, parameter), ...) outside this layer that shared memory with weight when the model
+        # was last checked (apply_lora, merge_lora, merge_and_unload); a plain tuple, not registered.
+        self.tied_to = ()
         self.weight = base.weight
         self.weight.requires_grad_(False)
         self.bias = base.bias
@@ -114,6 +136,9 @@ class LoRALinear(nn.Module):
         """
         if self.merged:
             raise RuntimeError("LoRALinear is already merged; call unmerge() first")
+        tied = [name for name, p in self.tied_to if shares_memory(p, self.weight)]
+        if tied:
+            raise tied_weight_error(f"this layer's weight with {tied}", "layer")
         self._original_weight = self.weight.detach().clone() if keep_original else None
         ops.lora_merge(self.weight, self.lora_A, self.lora_B, self.scaling, out=self.weight,
                        backend=self._merge_backend())

@@ -1,8 +1,8 @@
 """The launch plan: every dispatch decision, resolved once at the public boundary.
 
 `resolve_plan` is the only reader of the environment in the package (LORAKERNELS_BACKEND,
-LORAKERNELS_BASE_GEMM, and TRITON_INTERPRET through `interpreting()`, the one place that reads
-it) and of torch's TF32 switch. What it returns is typed
+LORAKERNELS_BASE_GEMM; TRITON_INTERPRET is read once, at import, when the kernels are decorated:
+`interpreting()`) and of torch's TF32 switch. What it returns is typed
 (enums and booleans) and travels unchanged down to the launchers; no layer below it looks at a
 string or an environment variable again. At the custom-op boundary (torch.library ops take
 only plain values) the plan crosses as `to_op_args()` and comes back as `LaunchPlan.from_op_args`.
@@ -37,9 +37,28 @@ class BaseGemm(enum.Enum):
     CUBLAS = "cublas"
 
 
-def interpreting():
-    """True when Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1)."""
+def _interpret_requested():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# `triton.jit` reads TRITON_INTERPRET when a kernel is defined, that is when lorakernels is
+# imported (this module is imported before the kernels): the kernels are interpreted, or
+# compiled for GPUs, for the life of the process, whatever the variable says later.
+_KERNELS_INTERPRETED = _interpret_requested()
+
+
+def interpreting():
+    """True when the Triton kernels run on CPU tensors through the interpreter: TRITON_INTERPRET=1
+    was set when lorakernels was imported."""
+    return _KERNELS_INTERPRETED
+
+
+def interpreter_hint():
+    """What to do about a CPU launch of compiled kernels, for error messages."""
+    if _interpret_requested() and not _KERNELS_INTERPRETED:
+        return ("TRITON_INTERPRET=1 is set now, but was not when lorakernels was imported, so its kernels were "
+                "built for GPUs: set it before the import (or use the torch backend, the default on CPU)")
+    return "set TRITON_INTERPRET=1 before lorakernels is imported to run the kernels on CPU tensors"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +82,17 @@ class LaunchPlan:
         """`tl.dot`'s input_precision for operands of `dtype`."""
         return "tf32" if self.tf32 and dtype == torch.float32 else "ieee"
 
+    def low_rank(self, activation_dtype, adapter_dtype):
+        """The RANK_FP32 / RANK_PRECISION constexprs of the rank-R kernels (F1, B1, B3; see `low_rank_math`)."""
+        rank_fp32, rank_precision = low_rank_math(activation_dtype == torch.float32, adapter_dtype == torch.float32,
+                                                  self.input_precision(activation_dtype))
+        return {"RANK_FP32": rank_fp32, "RANK_PRECISION": rank_precision}
+
+    @staticmethod
+    def split_rank(activation_dtype, adapter_dtype):
+        """The SPLIT_RANK constexpr of the fused GEMMs (F2, B2; see `split_rank_term`)."""
+        return {"SPLIT_RANK": split_rank_term(activation_dtype == torch.float32, adapter_dtype == torch.float32)}
+
     def to_op_args(self):
         """(backend, base_gemm, tf32) as plain values, for a torch.library custom op's schema."""
         return self.backend.value, self.base_gemm.value, self.tf32
@@ -71,6 +101,27 @@ class LaunchPlan:
     def from_op_args(cls, backend, base_gemm, tf32):
         """The inverse of `to_op_args`."""
         return cls(Backend(backend), BaseGemm(base_gemm), bool(tf32))
+
+
+def low_rank_math(activations_fp32, adapters_fp32, input_precision):
+    """(fp32 operands?, `tl.dot` input_precision) of the rank-R products: the adapters' precision.
+
+    fp32 adapters under 16-bit activations (PEFT's default): fp32 operands with 3xTF32 dots
+    ("tf32x3": about fp32 accuracy, on tensor cores), as PEFT computes its fp32 adapters in fp32
+    outside autocast; the products are r/K of the main GEMM's work. fp32 activations: fp32 with
+    the main GEMM's `input_precision` (TF32 only where torch.matmul would use it). 16-bit
+    adapters: the activations' 16-bit dtype.
+    """
+    if activations_fp32:
+        return True, input_precision
+    return (True, "tf32x3") if adapters_fp32 else (False, "ieee")
+
+
+def split_rank_term(activations_fp32, adapters_fp32):
+    """Whether F2 and B2 split the rank-R term's fp32 operands into two bf16 parts: with fp32
+    adapters under 16-bit activations, where the term must keep the adapters' precision but the
+    GEMM's registers leave no room for fp32 tiles (see `tiles.split_dot`)."""
+    return adapters_fp32 and not activations_fp32
 
 
 def _choice(enum_type, requested, env_name, default, label, extra=()):
@@ -99,7 +150,7 @@ def resolve_backend(requested, device):
     backend = _choice(Backend, requested, BACKEND_ENV, "auto", "backend", extra=("auto",))
     if backend is Backend.TRITON and not triton_runs_here:
         raise ValueError(f"backend 'triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
-                         f"before lorakernels is imported; got tensors on {device}")
+                         f"before lorakernels is imported; got tensors on {device} ({interpreter_hint()})")
     return backend
 
 

@@ -9,6 +9,7 @@ limit, a tile that spills, a `tl.dot` with a dimension under 16, an operation a 
 rejects, or a GEMM that silently lost its tensor-core path.
 """
 
+import itertools
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from lorakernels.build_gate.aot import TARGETS, problems
 from lorakernels.build_gate.variants import all_variants
 from lorakernels.ops import specs
 from lorakernels.ops.configs import PADDED_RANKS
+from lorakernels.plan import low_rank_math
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -65,13 +67,17 @@ def test_every_config_the_launchers_can_pick_is_in_the_gate():
 
     expected = []
     for dtype in ("bf16", "fp32"):
+        elem_bytes = specs.ELEM_BYTES[dtype]
         for spec in (specs.F2, specs.B2):
-            offered = spec.configs(specs.ELEM_BYTES[dtype])
+            offered = spec.configs(elem_bytes)
             assert offered, f"no {spec.code} GEMM config for {dtype}"
             expected += [key(spec.name, dtype, None, cfg) for cfg in offered]
-            expected.append(key(spec.name, dtype, None, spec.unaligned_config(specs.ELEM_BYTES[dtype]), aligned=False))
-        for r_pad in PADDED_RANKS:
-            for spec in (specs.F1, specs.B1, specs.B3):
-                expected += [key(spec.name, dtype, r_pad, cfg) for cfg in spec.configs(specs.ELEM_BYTES[dtype], r_pad)]
+            expected.append(key(spec.name, dtype, None, spec.unaligned_config(elem_bytes), aligned=False))
+        # The rank-R kernels choose by the size they compute in: fp32 adapters make it 4 (RANK_FP32).
+        rank_kernels = (specs.F1, specs.B1, specs.B3)
+        for adapters_fp32, r_pad, spec in itertools.product((False, True), PADDED_RANKS, rank_kernels):
+            rank_fp32, _ = low_rank_math(dtype == "fp32", adapters_fp32, "ieee")
+            config_bytes = spec.config_bytes(elem_bytes, {"RANK_FP32": rank_fp32})
+            expected += [key(spec.name, dtype, r_pad, cfg) for cfg in spec.configs(config_bytes, r_pad)]
     missing = [k for k in expected if k not in built]
     assert not missing, f"configs the launchers can pick but the gate does not build: {missing}"

@@ -1,12 +1,19 @@
 """Benchmark smoke tests: every provider computes what it claims (so a benchmark never times a
-broken baseline), and the suite's output files parse. Seconds, on the suite's device."""
+broken baseline), the suite's output files parse, and the timing statistics are sound
+(quantiles from measured samples, ratios from providers timed in alternation). Seconds, on
+the suite's device."""
 
 import csv
 import json
+import random
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.harness import Budget, bench, interleave, one_call, quantile, summarize
 from benchmarks.providers import make_providers
 from lorakernels import LoRALinear, lora_linear_ref
 from tests.utils import DEVICE
@@ -62,7 +69,7 @@ def test_suite_writes_parseable_results(tmp_path):
 
     protocol = dict(suite.PROTOCOLS["cpu"], layer_shapes=[(16, 32, 24, 4, 0.1)], merge=[(32, 24, 4)],
                     model=dict(size=dict(vocab=50, hidden=32, intermediate=48, layers=1, heads=2, kv_heads=1),
-                               batch=1, seq=8, inference=[(1, 8)]), repeats=1, overhead_repeats=1)
+                               batch=1, seq=8, inference=[(1, 8)]), budget=Budget(rounds=3))
     suite.PROTOCOLS["test"] = protocol
     try:
         assert suite.main(["--device", DEVICE.type, "--protocol", "test", "--output-dir", str(tmp_path),
@@ -74,6 +81,11 @@ def test_suite_writes_parseable_results(tmp_path):
     assert len(rows) == len(data["records"]) > 0
     assert {"layer", "overhead", "merge", "model"} <= {r["benchmark"] for r in rows}
     assert all(float(r["value"]) >= 0 for r in rows)
+    for r in rows:  # quantiles are order statistics: never negative, never outside the samples
+        if r["p20"]:
+            assert 0 <= float(r["p20"]) <= float(r["value"]) <= float(r["p80"]), r
+    assert {"ratio_to_floor", "ratio_to_unfused"} <= {r["metric"] for r in rows if r["benchmark"] == "layer"}
+    assert {"ratio_to_full-ft", "ratio_to_base"} <= {r["metric"] for r in rows if r["benchmark"] == "model"}
     providers = {r["provider"] for r in rows if r["benchmark"] == "layer"}
     assert {"floor", "lorakernels", "unfused", "full-ft", "adapter"} <= providers
     text = (tmp_path / "results.md").read_text()
@@ -112,7 +124,8 @@ def test_a_failing_provider_is_reported_and_the_run_goes_on(tmp_path, monkeypatc
 
     monkeypatch.setattr(bench_layer, "make_providers", with_broken)
     status = suite.main(["--device", DEVICE.type, "--skip-model", "--no-progress", "--output-dir", str(tmp_path),
-                         "--providers", "floor", "lorakernels", "--layer-shapes", "16,32,24,4,0.1", "--repeats", "1"])
+                         "--providers", "floor", "lorakernels", "--layer-shapes", "16,32,24,4,0.1", "--repeats", "1",
+                         "--seconds", "0"])
     assert status == 1
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["failures"] and {f["what"].split()[0] for f in data["failures"]} == {"broken"}
@@ -134,7 +147,7 @@ def test_gemm_comparison_records_and_report(tmp_path):
     from benchmarks.bench_layer import gemm_benchmark
     from benchmarks.report import write_markdown
 
-    records = gemm_benchmark(DEVICE, 64, 48, 32, torch.float32, repeats=1)
+    records = gemm_benchmark(DEVICE, 64, 48, 32, torch.float32, Budget(rounds=1))
     assert {(r["provider"], r["mode"]) for r in records} == {
         (p, m) for p in ("triton-gemm", "cublas") for m in ("forward", "grad-x")}
     assert all(r["value"] > 0 for r in records)
@@ -153,7 +166,7 @@ def test_an_interrupted_run_keeps_the_sections_it_finished(tmp_path, monkeypatch
     monkeypatch.setattr(suite, "model_benchmarks", killed)
     with pytest.raises(KeyboardInterrupt):
         suite.main(["--device", DEVICE.type, "--no-progress", "--output-dir", str(tmp_path), "--providers", "floor",
-                    "--layer-shapes", "16,32,24,4,0.0", "--repeats", "1"])
+                    "--layer-shapes", "16,32,24,4,0.0", "--repeats", "1", "--seconds", "0"])
     data = json.loads((tmp_path / "results.json").read_text())
     assert {"layer", "overhead", "merge"} == {r["benchmark"] for r in data["records"]} - {"gemm"}
     assert set(data["environment"]["seconds"]) == {"layer", "overhead", "merge", "total"}
@@ -173,3 +186,158 @@ def test_memory_plots_from_cuda_style_records(tmp_path):
     written = write_plots(records, dict(device="d"), tmp_path)
     assert sorted(p.name for p in written) == ["model_peak_memory.png", "peak_memory.png", "saved_bytes.png"]
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _DriftingMachine:
+    """A fake clock, and providers whose time is their cost times a slowdown that grows with the
+    clock (a machine that gets busier as the run goes on)."""
+
+    def __init__(self, drift):
+        self.now, self.drift = 0.0, drift
+
+    def __call__(self):
+        return self.now
+
+    def provider(self, cost):
+        def run():
+            self.now += cost * (1 + self.drift * self.now)
+        return run
+
+
+@pytest.mark.parametrize("samples", [[1e-3, 1e-2, 1e-2], [5.0], [2.0, 1.0], [1e-6] * 4 + [1.0]])
+def test_quantiles_are_order_statistics_of_the_samples(samples):
+    """Catches extrapolated percentiles: with three samples, statistics.quantiles put the 20th
+    percentile of [1e-3, 1e-2, 1e-2] at -8e-4 s, below the fastest run and below zero."""
+    median, p20, p80 = summarize(samples)
+    assert p20 in samples and p80 in samples
+    assert 0 <= min(samples) <= p20 <= median <= p80 <= max(samples)
+
+
+def test_quantiles_stay_within_random_samples():
+    rng = random.Random(0)
+    for n in range(1, 40):
+        samples = [rng.lognormvariate(-7, 1.5) for _ in range(n)]
+        for q in (0.0, 0.2, 0.5, 0.8, 1.0):
+            assert quantile(samples, q) in samples
+        median, p20, p80 = summarize(samples)
+        assert min(samples) <= p20 <= median <= p80 <= max(samples)
+
+
+def test_a_measurement_takes_at_least_its_rounds_and_its_seconds():
+    """Catches a measurement of a handful of runs: the budget is rounds and seconds, whichever is longer."""
+    machine = _DriftingMachine(drift=0.0)
+    fns = {"a": machine.provider(0.1)}
+    cpu = torch.device("cpu")
+    for budget, rounds in ((Budget(rounds=3, seconds=2.0), 20), (Budget(rounds=15), 15),
+                           (Budget(rounds=3, seconds=1e9, max_rounds=50), 50)):
+        timing = interleave(fns, one_call(cpu, budget, clock=machine), budget, clock=machine)
+        assert len(timing.rounds) == rounds and len(timing.stats("a")) == 3
+
+
+def test_interleaved_ratios_are_stable_while_the_machine_drifts():
+    """Catches ratios taken across different machine conditions: here the machine slows down
+    about twofold during the run; timed one after the other, B / A is off by more than 30%,
+    timed in alternation it is within 1% of B's true cost over A's."""
+    cpu = torch.device("cpu")
+    budget = Budget(rounds=50)
+    machine = _DriftingMachine(drift=4.0)
+    a, b = machine.provider(1e-3), machine.provider(3e-3)
+    sequential = (bench(b, cpu, budget, clock=machine)[0] / bench(a, cpu, budget, clock=machine)[0])
+    assert abs(sequential / 3 - 1) > 0.3  # the drift is strong enough to matter
+    machine.now = 0.0
+    timing = interleave({"A": a, "B": b}, one_call(cpu, budget, clock=machine), budget, clock=machine)
+    ratio, low, high = timing.ratio("B", "A")
+    assert abs(ratio / 3 - 1) < 0.01 and abs(low / 3 - 1) < 0.02 and abs(high / 3 - 1) < 0.02
+    assert 2.5 < timing.stats("B")[0] / timing.stats("A")[0] < 3.5  # per-provider medians are still reported
+
+
+def test_a_provider_that_fails_mid_measurement_leaves_and_the_others_go_on():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) > 4:
+            raise RuntimeError("provider exploded")
+
+    machine = _DriftingMachine(drift=0.0)
+    budget = Budget(rounds=6)
+    timing = interleave({"ok": machine.provider(1e-3), "flaky": flaky}, one_call(torch.device("cpu"), budget,
+                        clock=machine), budget, clock=machine)
+    assert timing.names() == ["ok"] and len(timing.rounds) == 6 and "flaky" in timing.errors
+    assert timing.ratio("ok", "flaky") is None
+
+
+def test_cuda_quantiles_come_from_do_bench_samples(monkeypatch):
+    """On CUDA each round is one do_bench call returning every run's time; the quantiles are
+    order statistics of those runs, pooled over the rounds (never do_bench's interpolation)."""
+    import triton.testing
+
+    calls = []
+
+    def fake_do_bench(fn, warmup, rep, grad_to_none=None, quantiles=None, return_mode="mean"):
+        assert quantiles is None and return_mode == "all" and grad_to_none is grads
+        calls.append(rep)
+        return [0.5 + len(calls), 0.1 * len(calls), 3.0]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    grads = [torch.zeros(1, requires_grad=True)]
+    median, p20, p80 = bench(lambda: None, torch.device("cuda"), Budget(rounds=4, round_ms=7), grad_to_none=grads)
+    samples = [t / 1e3 for i in range(1, 5) for t in (0.5 + i, 0.1 * i, 3.0)]
+    assert calls == [7] * 4
+    assert p20 in samples and p80 in samples and min(samples) <= p20 <= median <= p80 <= max(samples)
+
+
+def test_time_plots_need_two_token_counts(tmp_path):
+    """Catches a line plot through a single point: one token count gives a bar chart."""
+    pytest.importorskip("matplotlib")
+    from benchmarks.report import write_plots
+
+    layer = dict(benchmark="layer", mode="full", N=32, r=16, dropout=0.1, metric="time", unit="s")
+    records = [dict(layer, provider=p, K=K, M=M, value=v) for p, v in (("floor", 1e-3), ("lorakernels", 2e-3))
+               for K, M in ((32, 64), (48, 64), (48, 128))]
+    written = write_plots(records, dict(device="d"), tmp_path)
+    assert sorted(p.name for p in written) == ["time_K32_M64.png", "time_vs_tokens_K48.png"]
+
+
+def test_default_output_dir_is_ignored_by_git():
+    """Catches a default run that rewrites the committed results (and dirties the checkout)."""
+    from benchmarks.suite import default_output_dir
+
+    if shutil.which("git") is None or subprocess.run(["git", "-C", REPO, "rev-parse"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    for protocol in ("cpu", "gpu"):
+        target = default_output_dir(protocol) / "results.csv"
+        assert target.parent != REPO / "benchmarks" / "results" / protocol
+        assert subprocess.run(["git", "-C", REPO, "check-ignore", "-q", target]).returncode == 0, target
+
+
+def test_a_run_without_output_dir_writes_to_the_default(tmp_path, monkeypatch):
+    from benchmarks import suite
+
+    monkeypatch.setattr(suite, "default_output_dir", lambda protocol: tmp_path / protocol)
+    assert suite.main(["--device", DEVICE.type, "--skip-model", "--no-progress", "--providers", "floor",
+                       "--layer-shapes", "16,32,24,4,0.0", "--repeats", "1", "--seconds", "0"]) == 0
+    assert (tmp_path / ("gpu" if DEVICE.type == "cuda" else "cpu") / "results.csv").exists()
+
+
+@pytest.mark.parametrize("path", sorted(REPO.glob("benchmarks/results/*/results.csv")), ids=lambda p: p.parent.name)
+def test_committed_results_have_sound_quantiles(path):
+    """Catches committed timings with percentiles outside their samples (negative ones included)."""
+    rows = [r for r in csv.DictReader(open(path)) if r["p20"]]
+    assert rows
+    for r in rows:
+        assert 0 <= float(r["p20"]) <= float(r["value"]) <= float(r["p80"]), r
+
+
+def test_triton_requirement_is_the_tested_range():
+    """Catches an install resolving to a Triton the README never tested (3.6 and 3.9 are)."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    deps = [Requirement(d) for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]]
+    triton = next(d for d in deps if d.name == "triton")
+    assert triton.specifier.contains("3.6.0") and triton.specifier.contains("3.9.0")
+    assert not triton.specifier.contains("3.10.0")

@@ -81,3 +81,24 @@ def test_training_step_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_meta_device_construction_forward_backward():
+    """Catches a LoRALinear that cannot run where nn.Linear runs on meta tensors (shape and dtype
+    propagation, autograd included), built with device="meta", under torch.device("meta") or
+    wrapped from a meta Linear."""
+    x = torch.empty(3, 5, 24, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    expected = torch.nn.Linear(24, 20, device="meta", dtype=torch.bfloat16)(x)
+    with torch.device("meta"):
+        wrapped = LoRALinear.from_linear(torch.nn.Linear(24, 20, dtype=torch.bfloat16), r=4)
+    layers = [LoRALinear(24, 20, r=4, lora_dropout=0.1, device="meta", dtype=torch.bfloat16,
+                         adapter_dtype=torch.float32), wrapped]
+    for layer in layers:
+        assert layer.weight.is_meta and layer.lora_A.is_meta and layer.lora_B.is_meta
+        y = layer(x)
+        assert y.is_meta and (y.shape, y.dtype) == (expected.shape, expected.dtype)
+        y.sum().backward()
+        assert x.grad.is_meta and x.grad.shape == x.shape
+        for p in (layer.lora_A, layer.lora_B):
+            assert p.grad.is_meta and (p.grad.shape, p.grad.dtype) == (p.shape, p.dtype)
+        x.grad = None

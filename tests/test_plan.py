@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorakernels import LoRALinear, apply_lora, lora_linear, ops
+from lorakernels import LoRALinear, apply_lora, lora_linear, ops, plan
 from lorakernels.plan import Backend, BaseGemm, LaunchPlan, resolve_plan
 from tests.utils import DEVICE, make_inputs
 
@@ -37,9 +37,9 @@ def test_members_and_their_strings_resolve_alike(backend, base_gemm):
 
 def test_auto_backend_runs_triton_where_it_can(monkeypatch):
     assert resolve_plan(torch.device("cuda")).backend is Backend.TRITON
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(plan, "_KERNELS_INTERPRETED", True)
     assert resolve_plan(torch.device("cpu"), "auto").backend is Backend.TRITON
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(plan, "_KERNELS_INTERPRETED", False)  # kernels compiled for GPUs at import
     assert resolve_plan(torch.device("cpu")).backend is Backend.TORCH
     assert resolve_plan(torch.device("cuda"), Backend.TRITON).backend is Backend.TRITON
 

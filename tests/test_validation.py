@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lorakernels import LoRALinear, lora_linear
+from lorakernels import LoRALinear, lora_linear, plan
 from tests.utils import make_inputs
 
 
@@ -58,7 +58,7 @@ def test_rejects_unknown_backend_and_strategy():
 
 
 def test_forced_triton_backend_on_cpu_without_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(plan, "_KERNELS_INTERPRETED", False)  # as if imported without TRITON_INTERPRET=1
     with torch.device("cpu"):
         cpu_operands = operands()
     message = r"backend 'triton' needs CUDA tensors.*TRITON_INTERPRET=1.*got tensors on cpu"
@@ -87,3 +87,54 @@ def test_from_linear_rejects_bad_rank_without_touching_the_linear():
     assert linear.weight.requires_grad  # not frozen by a rejected call
     with pytest.raises(TypeError, match=r"expects an nn.Linear; got Conv1d"):
         LoRALinear.from_linear(torch.nn.Conv1d(3, 3, 1))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_zero_width_input_is_a_value_error():
+    """Catches a raw reshape RuntimeError for in_features = 0 (nn.Linear allows it; an adapter has no
+    weights to learn there), and a LoRALinear that accepts the width lora_linear rejects."""
+    with pytest.raises(ValueError, match=r"in_features must be positive.*x \(5, 0\), weight \(10, 0\)"):
+        call(x=torch.randn(5, 0), weight=torch.randn(10, 0), lora_A=torch.randn(4, 0))
+    with pytest.raises(ValueError, match=r"in_features and out_features must be positive; got \(0, 10\)"):
+        LoRALinear(0, 10)
+    with pytest.raises(ValueError, match=r"in_features and out_features must be positive; got \(0, 10\)"):
+        LoRALinear.from_linear(torch.nn.Linear(0, 10))
+
+
+@pytest.mark.parametrize("dtype, adapter_dtype, scaling", [
+    (torch.float32, torch.float32, 1e39),
+    (torch.float16, torch.float16, 1e5),
+], ids=["fp32", "fp16"])
+def test_scaling_beyond_the_adapter_dtype_is_rejected(dtype, adapter_dtype, scaling):
+    """Catches a scaling that is inf in the adapters' dtype (NaN outputs) being accepted by lora_linear."""
+    x, weight, b, lora_A, lora_B = make_inputs(5, 12, 10, 4, dtype)
+    message = rf"scaling = {scaling:g} \(r = 4\) is not finite in the adapters' dtype {adapter_dtype}"
+    with pytest.raises(ValueError, match=message.replace("+", r"\+")):
+        call(x=x, weight=weight, bias=b, lora_A=lora_A.to(adapter_dtype), lora_B=lora_B.to(adapter_dtype),
+             scaling=scaling)
+
+
+def test_scaling_is_checked_against_the_adapter_dtype_not_x():
+    """Catches a check made on x's dtype: fp32 adapters with fp16 x hold a scaling above fp16's range."""
+    x, weight, b, lora_A, lora_B = make_inputs(5, 12, 10, 4, torch.float16)
+    y = lora_linear(x, weight, b, lora_A.float(), lora_B.float() * 1e-6, 1e5)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(r=1, lora_alpha=1e6, dtype=torch.float16),
+     r"scaling = 1e\+06 \(lora_alpha / r = 1000000.0 / 1\) is not finite in the adapters' dtype torch.float16"),
+    (dict(r=4, lora_alpha=1e39, use_rslora=True),
+     r"scaling = 5e\+38 \(lora_alpha / sqrt\(r\) = 1e\+39 / sqrt\(4\)\) .* torch.float32 \(largest 3.40282e\+38\)"),
+    (dict(r=2, lora_alpha=1e39, dtype=torch.bfloat16, adapter_dtype=torch.float16),
+     r"lora_alpha / r = 1e\+39 / 2\) is not finite in the adapters' dtype torch.float16"),
+], ids=["fp16", "rslora-fp32", "fp16-adapters"])
+def test_module_rejects_a_scaling_beyond_the_adapter_dtype(kwargs, message):
+    """Catches LoRALinear accepting a lora_alpha whose scaling is inf in the adapters' dtype (NaN outputs)."""
+    with pytest.raises(ValueError, match=message):
+        LoRALinear(12, 10, **kwargs)
+    dtype = kwargs.pop("dtype", None)
+    linear = torch.nn.Linear(12, 10, dtype=dtype)
+    with pytest.raises(ValueError, match=message):
+        LoRALinear.from_linear(linear, **kwargs)
+    assert linear.weight.requires_grad  # not frozen by a rejected call

@@ -13,6 +13,7 @@ spec marks aligned, divisible by 16.
 import dataclasses
 
 from lorakernels.ops.configs import PADDED_RANKS
+from lorakernels.plan import low_rank_math, split_rank_term
 from lorakernels.ops.specs import ALL, ELEM_BYTES, Ptr, Role, Scalar, Size, Stride
 
 _POINTER_TYPE = {Role.FP32: "*fp32", Role.INT8: "*i8"}
@@ -67,11 +68,18 @@ class KernelVariant:
                 f"{flags}{'' if self.aligned else ' unaligned'}")
 
 
-def _variant(spec, dtype, adapter_dtype, config, precision, r_pad, flags, aligned=True):
+def _case_constexprs(spec, dtype, adapter_dtype, precision):
+    """The constexprs a dtype case sets, as the launchers derive them (`lorakernels.plan`)."""
+    rank_fp32, rank_precision = low_rank_math(dtype == "fp32", adapter_dtype == "fp32", precision)
+    case = {"INPUT_PRECISION": precision, "RANK_FP32": rank_fp32, "RANK_PRECISION": rank_precision,
+            "SPLIT_RANK": split_rank_term(dtype == "fp32", adapter_dtype == "fp32")}
+    return {k: v for k, v in case.items() if k in spec.case_constexprs}
+
+
+def _variant(spec, dtype, adapter_dtype, config, case, r_pad, flags, aligned=True):
     config = dict(config)
     warps, stages = config.pop("num_warps"), config.pop("num_stages")
-    case = {"INPUT_PRECISION": precision, "R_PAD": r_pad}
-    constexprs = {**config, **flags, **{k: case[k] for k in spec.case_constexprs}}
+    constexprs = {**config, **flags, **case, **({"R_PAD": r_pad} if r_pad is not None else {})}
     return KernelVariant(spec, dtype, adapter_dtype, tuple(sorted(constexprs.items())), warps, stages, aligned)
 
 
@@ -80,18 +88,19 @@ def spec_variants(spec):
     out = []
     for case_index, (dtype, adapter, precision) in enumerate(spec.gate_cases):
         main = case_index < spec.main_cases
+        case = _case_constexprs(spec, dtype, adapter, precision)
         ranks = [None]
         if "R_PAD" in spec.case_constexprs:
             ranks = PADDED_RANKS if main else (PADDED_RANKS[0], PADDED_RANKS[-1])
         for r_pad in ranks:
-            candidates = spec.configs(ELEM_BYTES[dtype], r_pad)
+            candidates = spec.configs(spec.config_bytes(ELEM_BYTES[dtype], case), r_pad)
             paths = spec.flag_combinations(r_pad)
             for i, config in enumerate(candidates if main else candidates[:1]):
                 every_path = i == 0 and r_pad in (None, PADDED_RANKS[0])
-                out += [_variant(spec, dtype, adapter, config, precision, r_pad, flags)
+                out += [_variant(spec, dtype, adapter, config, case, r_pad, flags)
                         for flags in (paths if every_path else paths[:1])]
         if spec.unaligned_config is not None and adapter == "fp32" and precision == "ieee":
-            out.append(_variant(spec, dtype, adapter, spec.unaligned_config(ELEM_BYTES[dtype]), precision, None,
+            out.append(_variant(spec, dtype, adapter, spec.unaligned_config(ELEM_BYTES[dtype]), case, None,
                                 spec.flag_combinations()[0], aligned=False))
     return out
 

@@ -20,14 +20,14 @@ from lorakernels.kernels.gemm_core import fused_gemm_tile
 @triton.jit
 def b1_grad_dy_kernel(dy_ptr, b_ptr, u_ptr, v_ptr, db_part_ptr, M, N, R, stride_dym, stride_bn, stride_um,
                       stride_vm, scaling, COMPUTE_V: tl.constexpr, COMPUTE_DB: tl.constexpr,
-                      INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      R_PAD: tl.constexpr):
+                      RANK_FP32: tl.constexpr, RANK_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, R_PAD: tl.constexpr):
     """B1: one pass over a BLOCK_M-row slab of dY gives V (complete) and the slab's dB partial.
 
     db_part is fp32 [cdiv(M, BLOCK_M), N, R], unscaled; V is fp32 [M, R], scaled by s.
     Grid: (cdiv(M, BLOCK_M),).
     """
-    dot_dtype = dy_ptr.dtype.element_ty
+    dot_dtype: tl.constexpr = tl.float32 if RANK_FP32 else dy_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, R_PAD)
@@ -42,13 +42,13 @@ def b1_grad_dy_kernel(dy_ptr, b_ptr, u_ptr, v_ptr, db_part_ptr, M, N, R, stride_
         outs = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         out_ok = outs < N
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :],
-                     mask=row_ok[:, None] & out_ok[None, :], other=0.0)
+                     mask=row_ok[:, None] & out_ok[None, :], other=0.0).to(dot_dtype)
         if COMPUTE_V:
             b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :],
                         mask=out_ok[:, None] & rank_ok[None, :], other=0.0)
-            v_acc = tl.dot(dy, b.to(dot_dtype), v_acc, input_precision=INPUT_PRECISION)
+            v_acc = tl.dot(dy, b.to(dot_dtype), v_acc, input_precision=RANK_PRECISION)
         if COMPUTE_DB:
-            db = tl.dot(tl.trans(dy), u, input_precision=INPUT_PRECISION)
+            db = tl.dot(tl.trans(dy), u, input_precision=RANK_PRECISION)
             tl.store(db_part_ptr + outs[:, None] * R + ranks[None, :], db,
                      mask=out_ok[:, None] & rank_ok[None, :])
     if COMPUTE_V:
@@ -60,7 +60,8 @@ def b1_grad_dy_kernel(dy_ptr, b_ptr, u_ptr, v_ptr, db_part_ptr, M, N, R, stride_
 def b2_grad_x_kernel(dy_ptr, w_ptr, v_ptr, a_ptr, dx_ptr, M, N, K, R,
                      stride_dym, stride_wn, stride_vm, stride_am, stride_dxm, seed, p,
                      BASE_GEMM: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     SPLIT_RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """B2: dX = dY @ W + (V @ A) * keep / (1 - p), dX written once.
 
     The GEMM core with dX as its output: BLOCK_N tiles dX's K (in_features) columns and BLOCK_K
@@ -72,12 +73,13 @@ def b2_grad_x_kernel(dy_ptr, w_ptr, v_ptr, a_ptr, dx_ptr, M, N, K, R,
                     v_ptr, stride_vm, a_ptr, stride_am, 1,
                     dx_ptr, dx_ptr, stride_dxm,
                     M, K, N, R, 1.0, seed, p,
-                    False, False, HAS_DROPOUT, BASE_GEMM, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                    False, False, HAS_DROPOUT, BASE_GEMM, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N, BLOCK_K,
+                    GROUP_M)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def b3_adapter_grad_kernel(x_ptr, v_ptr, part_ptr, M, K, R, stride_xm, stride_vm, rows_per_split, seed, p,
-                           HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                           HAS_DROPOUT: tl.constexpr, RANK_FP32: tl.constexpr, RANK_PRECISION: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
     """B3, adapter-gradient partials: part[s] = V[rows of s]^T @ Xd[rows of s], fp32 [S, R, K].
 
@@ -85,7 +87,7 @@ def b3_adapter_grad_kernel(x_ptr, v_ptr, part_ptr, M, K, R, stride_xm, stride_vm
     X = dY, no dropout. X is read once. `rows_per_split` is a multiple of BLOCK_M.
     Grid: (cdiv(K, BLOCK_K), S).
     """
-    dot_dtype = x_ptr.dtype.element_ty
+    dot_dtype: tl.constexpr = tl.float32 if RANK_FP32 else x_ptr.dtype.element_ty
     cols = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     split = tl.program_id(1).to(tl.int64)
     ranks = tl.arange(0, R_PAD)
@@ -97,10 +99,11 @@ def b3_adapter_grad_kernel(x_ptr, v_ptr, part_ptr, M, K, R, stride_xm, stride_vm
     for m0 in range(row_start, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < row_end
-        x = load_dropped(x_ptr, rows, cols, stride_xm, row_ok[:, None] & col_ok[None, :], seed, p, HAS_DROPOUT)
+        x = load_dropped(x_ptr, rows, cols, stride_xm, row_ok[:, None] & col_ok[None, :], seed, p, HAS_DROPOUT,
+                         dot_dtype)
         v_t = tl.load(v_ptr + rows[None, :] * stride_vm + ranks[:, None],
                       mask=rank_ok[:, None] & row_ok[None, :], other=0.0)
-        acc = tl.dot(v_t.to(dot_dtype), x, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(v_t.to(dot_dtype), x, acc, input_precision=RANK_PRECISION)
     tl.store(part_ptr + split * R * K + ranks[:, None] * K + cols[None, :], acc,
              mask=rank_ok[:, None] & col_ok[None, :])
 

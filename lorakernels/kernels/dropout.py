@@ -23,18 +23,20 @@ def dropout_keep(seed, rows, cols, p):
 
 
 @triton.jit
-def load_dropped(x_ptr, rows, cols, stride_xm, mask, seed, p, HAS_DROPOUT: tl.constexpr):
-    """Load the [BM, BK] tile X[rows, cols] as Xd = X * keep / (1 - p), in X's dtype.
+def load_dropped(x_ptr, rows, cols, stride_xm, mask, seed, p, HAS_DROPOUT: tl.constexpr, out_dtype: tl.constexpr):
+    """Load the [BM, BK] tile X[rows, cols] as Xd = X * keep / (1 - p), in `out_dtype`.
 
-    The masking and scaling run in fp32: exact on a GPU, and the interpreter mishandles bf16
-    arithmetic. With HAS_DROPOUT=False this is a plain masked load.
+    The masking and scaling run in fp32 (exact on a GPU; the interpreter mishandles bf16
+    arithmetic), rounded once to `out_dtype`: X's dtype for 16-bit rank-R products, fp32 for
+    fp32 ones (Xd then is exact, as PEFT's dropout on an fp32 copy of x). With HAS_DROPOUT=False
+    this is a plain masked load.
     """
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     if HAS_DROPOUT:
         p = tl.cast(p, tl.float32)
         keep = dropout_keep(seed, rows, cols, p)
-        x = tl.where(keep, x.to(tl.float32) * (1.0 / (1.0 - p)), 0.0).to(x_ptr.dtype.element_ty)
-    return x
+        x = tl.where(keep, x.to(tl.float32) * (1.0 / (1.0 - p)), 0.0)
+    return x.to(out_dtype)
 
 
 @triton.jit(do_not_specialize=["seed"])

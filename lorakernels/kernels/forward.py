@@ -5,10 +5,13 @@
 
 X: [M, K], W: [N, K], b: [N], A: [R, K], B: [N, R], U: [M, R] fp32.
 Xd = X * keep / (1 - p) exists only in registers; the mask comes from the seed.
-The rank-R products run on tensor cores in X's dtype (adapters, which may be fp32,
-are cast tile by tile), accumulated in fp32. In F1 (and the backward's rank-R kernels)
-`R_PAD` >= 16 is the padded rank that `tl.dot` needs, ranks >= R masked to zero; F2 and
-B2 loop over the rank 16 at a time (`tiles.low_rank_tile`).
+The rank-R products run in the adapters' precision, accumulated in fp32: in F1 (and the
+backward's B1, B3) RANK_FP32 selects fp32 operands with RANK_PRECISION (3xTF32 on tensor cores
+under 16-bit activations), X tiles converted in registers, never as a whole tensor; in F2 and
+B2, SPLIT_RANK splits the fp32 operands into two bf16 parts (`tiles.split_dot`).
+In F1 (and the backward's rank-R kernels) `R_PAD` >= 16 is the padded rank that `tl.dot`
+needs, ranks >= R masked to zero; F2 and B2 loop over the rank 16 at a time
+(`tiles.low_rank_tile`).
 """
 
 import triton
@@ -20,13 +23,13 @@ from lorakernels.kernels.gemm_core import fused_gemm_tile
 
 @triton.jit(do_not_specialize=["seed"])
 def f1_dropout_down_kernel(x_ptr, a_ptr, u_ptr, M, K, R, stride_xm, stride_am, stride_um, seed, p,
-                           HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                           HAS_DROPOUT: tl.constexpr, RANK_FP32: tl.constexpr, RANK_PRECISION: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
     """F1: one pass over X, dropout applied in registers, U = Xd @ A^T written in fp32.
 
     Grid: (cdiv(M, BLOCK_M),).
     """
-    dot_dtype = x_ptr.dtype.element_ty
+    dot_dtype: tl.constexpr = tl.float32 if RANK_FP32 else x_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, R_PAD)
     row_ok = rows < M
@@ -35,10 +38,11 @@ def f1_dropout_down_kernel(x_ptr, a_ptr, u_ptr, M, K, R, stride_xm, stride_am, s
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         col_ok = cols < K
-        x = load_dropped(x_ptr, rows, cols, stride_xm, row_ok[:, None] & col_ok[None, :], seed, p, HAS_DROPOUT)
+        x = load_dropped(x_ptr, rows, cols, stride_xm, row_ok[:, None] & col_ok[None, :], seed, p, HAS_DROPOUT,
+                         dot_dtype)
         a_t = tl.load(a_ptr + ranks[None, :] * stride_am + cols[:, None],
                       mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-        acc = tl.dot(x, a_t.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(x, a_t.to(dot_dtype), acc, input_precision=RANK_PRECISION)
     tl.store(u_ptr + rows[:, None] * stride_um + ranks[None, :], acc,
              mask=row_ok[:, None] & rank_ok[None, :])
 
@@ -47,8 +51,8 @@ def f1_dropout_down_kernel(x_ptr, a_ptr, u_ptr, M, K, R, stride_xm, stride_am, s
 def f2_forward_gemm_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr, M, N, K, R,
                            stride_xm, stride_wn, stride_um, stride_bn, stride_ym, scaling,
                            HAS_BIAS: tl.constexpr, BASE_GEMM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           GROUP_M: tl.constexpr):
+                           SPLIT_RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """F2: Y = X @ W^T + b + s * U @ B^T, one fp32 accumulator, Y rounded and written once.
 
     W^T[k, n] = W[n, k] and B^T[r, n] = B[n, r]. With BASE_GEMM=False the X @ W^T term is
@@ -59,4 +63,5 @@ def f2_forward_gemm_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr, M, N, K,
                     u_ptr, stride_um, b_ptr, 1, stride_bn,
                     bias_ptr, y_ptr, stride_ym,
                     M, N, K, R, scaling, 0, 0.0,
-                    True, HAS_BIAS, False, BASE_GEMM, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                    True, HAS_BIAS, False, BASE_GEMM, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N, BLOCK_K,
+                    GROUP_M)

@@ -11,7 +11,10 @@ Tile names follow the GEMM: each program owns a BLOCK_M x BLOCK_N tile of OUT (i
 columns are dX's in_features) and steps through the reduction BLOCK_K at a time, so a tile
 config means the same in both kernels. Everything is added into one fp32 accumulator, which
 is rounded and stored once. The rank-R term comes first: it is the accumulator's initial
-value, so only one BLOCK_M x BLOCK_N fp32 tile is ever live.
+value, so only one BLOCK_M x BLOCK_N fp32 tile is ever live. Every dot runs in A's dtype with
+INPUT_PRECISION; with SPLIT_RANK (fp32 adapters under 16-bit activations) the rank-R term's
+fp32 operands are split into high and low bf16 parts (`tiles.split_dot`), so the term keeps
+near-fp32 accuracy, as PEFT's fp32 adapters do (`lorakernels.plan.split_rank_term`).
 
 How the weight is stored is `load_weight_tile`'s business alone (the base-weight seam, see
 `lorakernels.operands`): the main loop asks it for a [BLOCK_K, BLOCK_N] tile of W' (W^T in
@@ -61,8 +64,8 @@ def fused_gemm_tile(a_ptr, stride_am, w_ptr, stride_wn,
                     bias_ptr, out_ptr, stride_om,
                     M, N_OUT, K_RED, R, scaling, seed, p,
                     REDUCE_OVER_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                    BASE_GEMM: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                    BASE_GEMM: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_RANK: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """One output tile of OUT (see the module docstring), for program id 0 in grouped order.
 
     With BASE_GEMM=False the main loop is skipped (OUT = rank-R term + bias), for the strategy
@@ -77,7 +80,7 @@ def fused_gemm_tile(a_ptr, stride_am, w_ptr, stride_wn,
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = low_rank_tile(acc, p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, rows, outs, row_ok, out_ok, R,
-                        tl.cast(scaling, tl.float32), dot_dtype, INPUT_PRECISION)
+                        tl.cast(scaling, tl.float32), dot_dtype, INPUT_PRECISION, SPLIT_RANK)
     if HAS_DROPOUT:
         p = tl.cast(p, tl.float32)
         keep = dropout_keep(seed, rows, outs, p)

@@ -22,14 +22,34 @@ def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def split_dot(p, q, acc):
+    """acc + p @ q for fp32 p and q, as three bf16 products: each operand split into a rounded
+    high part and the rounded remainder, p_hi q_hi + p_hi q_lo + p_lo q_hi.
+
+    bf16 parts keep fp32's range and 16 mantissa bits (relative error ~2^-16, far below the
+    rounding of a 16-bit output), on 16-bit tensor cores, at the registers of 16-bit tiles:
+    fp32 tiles with 3xTF32 dots spilled in F2 and B2 on sm_80 (build gate). bf16 even under
+    fp16 activations: an fp16 high part of U * scaling overflows where the product does not.
+    """
+    p_hi = p.to(tl.bfloat16)
+    q_hi = q.to(tl.bfloat16)
+    p_lo = (p - p_hi.to(tl.float32)).to(tl.bfloat16)
+    q_lo = (q - q_hi.to(tl.float32)).to(tl.bfloat16)
+    acc = tl.dot(p_hi, q_hi, acc)
+    acc = tl.dot(p_hi, q_lo, acc)
+    return tl.dot(p_lo, q_hi, acc)
+
+
+@triton.jit
 def low_rank_tile(acc, p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, rows, cols, row_ok, col_ok, R, scaling,
-                  dot_dtype: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                  dot_dtype: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT: tl.constexpr):
     """acc + scaling * P[rows, :R] @ Q[:R, cols], RANK_CHUNK ranks at a time.
 
     P is [M, R] fp32 with unit rank stride (U or V); Q is addressed as Q[r, c] =
     q_ptr + r * stride_qr + c * stride_qc (B^T in F2, A in B2). The scaling is folded into the
-    fp32 P tile before it is rounded to `dot_dtype`; each chunk is a tile no larger than a
-    main-loop step, so nothing of the rank-R term stays live next to the main loop.
+    fp32 P tile; the product runs in `dot_dtype`, or with SPLIT (fp32 adapters under 16-bit
+    activations) as `split_dot`'s three products, near fp32 accuracy. Each chunk is a tile no
+    larger than a main-loop step, so nothing of the rank-R term stays live next to the main loop.
     """
     for r0 in range(0, R, RANK_CHUNK):
         ranks = r0 + tl.arange(0, RANK_CHUNK)
@@ -38,5 +58,8 @@ def low_rank_tile(acc, p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, rows, cols
                     other=0.0)
         q = tl.load(q_ptr + ranks[:, None] * stride_qr + cols[None, :] * stride_qc,
                     mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot((p * scaling).to(dot_dtype), q.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
+        if SPLIT:
+            acc = split_dot(p * scaling, q.to(tl.float32), acc)
+        else:
+            acc = tl.dot((p * scaling).to(dot_dtype), q.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
     return acc

@@ -35,9 +35,10 @@ def _gemm(bm, bn, bk, warps, stages, group_m=8):
 # A 128 x 128 tile takes 8 warps: with 4, its fp32 accumulator alone is 128 registers a
 # thread, and the build gate measured spills (dX kernel with dropout: 3-4 KiB of stack on
 # sm_80 and sm_90; benchmarks/results/aot_build.md).
+# 128 x 128 x 32 (8 warps, 3 stages) was dropped: with the split rank-R term of fp32 adapters
+# (SPLIT_RANK) the dX kernel spilled 64 B on sm_90 under triton 3.6 (build gate).
 GEMM_CANDIDATES = (
     _gemm(128, 128, 64, 8, 3),
-    _gemm(128, 128, 32, 8, 3),
     _gemm(128, 64, 64, 4, 4),
     _gemm(64, 128, 64, 4, 4),
     _gemm(64, 64, 64, 4, 3),
@@ -66,9 +67,14 @@ def f2_configs(elem_bytes, r_pad=None):
     return list(GEMM_CANDIDATES) if elem_bytes == 2 else [F2_FP32_CONFIG]
 
 
+# B2's 64 x 64 x 64 tile takes 8 warps: with 4, bf16 with the Philox mask of its LoRA term
+# spilled 24 B on sm_80 (build gate, triton 3.9).
+B2_CANDIDATES = tuple(_gemm(64, 64, 64, 8, 3) if c == _gemm(64, 64, 64, 4, 3) else c for c in GEMM_CANDIDATES)
+
+
 def b2_configs(elem_bytes, r_pad=None):
     """B2 (dX GEMM) candidates, as `f2_configs`."""
-    return list(GEMM_CANDIDATES) if elem_bytes == 2 else [B2_FP32_CONFIG]
+    return list(B2_CANDIDATES) if elem_bytes == 2 else [B2_FP32_CONFIG]
 
 
 def f2_unaligned_config(elem_bytes):
@@ -106,7 +112,9 @@ def b1_configs(elem_bytes, r_pad):
     if r_pad <= 64:
         return [{"BLOCK_M": 128 if elem_bytes == 2 else 64, "BLOCK_N": 64 if elem_bytes == 2 else 32,
                  "num_warps": 8, "num_stages": 3}]
-    return [{"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}]
+    # fp32 rank-256 products with 3xTF32 dots spilled 48-144 B at 64 rows (build gate): 32 rows.
+    return [{"BLOCK_M": 32 if elem_bytes == 4 and r_pad > 128 else 64, "BLOCK_N": 32, "num_warps": 8,
+             "num_stages": 3}]
 
 
 def b3_configs(elem_bytes, r_pad):

@@ -11,8 +11,9 @@ GEMM (B2), the adapter gradients (B3: dA, and dB at large ranks).
 
 Limitations:
 - x, weight and bias share one dtype (fp32, fp16 or bf16); lora_A/lora_B are that dtype
-  or fp32. The rank-R products run in x's dtype with fp32 accumulation (as PEFT under
-  autocast does); U and V are kept in fp32.
+  or fp32. The rank-R products run in the adapters' precision with fp32 accumulation: fp32
+  adapters under 16-bit x take fp32 operands and 3xTF32 dots (PEFT outside autocast computes
+  them in fp32), 16-bit adapters x's dtype (`plan.low_rank_math`); U and V are kept in fp32.
 - fp32 inputs use TF32 dots only when the plan says so (`torch.backends.cuda.matmul.allow_tf32`,
   as torch.matmul); otherwise full-precision fp32 dots.
 - Ranks 1..256 (padded to a power of two >= 16 inside the kernels).
@@ -41,7 +42,7 @@ def _f2(x, base, u, lora_B, y, scaling, plan):
     N, R = base.out_features, u.shape[1]
     specs.F2.launch(_gemm_grid(M, N), x=x, w=base.weight, bias=base.bias, u=u, b=lora_B, y=y, M=M, N=N, K=K, R=R,
                     scaling=scaling, HAS_BIAS=base.bias is not None, BASE_GEMM=plan.fused_base_gemm,
-                    INPUT_PRECISION=plan.input_precision(x.dtype))
+                    INPUT_PRECISION=plan.input_precision(x.dtype), **plan.split_rank(x.dtype, lora_B.dtype))
 
 
 def _b2(dy, base, v, lora_A, dx, adapter, plan):
@@ -50,7 +51,8 @@ def _b2(dy, base, v, lora_A, dx, adapter, plan):
     K, R = base.in_features, v.shape[1]
     specs.B2.launch(_gemm_grid(M, K), dy=dy, w=base.weight, v=v, a=lora_A, dx=dx, M=M, N=N, K=K, R=R,
                     seed=adapter.seed, p=adapter.dropout_p, BASE_GEMM=plan.fused_base_gemm,
-                    HAS_DROPOUT=adapter.has_dropout, INPUT_PRECISION=plan.input_precision(dy.dtype))
+                    HAS_DROPOUT=adapter.has_dropout, INPUT_PRECISION=plan.input_precision(dy.dtype),
+                    **plan.split_rank(dy.dtype, lora_A.dtype))
 
 
 def _reduce_partials(partials, out, scaling):
@@ -78,7 +80,7 @@ def lora_forward(x, base, adapter, plan):
         return y, u
     specs.F1.launch(lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),), x=x, a=adapter.lora_A, u=u, M=M, K=K, R=R,
                     seed=adapter.seed, p=adapter.dropout_p, HAS_DROPOUT=adapter.has_dropout,
-                    INPUT_PRECISION=plan.input_precision(x.dtype), R_PAD=configs.padded_rank(R))
+                    R_PAD=configs.padded_rank(R), **plan.low_rank(x.dtype, adapter.lora_A.dtype))
     _f2(x, base, u, adapter.lora_B, y, adapter.scaling, plan)
     if not plan.fused_base_gemm:
         y.addmm_(x, base.weight.t())  # cuBLAS adds X W^T to b + s U B^T in its epilogue (beta = 1).
@@ -110,25 +112,25 @@ def plan_backward(needs, rank):
                         db_by_adapter_pass=needs.db and not db_in_dy_pass, dx=needs.dx, da=needs.da)
 
 
-def pass_over_dy(dy, u, adapter, db, passes, precision):
+def pass_over_dy(dy, u, adapter, db, passes, rank_math):
     """B1: V = s dY B [M, R] fp32 (None unless passes.v) and, with passes.db_in_dy_pass, dB into db."""
     M, N = dy.shape
     R = adapter.rank
     r_pad = configs.padded_rank(R)
-    block_m = specs.B1.fixed_config(dy.element_size(), r_pad)["BLOCK_M"]
+    block_m = specs.B1.fixed_config(specs.B1.config_bytes(dy.element_size(), rank_math), r_pad)["BLOCK_M"]
     num_slabs = triton.cdiv(M, block_m)
     v = torch.empty((M, R), device=dy.device, dtype=torch.float32) if passes.v else None
     db_part = (torch.empty((num_slabs, N, R), device=dy.device, dtype=torch.float32) if passes.db_in_dy_pass
                else None)
     specs.B1.launch(lambda meta: (num_slabs,), dy=dy, b=adapter.lora_B, u=u if passes.db_in_dy_pass else None,
                     v=v, db_part=db_part, M=M, N=N, R=R, scaling=adapter.scaling, COMPUTE_V=passes.v,
-                    COMPUTE_DB=passes.db_in_dy_pass, INPUT_PRECISION=precision, R_PAD=r_pad)
+                    COMPUTE_DB=passes.db_in_dy_pass, R_PAD=r_pad, **rank_math)
     if passes.db_in_dy_pass:
         _reduce_partials(db_part, db, adapter.scaling)
     return v
 
 
-def adapter_grad_pass(v, x, out, scaling, seed, dropout_p, precision):
+def adapter_grad_pass(v, x, out, scaling, seed, dropout_p, rank_math):
     """B3: out [R, K] (any strides) = scaling * V^T @ (X * keep / (1 - p)).
 
     dA: V = s dY B, X = x (mask regenerated). dB^T: V = U, X = dY, no dropout, out = dB^T.
@@ -138,7 +140,7 @@ def adapter_grad_pass(v, x, out, scaling, seed, dropout_p, precision):
     M, K = x.shape
     R = v.shape[1]
     r_pad = configs.padded_rank(R)
-    cfg = specs.B3.fixed_config(x.element_size(), r_pad)
+    cfg = specs.B3.fixed_config(specs.B3.config_bytes(x.element_size(), rank_math), r_pad)
     col_tiles = triton.cdiv(K, cfg["BLOCK_K"])
     row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
     splits = max(1, min(row_blocks, triton.cdiv(configs.ADAPTER_GRAD_TARGET_PROGRAMS, col_tiles)))
@@ -146,8 +148,8 @@ def adapter_grad_pass(v, x, out, scaling, seed, dropout_p, precision):
     splits = triton.cdiv(M, rows_per_split)
     partials = torch.empty((splits, R, K), device=x.device, dtype=torch.float32)
     specs.B3.launch(lambda meta: (col_tiles, splits), config=cfg, x=x, v=v, part=partials, M=M, K=K, R=R,
-                    rows_per_split=rows_per_split, seed=seed, p=dropout_p, HAS_DROPOUT=dropout_p > 0,
-                    INPUT_PRECISION=precision, R_PAD=r_pad)
+                    rows_per_split=rows_per_split, seed=seed, p=dropout_p, HAS_DROPOUT=dropout_p > 0, R_PAD=r_pad,
+                    **rank_math)
     return _reduce_partials(partials, out, scaling)
 
 
@@ -167,18 +169,18 @@ def lora_backward(dy, x, u, base, adapter, plan, needs=GradsNeeded()):
     None unless needs.da, u unless needs.db). Gradients in x's / the adapters' dtype.
     """
     passes = plan_backward(needs, adapter.rank)
-    precision = plan.input_precision(dy.dtype)
+    rank_math = plan.low_rank(dy.dtype, adapter.lora_A.dtype)
     db = torch.empty_like(adapter.lora_B) if needs.db else None
     da = torch.empty_like(adapter.lora_A) if needs.da else None
     if dy.shape[0] == 0:
         dx = dy.new_zeros((0, base.in_features)) if needs.dx else None
         return dx, da.zero_() if needs.da else None, db.zero_() if needs.db else None
-    v = pass_over_dy(dy, u, adapter, db, passes, precision) if passes.v or passes.db_in_dy_pass else None
+    v = pass_over_dy(dy, u, adapter, db, passes, rank_math) if passes.v or passes.db_in_dy_pass else None
     if passes.db_by_adapter_pass:
-        adapter_grad_pass(u, dy, db.t(), adapter.scaling, 0, 0.0, precision)
+        adapter_grad_pass(u, dy, db.t(), adapter.scaling, 0, 0.0, rank_math)
     dx = dx_gemm_pass(dy, base, v, adapter, plan) if passes.dx else None
     if passes.da:
-        adapter_grad_pass(v, x, da, 1.0, adapter.seed, adapter.dropout_p, precision)
+        adapter_grad_pass(v, x, da, 1.0, adapter.seed, adapter.dropout_p, rank_math)
     return dx, da, db
 
 

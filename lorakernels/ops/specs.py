@@ -31,7 +31,7 @@ from lorakernels.kernels.dropout import dropout_keep_mask_kernel
 from lorakernels.kernels.forward import f1_dropout_down_kernel, f2_forward_gemm_kernel
 from lorakernels.kernels.merge import merge_kernel
 from lorakernels.ops import configs
-from lorakernels.plan import interpreting
+from lorakernels.plan import interpreter_hint, interpreting
 
 
 class Role(enum.Enum):
@@ -89,14 +89,14 @@ class Seed:
 
 
 # (activation dtype, adapter dtype, dot input precision): the combinations the LoRA-linear
-# launchers produce. The first three are the main cases (every config, every padded rank);
-# fp16, and bf16 with bf16 adapters, have the tile sizes of bf16 with fp32 adapters and lighter
-# adapter loads, so the gate builds their first config and extreme ranks.
-LAYER_CASES = (("bf16", "fp32", "ieee"),  # PEFT's default: bf16 model, fp32 adapters
+# launchers produce. The first four are the main cases (every config, every padded rank);
+# fp16 adapters under fp16 have the tile sizes and rank-R math of bf16 with bf16 adapters, so
+# the gate builds their first config and extreme ranks.
+LAYER_CASES = (("bf16", "fp32", "ieee"),  # PEFT's default: bf16 model, fp32 adapters (fp32 rank-R math)
+               ("bf16", "bf16", "ieee"),  # 16-bit adapters: 16-bit rank-R math, its own configs
                ("fp32", "fp32", "tf32"),  # fp32 with torch.backends.cuda.matmul.allow_tf32
                ("fp32", "fp32", "ieee"),  # fp32 without TF32
-               ("fp16", "fp16", "ieee"),
-               ("bf16", "bf16", "ieee"))
+               ("fp16", "fp16", "ieee"))
 DTYPES = ("fp32", "fp16", "bf16")
 ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -134,7 +134,7 @@ class KernelSpec:
     gemm: bool = False
     autotune_key: tuple = ()
     gate_cases: tuple = LAYER_CASES
-    main_cases: int = 3
+    main_cases: int = 4
 
     @property
     def name(self):
@@ -143,7 +143,8 @@ class KernelSpec:
     @property
     def case_constexprs(self):
         """The constexprs set per dtype case or rank, not enumerated as features."""
-        return tuple(n for n in ("INPUT_PRECISION", "R_PAD") if n in self.kernel.arg_names)
+        return tuple(n for n in ("INPUT_PRECISION", "RANK_FP32", "RANK_PRECISION", "SPLIT_RANK", "R_PAD")
+                     if n in self.kernel.arg_names)
 
     def flag_combinations(self, r_pad=None):
         """Every valid assignment of the feature flags, the heaviest first."""
@@ -170,12 +171,25 @@ class KernelSpec:
                 out.append(values[a.name])
         return out
 
+    def _check_devices(self, arguments):
+        """Compiled kernels take CUDA tensors (the interpreter, CPU tensors). The callers put every
+        operand on one device (validated at the public boundary), so the first tensor tells."""
+        if not interpreting() and arguments[0].device.type != "cuda":
+            raise ValueError(f"{self.code} ({self.name}) runs on CUDA tensors; got tensors on "
+                             f"{arguments[0].device} ({interpreter_hint()})")
+
     def activation_bytes(self, values):
         """Element size of the activations (what the configs are chosen by); 4 without any."""
         for a in self.args:
             if isinstance(a, Ptr) and a.role is Role.ACTIVATION and values[a.tensor] is not None:
                 return values[a.tensor].element_size()
         return 4
+
+    @staticmethod
+    def config_bytes(activation_bytes, constexprs):
+        """The element size the configs are chosen by: that of the values the kernel computes
+        with, 4 for fp32 rank-R products (RANK_FP32) whatever the activations' size."""
+        return 4 if constexprs.get("RANK_FP32") else activation_bytes
 
     def aligned(self, arguments):
         """Whether the arguments meet the 16-byte alignment the fast configs were built for."""
@@ -203,7 +217,8 @@ class KernelSpec:
             ensure_interpreter_fixes()  # bf16 would be garbage without them (lorakernels._interpreter)
         constexprs = {n: values.pop(n) for n in (*self.flags, *self.case_constexprs)}
         arguments = self._arguments(values)
-        elem_bytes = self.activation_bytes(values)
+        self._check_devices(arguments)
+        elem_bytes = self.config_bytes(self.activation_bytes(values), constexprs)
         r_pad = constexprs.get("R_PAD")
         if config is None:
             config = self.pick_config(arguments, elem_bytes, r_pad)
