@@ -3,6 +3,7 @@ inference after merge, saved-for-backward bytes, trainable parameters; the merge
 bandwidth against a device-to-device copy; and (CUDA) the fused kernels' GEMM main loop with
 the LoRA term switched off against cuBLAS on the same shapes."""
 
+import functools
 import traceback
 
 import torch
@@ -10,6 +11,8 @@ import torch
 from benchmarks.harness import Budget, call_batches, interleave, one_call, peak_memory
 from benchmarks.providers import make_providers
 from lorakernels import LoRALinear, ops
+from lorakernels.ops.lora_linear import tma_addressable
+from lorakernels.plan import resolve_plan
 from lorakernels.testing import saved_activation_bytes
 
 MODES = ("forward", "backward", "full")
@@ -163,20 +166,25 @@ def _inference_after_merge(device, shape, layers, x, budget):
 @torch.no_grad()
 def gemm_benchmark(device, M, K, N, dtype, budget=None):
     """The fused kernels' main loops with the rank-R term switched off (F2: X W^T + b, B2: dY W)
-    against cuBLAS (torch.addmm / torch.mm) on the same operands, the two in alternation: the
-    ratio the fusion must beat."""
+    against cuBLAS (torch.addmm / torch.mm) on the same operands, in alternation: the ratio the
+    fusion must beat. On sm_90 the TMA-persistent kernels (`triton-tma-gemm`) are timed too."""
     x = torch.randn(M, K, device=device, dtype=dtype)
     dy = torch.randn(M, N, device=device, dtype=dtype)
     weight = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
     bias = torch.randn(N, device=device, dtype=dtype)
+    strategies = {"triton-gemm": resolve_plan(device, "triton", "triton")}
+    tma = resolve_plan(device, "triton", "triton-tma")
+    if tma.tma and tma_addressable(x, weight, dy):
+        strategies["triton-tma-gemm"] = tma
     cases = {
-        "forward": {"triton-gemm": lambda: ops.base_gemm_forward(x, weight, bias),
-                    "cublas": lambda: torch.addmm(bias, x, weight.t())},
-        "grad-x": {"triton-gemm": lambda: ops.base_gemm_grad_x(dy, weight),
-                   "cublas": lambda: torch.mm(dy, weight)},
+        "forward": {**{name: functools.partial(ops.base_gemm_forward, x, weight, bias, plan=plan)
+                       for name, plan in strategies.items()}, "cublas": lambda: torch.addmm(bias, x, weight.t())},
+        "grad-x": {**{name: functools.partial(ops.base_gemm_grad_x, dy, weight, plan=plan)
+                      for name, plan in strategies.items()}, "cublas": lambda: torch.mm(dy, weight)},
     }
     for fns in cases.values():
-        torch.testing.assert_close(fns["triton-gemm"](), fns["cublas"](), rtol=2e-2, atol=2e-2)
+        for name in strategies:
+            torch.testing.assert_close(fns[name](), fns["cublas"](), rtol=2e-2, atol=2e-2)
     budget = budget or Budget()
     records = []
     for mode, fns in cases.items():

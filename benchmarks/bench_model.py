@@ -1,7 +1,8 @@
 """Model-level benchmarks on a Llama-style decoder built from a transformers config (random
 weights, no downloads): one training step (forward, backward, AdamW step) for full fine-tuning,
 LoRA with the fused kernels, LoRA as PEFT computes it (real PEFT when installed, else the
-unfused reference), and bottleneck adapters; then inference latency for base, LoRA merged,
+unfused reference), the same PEFT model after `lorakernels.patch_peft` (when peft is installed),
+and bottleneck adapters; then inference latency for base, LoRA merged,
 LoRA unmerged and adapters. The variants are timed in alternation (harness.interleave)."""
 
 import copy
@@ -13,7 +14,7 @@ from torch import nn
 from benchmarks.bench_layer import dtype_name, failure
 from benchmarks.harness import call_batches, interleave, one_call, peak_memory
 from benchmarks.providers import BottleneckAdapter, UnfusedLoRA
-from lorakernels import LoRALinear, apply_lora, merge_lora
+from lorakernels import LoRALinear, apply_lora, merge_lora, patch_peft
 from lorakernels.model import _set_submodule, find_target_modules
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -34,9 +35,24 @@ def build_llama(size, dtype, device, seed=0):
     return model.to(dtype=dtype)
 
 
+def _peft_installed():
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _variant(name, size, dtype, device, r, dropout):
     model = build_llama(size, dtype, device)
     if name == "full-ft":
+        return model
+    if name == "peft-patched":  # PEFT's model, its LoRA layers computed by the fused kernels
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=dropout,
+                                                           target_modules=TARGETS))
+        patch_peft(model)
         return model
     if name == "peft":
         try:
@@ -64,7 +80,8 @@ def model_benchmarks(device, size, batch, seq, dtype, r, dropout, budget, infere
     alternation. A variant that fails is reported in `failures` and the others still run."""
     failures = [] if failures is None else failures
     ids = torch.randint(0, size["vocab"], (batch, seq), device=device)
-    names = providers or ["full-ft", "lorakernels", "peft", "adapter"]
+    patched = ["peft-patched"] if _peft_installed() else []
+    names = providers or ["full-ft", "lorakernels", "peft", *patched, "adapter"]
     base = dict(benchmark="model", M=batch * seq, K=size["hidden"], N=size["layers"], r=r, dropout=dropout,
                 dtype=dtype_name(dtype), p20=None, p80=None)
     records = _train_steps(device, names, size, dtype, r, dropout, budget, ids, base, failures)

@@ -6,11 +6,15 @@ is comparable to the reference). All of them see the same inputs in the same run
 
     floor        the frozen layer alone (F.linear forward + its dX GEMM): the physical floor
     lorakernels  LoRALinear with the fused kernels (on CPU: its torch backend)
+    lorakernels-tma  the same layer with base_gemm="triton-tma": the Hopper TMA-persistent GEMMs
+                 (sm_90 and newer; under the interpreter too)
     lorakernels-cublas  the same layer (same base weight, same lora_A/lora_B Parameters) with
                  base_gemm="cublas": cuBLAS runs X W^T and dY W, the LoRA terms are fused
                  around it (where the Triton kernels run)
     unfused      plain-PyTorch LoRA written as PEFT writes it (dropout, A, B, scale, add)
     peft         a real HF PEFT LoRA layer (when peft is installed)
+    peft-patched the same PEFT layer after `lorakernels.patch_peft(model)`: what the one line
+                 buys a PEFT user (PEFT's own module and parameters, the fused kernels' compute)
     peft+compile the PEFT layer under torch.compile (CUDA only)
     full-ft      the same linear with a trainable weight
     adapter      a Houlsby bottleneck adapter (down, GELU, up, residual) after the frozen
@@ -23,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakernels import LoRALinear
-from lorakernels.plan import interpreting
+from lorakernels import LoRALinear, patch_peft
+from lorakernels.plan import has_tma, interpreting
 
 
 @dataclasses.dataclass
@@ -125,6 +129,9 @@ def make_providers(K, N, r, dtype, dropout, device, names=None, adapter_dtype=to
     if want("lorakernels-cublas") and (torch.device(device).type == "cuda" or interpreting()):
         out["lorakernels-cublas"] = Provider("lorakernels-cublas", _sharing_adapter(base, lora, base_gemm="cublas"),
                                              lora=True)
+    if want("lorakernels-tma") and has_tma(torch.device(device)):
+        out["lorakernels-tma"] = Provider("lorakernels-tma", _sharing_adapter(base, lora, base_gemm="triton-tma"),
+                                          lora=True)
     if want("unfused"):
         out["unfused"] = Provider("unfused", UnfusedLoRA(lora), lora=True)
     if want("peft") or want("peft+compile"):
@@ -135,6 +142,11 @@ def make_providers(K, N, r, dtype, dropout, device, names=None, adapter_dtype=to
             # dynamic=False: every shape gets a static graph, as the first one would (a recompile
             # for a new K would otherwise trace a dynamic-shape graph).
             out["peft+compile"] = Provider("peft+compile", torch.compile(peft_layer, dynamic=False), lora=True)
+    if want("peft-patched"):
+        patched = _peft_layer(base, lora)
+        if patched is not None:
+            patch_peft(patched)
+            out["peft-patched"] = Provider("peft-patched", patched, lora=True)
     if want("full-ft"):
         full = _base(K, N, dtype, device)
         full.requires_grad_(True)

@@ -151,12 +151,13 @@ def _gemm_section(records):
     lines = ["## The fused kernels' GEMM main loop against cuBLAS", "",
              "F2 (X W^T + b) and B2 (dY W) with the LoRA term switched off, against torch.addmm / torch.mm "
              "on the same operands. The fusion pays only where this ratio is near 1.", "",
-             "| tokens | K=N | GEMM | Triton | cuBLAS | Triton / cuBLAS |", "|---|---|---|---|---|---|"]
-    for key in sorted(gemm, key=lambda k: (k.K, k.M, k.mode)):
-        if key.provider != "triton-gemm":
+             "| tokens | K=N | GEMM | Triton kernel | Triton | cuBLAS | Triton / cuBLAS |",
+             "|---|---|---|---|---|---|---|"]
+    for key in sorted(gemm, key=lambda k: (k.K, k.M, k.mode, k.provider)):
+        if key.provider == "cublas":
             continue
         rec, cublas = gemm[key], gemm.get(key._replace(provider="cublas"))
-        lines.append(f"| {key.M} | {key.K} | {key.mode} | {_fmt_time(rec['value'])} | "
+        lines.append(f"| {key.M} | {key.K} | {key.mode} | {key.provider} | {_fmt_time(rec['value'])} | "
                      f"{_fmt_time(cublas['value']) if cublas else '-'} | {_ratio(rec, cublas, ratios)} |")
     lines.append("")
     return lines
@@ -229,7 +230,8 @@ def _layer_summary(records):
     times, ratios = _index(records, "layer", "time"), _ratios(records, "layer")
     for key, rec in times.items():
         if key.provider == "lorakernels" and key.mode == "full":
-            refs = {name: times.get(key._replace(provider=name)) for name in ("floor", "peft", "lorakernels-cublas")}
+            refs = {name: times.get(key._replace(provider=name))
+                    for name in ("floor", "peft", "lorakernels-cublas", "lorakernels-tma")}
             lines.append(f"layer M={key.M} K={key.K} r={key.r} p={key.dropout}: {_fmt_time(rec['value'])}, "
                          + ", ".join(f"x {name} {_ratio(rec, ref, ratios)}" for name, ref in refs.items() if ref))
     return lines
@@ -237,9 +239,9 @@ def _layer_summary(records):
 
 def _gemm_summary(records):
     gemm, ratios = _index(records, "gemm", "time"), _ratios(records, "gemm")
-    return [f"gemm {key.mode} M={key.M} K={key.K}: triton / cublas "
+    return [f"gemm {key.mode} M={key.M} K={key.K}: {key.provider} / cublas "
             f"{_ratio(rec, gemm.get(key._replace(provider='cublas')), ratios)}"
-            for key, rec in gemm.items() if key.provider == "triton-gemm"]
+            for key, rec in gemm.items() if key.provider != "cublas"]
 
 
 def _model_summary(records):

@@ -51,7 +51,8 @@ PROTOCOLS = {
     ),
 }
 OVERHEAD_CALLS = 20  # host overhead: one sample is a batch of this many back-to-back calls
-PROVIDERS = ["floor", "lorakernels", "lorakernels-cublas", "unfused", "peft", "peft+compile", "full-ft", "adapter"]
+PROVIDERS = ["floor", "lorakernels", "lorakernels-tma", "lorakernels-cublas", "unfused", "peft", "peft-patched",
+             "peft+compile", "full-ft", "adapter"]
 
 
 def run(device, protocol, providers=None, skip_model=False, progress=True, layer_shapes=None, budget=None,

@@ -19,12 +19,14 @@ from lorakernels.model import (  # noqa: E402
     unmerge_lora,
 )
 from lorakernels.modules import LoRALinear, lora_scaling  # noqa: E402
+from lorakernels.peft_patch import PatchReport, patch_peft, peft_patch_stats, unpatch_peft  # noqa: E402
 from lorakernels.reference import lora_linear_ref  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoRALinear",
+    "PatchReport",
     "apply_lora",
     "disable_adapters",
     "load_adapter",
@@ -37,6 +39,9 @@ __all__ = [
     "mark_only_lora_as_trainable",
     "merge_and_unload",
     "merge_lora",
+    "patch_peft",
+    "peft_patch_stats",
     "save_adapter",
     "unmerge_lora",
+    "unpatch_peft",
 ]

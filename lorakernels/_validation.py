@@ -4,6 +4,8 @@ import math
 
 import torch
 
+from lorakernels.operands import FourBitWeight
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 256
 
@@ -12,9 +14,19 @@ def _describe(name, t):
     return f"{name} {tuple(t.shape)} {t.dtype} on {t.device}"
 
 
+def _base_operands(weight):
+    """(name, tensor) of the base weight's tensors: W, or a 4-bit W's codes, absmax and code table."""
+    if isinstance(weight, FourBitWeight):
+        return [("weight codes", weight.codes), ("weight absmax", weight.absmax), ("weight code table", weight.table)]
+    return [("weight", weight)]
+
+
 def check_lora_linear_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
-    """Validate the operands of `lora_linear`. Raises TypeError (kind, dtype, device) or ValueError (shape, range)."""
-    named = [("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
+    """Validate the operands of `lora_linear`. Raises TypeError (kind, dtype, device) or ValueError (shape, range).
+
+    weight: a dense tensor, or an `operands.FourBitWeight` (a 4-bit base).
+    """
+    named = [("x", x), *_base_operands(weight), ("lora_A", lora_A), ("lora_B", lora_B)]
     if bias is not None:
         named.append(("bias", bias))
     for name, t in named:
@@ -26,13 +38,32 @@ def check_lora_linear_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p
                         + ", ".join(_describe(n, t) for n, t in named))
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
-    check_dense_weight(x, weight, bias, named)
-    check_adapter(x, weight, lora_A, lora_B, named)
+    if isinstance(weight, FourBitWeight):
+        check_four_bit_weight(x, weight, bias, named)
+    else:
+        check_dense_weight(x, weight, bias, named)
+    check_adapter(x, tuple(weight.shape), lora_A, lora_B, named)
     for name, t in named:
         if t is not x and t.dim() >= 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a unit stride in its last dimension; got strides {t.stride()}")
     check_scalars(scaling, dropout_p)
     check_scaling_fits(scaling, lora_A.dtype, f"r = {lora_A.shape[0]}")
+
+
+def _check_x_matches(x, out_features, in_features, weight_text):
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least one dimension (*, in_features); got shape {tuple(x.shape)}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x's last dimension must be in_features = {in_features} ({weight_text}); "
+                         f"got x {tuple(x.shape)}")
+    if in_features == 0:
+        # nn.Linear allows it, but the adapter has no weights to learn (x A^T is identically zero).
+        raise ValueError(f"in_features must be positive for a LoRA adapter; got x {tuple(x.shape)}, {weight_text}")
+
+
+def _check_bias_shape(bias, out_features):
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must be (out_features,) = ({out_features},); got {tuple(bias.shape)}")
 
 
 def check_dense_weight(x, weight, bias, named):
@@ -43,28 +74,42 @@ def check_dense_weight(x, weight, bias, named):
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise TypeError("weight and bias must have x's dtype; got "
                         + ", ".join(_describe(n, t) for n, t in named))
-    if x.dim() < 1:
-        raise ValueError(f"x must have at least one dimension (*, in_features); got shape {tuple(x.shape)}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be (out_features, in_features); got {tuple(weight.shape)}")
-    out_features, in_features = weight.shape
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x's last dimension must be in_features = {in_features} (weight {tuple(weight.shape)}); "
-                         f"got x {tuple(x.shape)}")
-    if in_features == 0:
-        # nn.Linear allows it, but the adapter has no weights to learn (x A^T is identically zero).
-        raise ValueError(f"in_features must be positive for a LoRA adapter; got x {tuple(x.shape)}, "
-                         f"weight {tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"bias must be (out_features,) = ({out_features},); got {tuple(bias.shape)}")
+    _check_x_matches(x, *weight.shape, f"weight {tuple(weight.shape)}")
+    _check_bias_shape(bias, weight.shape[0])
 
 
-def check_adapter(x, weight, lora_A, lora_B, named):
-    """The adapter seam's checks for one adapter (`operands.Adapter`): dtypes, rank and shapes."""
+def check_four_bit_weight(x, weight, bias, named):
+    """The base-weight seam's checks for a 4-bit W (`operands.FourBitWeight`, whose own constructor
+    checks the codes, absmax and table against its shape): x is the compute dtype (fp32, fp16 or
+    bf16, checked before), the bias has x's dtype, the shapes agree, the tensors are contiguous
+    (the kernels read them at flat offsets) and the description carries no second bias.
+    """
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias must have x's dtype (the compute dtype of the 4-bit base); got "
+                        f"{_describe('bias', bias)}, {_describe('x', x)}")
+    if weight.bias is not None and weight.bias is not bias:
+        raise ValueError("the FourBitWeight carries a bias of its own: pass the bias as lora_linear's bias argument "
+                         f"and leave FourBitWeight.bias None (got {_describe('FourBitWeight.bias', weight.bias)})")
+    text = f"4-bit weight {tuple(weight.shape)}"
+    _check_x_matches(x, *weight.shape, text)
+    _check_bias_shape(bias, weight.shape[0])
+    for name, t in _base_operands(weight):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} of the {text} must be contiguous; got shape {tuple(t.shape)}, "
+                             f"strides {t.stride()}")
+
+
+def check_adapter(x, features, lora_A, lora_B, named):
+    """The adapter seam's checks for one adapter (`operands.Adapter`): dtypes, rank and shapes.
+
+    features: the base's (out_features, in_features).
+    """
     if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"lora_A and lora_B must share one dtype, x's ({x.dtype}) or float32; got "
                         f"{_describe('lora_A', lora_A)}, {_describe('lora_B', lora_B)}")
-    out_features, in_features = weight.shape
+    out_features, in_features = features
     if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
         raise ValueError(f"lora_A must be (r, in_features) = (r, {in_features}); got {tuple(lora_A.shape)}")
     r = lora_A.shape[0]

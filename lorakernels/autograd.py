@@ -12,7 +12,9 @@ Two autograd paths share one forward body, one backward body and one saved state
 Both build the operand descriptions of `lorakernels.operands` and call `ops.lora_forward` /
 `ops.lora_backward` with a `LaunchPlan`. The plan crosses the custom-op boundary as
 `plan.to_op_args()` (the schema takes only plain values) and is rebuilt with
-`LaunchPlan.from_op_args`. Inputs arrive validated and flattened to 2-D (`lora_linear`).
+`LaunchPlan.from_op_args`; the base weight crosses it as `BaseOpArgs` (a dense W, or a 4-bit
+W's codes with its absmax, code table and blocksize), rebuilt with `BaseOpArgs.description`.
+Inputs arrive validated and flattened to 2-D (`lora_linear`).
 """
 
 import contextlib
@@ -21,7 +23,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from lorakernels import ops
-from lorakernels.operands import Adapter, DenseWeight, GradsNeeded
+from lorakernels.operands import Adapter, DenseWeight, FourBitWeight, GradsNeeded
 from lorakernels.plan import LaunchPlan
 
 
@@ -60,37 +62,78 @@ def unpack_scalars(scalars):
     return int(seed), scaling, dropout_p
 
 
+class BaseOpArgs(NamedTuple):
+    """The frozen base weight as custom-op arguments (the schema takes tensors and plain values only).
+
+    weight: a dense W [N, K]; or, for a 4-bit W (`FourBitWeight`), its packed codes viewed as uint8
+    [N, K / 2] (a view: the shape carries N and K). absmax, table, blocksize: the 4-bit scales, code
+    table and block size; None, None, 0 for a dense W.
+    """
+
+    weight: torch.Tensor
+    absmax: Optional[torch.Tensor] = None
+    table: Optional[torch.Tensor] = None
+    blocksize: int = 0
+
+    @classmethod
+    def of(cls, base):
+        """From a dense W (a tensor) or a `FourBitWeight` (its own bias is not carried: see `description`)."""
+        if isinstance(base, FourBitWeight):
+            N, K = base.shape
+            return cls(base.codes.view(N, K // 2), base.absmax, base.table, base.blocksize)
+        return cls(base)
+
+    @property
+    def four_bit(self):
+        return self.absmax is not None
+
+    @property
+    def shape(self):
+        """W's (out_features, in_features)."""
+        N, columns = self.weight.shape
+        return (N, 2 * columns) if self.four_bit else (N, columns)
+
+    def description(self, bias=None):
+        """The `DenseWeight` or `FourBitWeight` the launchers take, with `bias`."""
+        if self.four_bit:
+            return FourBitWeight(self.weight.reshape(-1), self.absmax, self.table, self.blocksize, self.shape, bias)
+        return DenseWeight(self.weight, bias)
+
+
 class SavedState(NamedTuple):
-    """What backward needs, saved by both autograd paths in this order. Never the dropout mask:
-    backward regenerates it from the seed.
+    """What backward needs, saved by both autograd paths. Never the dropout mask (backward
+    regenerates it from the seed), never a dense copy of a 4-bit W.
 
     x: the input [M, K], only when lora_A needs a gradient (dA = s (dY B)^T dropout(X)).
-    weight: [N, K], for dX. lora_A, lora_B: the adapter.
+    base: the `BaseOpArgs` of W, for dX. lora_A, lora_B: the adapter.
     u: U = dropout(X) A^T [M, R] fp32, only when lora_B needs a gradient (dB = s dY^T U).
     scalars: the scalar pack [seed, scaling, p].
     """
 
     x: Optional[torch.Tensor]
-    weight: torch.Tensor
+    base: BaseOpArgs
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     u: Optional[torch.Tensor]
     scalars: torch.Tensor
 
     @classmethod
-    def of_forward(cls, x, weight, lora_A, lora_B, u, scalars):
+    def of_forward(cls, x, base, lora_A, lora_B, u, scalars):
         """The state one forward leaves: x and U only where a gradient will need them."""
-        return cls(x if lora_A.requires_grad else None, weight, lora_A, lora_B,
+        return cls(x if lora_A.requires_grad else None, base, lora_A, lora_B,
                    u if lora_B.requires_grad else None, scalars)
 
     def save(self, ctx, plan, has_bias):
-        ctx.save_for_backward(*self)
+        ctx.save_for_backward(self.x, self.base.weight, self.base.absmax, self.base.table, self.lora_A, self.lora_B,
+                              self.u, self.scalars)
+        ctx.blocksize = self.base.blocksize
         ctx.plan = plan
         ctx.has_bias = has_bias
 
     @classmethod
     def load(cls, ctx):
-        return cls(*ctx.saved_tensors)
+        x, weight, absmax, table, lora_A, lora_B, u, scalars = ctx.saved_tensors
+        return cls(x, BaseOpArgs(weight, absmax, table, ctx.blocksize), lora_A, lora_B, u, scalars)
 
 
 def _autocast_off(device_type):
@@ -105,33 +148,39 @@ def _adapter(lora_A, lora_B, scalars):
     return Adapter(lora_A, lora_B, scaling, dropout_p, seed)
 
 
-def _forward(x, weight, bias, lora_A, lora_B, scalars, plan):
-    """(y [M, N], u [M, R] fp32): the forward body of both paths."""
+def _forward(x, base, bias, lora_A, lora_B, scalars, plan):
+    """(y [M, N], u [M, R] fp32): the forward body of both paths; base: a `BaseOpArgs`."""
     # Operand dtypes were settled by `lora_linear` (autocast included): no casting inside.
     with _autocast_off(x.device.type):
-        return ops.lora_forward(x, DenseWeight(weight, bias), _adapter(lora_A, lora_B, scalars), plan)
+        return ops.lora_forward(x, base.description(bias), _adapter(lora_A, lora_B, scalars), plan)
 
 
 def _backward(dy, state, plan, needs):
     """(dx, dA, dB), None where `needs` does not ask: the backward body of both paths."""
     with _autocast_off(dy.device.type):
-        return ops.lora_backward(dy, state.x, state.u, DenseWeight(state.weight),
+        return ops.lora_backward(dy, state.x, state.u, state.base.description(),
                                  _adapter(state.lora_A, state.lora_B, state.scalars), plan, needs)
 
 
 @torch.library.custom_op("lorakernels::lora_linear_forward", mutates_args=())
 def lora_linear_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                            lora_A: torch.Tensor, lora_B: torch.Tensor, scalars: torch.Tensor, backend: str,
-                           base_gemm: str, tf32: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                           base_gemm: str, tf32: bool, weight_absmax: Optional[torch.Tensor] = None,
+                           weight_table: Optional[torch.Tensor] = None,
+                           weight_blocksize: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y [M, N], u [M, R] fp32) for 2-D x with a unit last-dim stride (see `lora_linear`).
 
     scalars: `pack_scalars`'s tensor; backend, base_gemm, tf32: `LaunchPlan.to_op_args()`.
+    weight, weight_absmax, weight_table, weight_blocksize: a `BaseOpArgs` (a dense W [N, K] and the
+    defaults, or a 4-bit W's codes [N, K / 2] with its absmax, code table and blocksize).
     """
-    return _forward(x, weight, bias, lora_A, lora_B, scalars, LaunchPlan.from_op_args(backend, base_gemm, tf32))
+    base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize)
+    return _forward(x, base, bias, lora_A, lora_B, scalars, LaunchPlan.from_op_args(backend, base_gemm, tf32))
 
 
 @lora_linear_forward_op.register_fake
-def _forward_fake(x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm, tf32):
+def _forward_fake(x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm, tf32, weight_absmax=None,
+                  weight_table=None, weight_blocksize=0):
     return (x.new_empty((x.shape[0], weight.shape[0])),
             x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32))
 
@@ -140,26 +189,32 @@ def _forward_fake(x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm, 
 def lora_linear_backward_op(dy: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tensor,
                             lora_A: torch.Tensor, lora_B: torch.Tensor, u: Optional[torch.Tensor],
                             scalars: torch.Tensor, backend: str, base_gemm: str, tf32: bool, needs_dx: bool,
-                            needs_da: bool, needs_db: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            needs_da: bool, needs_db: bool, weight_absmax: Optional[torch.Tensor] = None,
+                            weight_table: Optional[torch.Tensor] = None,
+                            weight_blocksize: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dA, dB); a gradient that is not needed comes back as an empty tensor.
 
-    x, weight, lora_A, lora_B, u, scalars: a `SavedState`; backend, base_gemm, tf32 as the forward's.
+    x, weight (with weight_absmax, weight_table, weight_blocksize), lora_A, lora_B, u, scalars: a
+    `SavedState`; backend, base_gemm, tf32 as the forward's.
     """
-    grads = _backward(dy, SavedState(x, weight, lora_A, lora_B, u, scalars),
+    base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize)
+    grads = _backward(dy, SavedState(x, base, lora_A, lora_B, u, scalars),
                       LaunchPlan.from_op_args(backend, base_gemm, tf32), GradsNeeded(needs_dx, needs_da, needs_db))
     return tuple(g if g is not None else dy.new_empty(0) for g in grads)
 
 
 @lora_linear_backward_op.register_fake
 def _backward_fake(dy, x, weight, lora_A, lora_B, u, scalars, backend, base_gemm, tf32, needs_dx, needs_da,
-                   needs_db):
-    return (dy.new_empty((dy.shape[0], weight.shape[1]) if needs_dx else (0,)),
+                   needs_db, weight_absmax=None, weight_table=None, weight_blocksize=0):
+    in_features = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize).shape[1]
+    return (dy.new_empty((dy.shape[0], in_features) if needs_dx else (0,)),
             lora_A.new_empty(lora_A.shape if needs_da else (0,)),
             lora_B.new_empty(lora_B.shape if needs_db else (0,)))
 
 
 def _backward_by_op(dy, state, plan, needs):
-    return lora_linear_backward_op(dy, *state, *plan.to_op_args(), *needs)
+    return lora_linear_backward_op(dy, state.x, state.base.weight, state.lora_A, state.lora_B, state.u, state.scalars,
+                                   *plan.to_op_args(), *needs, *state.base[1:])
 
 
 _NO_DOUBLE_BACKWARD = (
@@ -185,7 +240,7 @@ def _refuse_double_backward(grads):
 
 
 def _grads_of_inputs(ctx, dy, backward):
-    """The gradients of (x, weight, bias, lora_A, lora_B, scalars), then None for each plan argument."""
+    """The gradients of (x, weight, bias, lora_A, lora_B, scalars), then None for each other argument."""
     needs_dx, _, needs_dbias, needs_da, needs_db = ctx.needs_input_grad[:5]
     dx = da = db = None
     with torch.no_grad():
@@ -198,8 +253,8 @@ def _grads_of_inputs(ctx, dy, backward):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm, tf32 = inputs
-    state = SavedState.of_forward(x, weight, lora_A, lora_B, output[1], scalars)
+    x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm, tf32, *four_bit = inputs
+    state = SavedState.of_forward(x, BaseOpArgs(weight, *four_bit), lora_A, lora_B, output[1], scalars)
     state.save(ctx, LaunchPlan.from_op_args(backend, base_gemm, tf32), bias is not None)
 
 
@@ -214,8 +269,9 @@ lora_linear_forward_op.register_autograd(_op_backward, setup_context=_setup_cont
 class EagerLoRALinear(torch.autograd.Function):
     """The same forward, backward and saved state as the custom ops, for eager mode.
 
-    apply(x, weight, bias, lora_A, lora_B, scalars, plan) -> y: the custom op's arguments, with
-    the `LaunchPlan` itself in place of its op arguments.
+    apply(x, weight, bias, lora_A, lora_B, scalars, plan, weight_absmax=None, weight_table=None,
+    weight_blocksize=0) -> y: the custom op's arguments, with the `LaunchPlan` itself in place of
+    its op arguments.
 
     A custom op call goes through the dispatcher, the registered autograd wrapper and a
     torch.compile guard, in both directions: on a 2-core CPU that added about 175 us of Python
@@ -226,9 +282,11 @@ class EagerLoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scalars, plan):
-        y, u = _forward(x, weight, bias, lora_A, lora_B, scalars, plan)
-        SavedState.of_forward(x, weight, lora_A, lora_B, u, scalars).save(ctx, plan, bias is not None)
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scalars, plan, weight_absmax=None, weight_table=None,
+                weight_blocksize=0):
+        base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize)
+        y, u = _forward(x, base, bias, lora_A, lora_B, scalars, plan)
+        SavedState.of_forward(x, base, lora_A, lora_B, u, scalars).save(ctx, plan, bias is not None)
         return y
 
     @staticmethod

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lorakernels._validation import memory_span, spans_overlap
-from lorakernels.modules import LoRALinear, tied_weight_error
+from lorakernels.modules import LoRALinear, four_bit_merge_error, tied_weight_error
 
 
 def _matches(name, target_modules):
@@ -86,6 +86,8 @@ def apply_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_r
     everything that is not a LoRA parameter. Returns the model (modified in place).
 
     backend, base_gemm: given to every LoRALinear (see `lora_linear`); None follows the environment.
+    bitsandbytes `Linear4bit` layers (nn.Linear subclasses) are matched too and keep their 4-bit
+    weights (QLoRA; see `LoRALinear`); their adapters default to fp32.
 
     Raises ValueError, listing the model's Linear names, when nothing matches, and naming them when
     a match is a Linear whose weight PyTorch reads without calling it (the out_proj of
@@ -145,9 +147,13 @@ def _check_untied(model, modules):
 def merge_lora(model, keep_original=True):
     """Merge every LoRALinear of the model (see LoRALinear.merge). Returns the model.
 
-    Raises ValueError, before merging anything, when a weight is tied to a parameter outside its layer.
+    Raises ValueError, before merging anything, when a weight is tied to a parameter outside its layer,
+    and TypeError when a layer has a 4-bit base (merge those with `merge_and_unload`).
     """
     modules = lora_modules(model)
+    four_bit = [name for name, m in modules if m.four_bit]
+    if four_bit:
+        raise four_bit_merge_error(f"{four_bit[:4]}{' ...' if len(four_bit) > 4 else ''}")
     _check_untied(model, modules)
     for _, module in modules:
         module.merge(keep_original=keep_original)
@@ -166,12 +172,24 @@ def unmerge_lora(model):
 def merge_and_unload(model):
     """Fold every adapter into its weight and put plain nn.Linear modules back (no LoRA left).
 
-    Raises ValueError, before changing anything, when a weight to merge is tied to a parameter outside
-    its layer (see `merge_lora`).
+    A layer over a 4-bit base (QLoRA) becomes a new nn.Linear in its compute dtype: the dequantized
+    4-bit weight plus scaling * B @ A, rounded once (`LoRALinear.merged_linear`). That is what the
+    4-bit model computes, within one rounding of the compute dtype, but it keeps the 4-bit
+    quantization error of the base: it is not the original 16-bit model plus the adapter. It also
+    takes 16-bit memory for those weights (4x the 4-bit codes).
+
+    Raises ValueError, before changing anything, when a weight to merge in place is tied to a parameter
+    outside its layer (see `merge_lora`).
     """
     modules = lora_modules(model)
-    _check_untied(model, [(name, module) for name, module in modules if not module.merged])
+    _check_untied(model, [(name, module) for name, module in modules if not module.merged and not module.four_bit])
+    for _, module in modules:
+        if module.four_bit:
+            module.four_bit_base()  # a base the kernels cannot read fails here, before anything changes
     for name, module in modules:
+        if module.four_bit:
+            _set_submodule(model, name, module.merged_linear())
+            continue
         if not module.merged:
             module.merge(keep_original=False)
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,

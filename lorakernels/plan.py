@@ -29,11 +29,15 @@ class BaseGemm(enum.Enum):
     """Who runs the frozen GEMMs X W^T and dY W on the Triton backend.
 
     TRITON: the fused kernels (F2, B2) run them with the LoRA term in the same accumulator.
+    TRITON_TMA: the same fused GEMMs as Hopper kernels: persistent programs, TMA tensor
+    descriptors (sm_90 and newer; elsewhere, for fp32 activations and for operands TMA cannot
+    address, the TRITON kernels run). Not yet measured on a GPU, so not the default.
     CUBLAS: the kernels write only the LoRA term (and bias), then `torch.addmm` adds the GEMM
     in cuBLAS's epilogue (DESIGN's second strategy).
     """
 
     TRITON = "triton"
+    TRITON_TMA = "triton-tma"
     CUBLAS = "cublas"
 
 
@@ -76,7 +80,12 @@ class LaunchPlan:
     @property
     def fused_base_gemm(self):
         """True when the Triton kernels run the frozen GEMM themselves."""
-        return self.base_gemm is BaseGemm.TRITON
+        return self.base_gemm is not BaseGemm.CUBLAS
+
+    @property
+    def tma(self):
+        """True when the fused GEMMs take the Hopper TMA-persistent kernels where operands allow."""
+        return self.base_gemm is BaseGemm.TRITON_TMA
 
     def input_precision(self, dtype):
         """`tl.dot`'s input_precision for operands of `dtype`."""
@@ -159,7 +168,22 @@ def resolve_base_gemm(requested=None):
     return _choice(BaseGemm, requested, BASE_GEMM_ENV, BaseGemm.TRITON.value, "base GEMM strategy")
 
 
+def has_tma(device):
+    """Whether the kernels may use TMA on `device`: a CUDA device of compute capability 9.0 or
+    newer, or the interpreter (which runs tensor descriptors on CPU tensors)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return interpreting()
+
+
 def resolve_plan(device, backend=None, base_gemm=None):
-    """The LaunchPlan for a call on tensors on `device`; None arguments follow the environment."""
+    """The LaunchPlan for a call on tensors on `device`; None arguments follow the environment.
+
+    TRITON_TMA on a device without TMA (Ampere) resolves to TRITON: the same fused GEMMs with
+    pointer loads."""
     tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-    return LaunchPlan(resolve_backend(backend, device), resolve_base_gemm(base_gemm), tf32)
+    chosen_backend = resolve_backend(backend, device)
+    strategy = resolve_base_gemm(base_gemm)
+    if strategy is BaseGemm.TRITON_TMA and not has_tma(device):
+        strategy = BaseGemm.TRITON
+    return LaunchPlan(chosen_backend, strategy, tf32)

@@ -38,7 +38,7 @@ def builds(tmp_path_factory):
 
 
 def test_every_variant_was_built_for_every_target(builds):
-    expected = {(i, t) for i in range(len(all_variants())) for t in TARGETS}
+    expected = {(i, t) for i, v in enumerate(all_variants()) for t in TARGETS if t in v.spec.targets}
     assert {(b["index"], b["target"]) for b in builds} == expected
 
 

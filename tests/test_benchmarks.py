@@ -49,11 +49,12 @@ def test_trainable_parameter_counts():
     assert abs(providers["adapter"].trainable_parameters() - lora_params) < 0.1 * lora_params
     if "peft" in providers:
         assert providers["peft"].trainable_parameters() == lora_params
+        assert providers["peft-patched"].trainable_parameters() == lora_params
 
 
 def test_dropout_providers_apply_dropout_in_training_only():
     """With dropout, LoRA providers' training-mode output differs from their eval-mode output."""
-    providers = make_providers(64, 32, 4, torch.float32, 0.5, DEVICE, names=["lorakernels", "unfused"])
+    providers = make_providers(64, 32, 4, torch.float32, 0.5, DEVICE, names=["lorakernels", "unfused", "peft-patched"])
     x = torch.randn(256, 64)
     for provider in providers.values():
         lora = provider.module
@@ -91,6 +92,19 @@ def test_suite_writes_parseable_results(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "x floor" in text and "## Host overhead" in text
     assert ("CPU timings, lorakernels on its torch backend" in text) == (DEVICE.type == "cpu")
+
+
+def test_peft_patched_provider_runs_the_fused_kernels_in_peft_layers():
+    """Catches a `peft-patched` provider that times PEFT's own forward (a patch that never routes)."""
+    pytest.importorskip("peft")
+    from lorakernels import peft_patch_stats
+    from peft.tuners.lora import Linear as PeftLinear
+
+    providers = make_providers(16, 16, 2, torch.float32, 0.1, DEVICE, names=["peft-patched"])
+    model = providers["peft-patched"].module
+    assert isinstance(model.base_model.model.layer, PeftLinear)
+    model(torch.randn(3, 16))
+    assert peft_patch_stats(model)["fused"] == 1 and not peft_patch_stats(model)["fallback"]
 
 
 def test_lorakernels_provider_is_the_real_module():

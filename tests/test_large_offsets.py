@@ -6,6 +6,7 @@ the interpreter (numpy int32) wraps around and reads the wrong rows or faults; t
 outputs and gradients would not match the reference.
 """
 
+import pytest
 import torch
 
 from lorakernels import lora_linear
@@ -22,7 +23,8 @@ def spread_rows(rows, cols, dtype):
     return view
 
 
-def test_offsets_beyond_int32():
+@pytest.mark.parametrize("base_gemm", ["triton", "triton-tma"])  # triton-tma: descriptors hold the addresses
+def test_offsets_beyond_int32(base_gemm):
     M, K, N, r, p, dtype = 4, 40, 3, 4, 0.1, torch.float16
     x = spread_rows(M, K, dtype).requires_grad_()
     weight = spread_rows(N, K, dtype)
@@ -32,7 +34,7 @@ def test_offsets_beyond_int32():
     lora_B = torch.randn(N, r).requires_grad_()
 
     rng_state = torch.get_rng_state()
-    y = lora_linear(x, weight, bias, lora_A, lora_B, 0.5, p, backend="triton")
+    y = lora_linear(x, weight, bias, lora_A, lora_B, 0.5, p, backend="triton", base_gemm=base_gemm)
     keep = replay_keep_mask(rng_state, M, K, p, "triton")
     dy = torch.randn_like(y)
     y.backward(dy)

@@ -57,7 +57,7 @@ def test_bad_choices_name_the_choices_and_where_the_value_came_from(monkeypatch)
                                          r"\(argument or env LORAKERNELS_BACKEND\); got 'cuda'"):
         resolve_plan(DEVICE, "cuda")
     monkeypatch.setenv("LORAKERNELS_BASE_GEMM", "magma")
-    with pytest.raises(ValueError, match=r"base GEMM strategy must be one of \('triton', 'cublas'\) "
+    with pytest.raises(ValueError, match=r"base GEMM strategy must be one of \('triton', 'triton-tma', 'cublas'\) "
                                          r"\(argument or env LORAKERNELS_BASE_GEMM\); got 'magma'"):
         resolve_plan(DEVICE)
     with pytest.raises(ValueError, match=r"base GEMM strategy must be one of .* got 'magma'"):
@@ -85,9 +85,10 @@ def test_plan_round_trips_through_the_custom_op_arguments(plan):
     args = plan.to_op_args()
     assert [type(a) for a in args] == [str, str, bool]
     assert LaunchPlan.from_op_args(*args) == plan
-    # ... and those are the trailing arguments of the forward op's schema.
+    # ... and those are arguments of the forward op's schema, in that order (only the 4-bit base's
+    # optional arguments follow them).
     schema = str(torch.ops.lorakernels.lora_linear_forward.default._schema)
-    assert "str backend, str base_gemm, bool tf32)" in schema
+    assert "str backend, str base_gemm, bool tf32, Tensor? weight_absmax=None" in schema
 
 
 class _RecordingEnviron(dict):

@@ -38,7 +38,7 @@ def test_spec_constexprs_are_the_kernels(spec):
 
 @pytest.mark.parametrize("spec", specs.ALL, ids=[s.code for s in specs.ALL])
 def test_strides_name_a_tensor_of_the_spec(spec):
-    tensors = {a.tensor for a in spec.args if isinstance(a, specs.Ptr)}
+    tensors = {a.tensor for a in spec.args if isinstance(a, (specs.Ptr, specs.Desc))}
     assert all(a.tensor in tensors for a in spec.args if isinstance(a, specs.Stride))
 
 

@@ -61,7 +61,7 @@ def build(variant_index, target):
     variant = all_variants()[variant_index]
     cc, smem_limit = TARGETS[target]
     result = dict(index=variant_index, kernel=variant.name, code=variant.spec.code, variant=variant.describe(),
-                  target=target, gemm=variant.spec.gemm, dtype=variant.dtype,
+                  target=target, gemm=variant.spec.gemm, tma_spec=variant.spec.tma, dtype=variant.dtype,
                   precision=dict(variant.constexprs).get("INPUT_PRECISION"), smem_limit=smem_limit)
     start = time.perf_counter()
     try:
@@ -71,7 +71,8 @@ def build(variant_index, target):
                                   options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
         ptx = compiled.asm["ptx"]
         result.update(ok=True, shared=compiled.metadata.shared, wgmma="wgmma.mma_async" in ptx,
-                      mma_sync="mma.sync" in ptx, **_resource_usage(compiled.asm["cubin"]))
+                      mma_sync="mma.sync" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                      **_resource_usage(compiled.asm["cubin"]))
     except Exception as exc:  # recorded per variant so one failure does not hide the others
         result.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[-2000:]}")
     result["seconds"] = round(time.perf_counter() - start, 2)
@@ -87,6 +88,8 @@ def problems(result):
         found.append(f"shared memory {result['shared']} B > {result['smem_limit']} B")
     if result["stack"] or result["local"]:
         found.append(f"register spills: STACK {result['stack']} B, LOCAL {result['local']} B")
+    if result.get("tma_spec") and not result["tma"]:
+        found.append("no cp.async.bulk.tensor in the PTX (the descriptor loads did not become TMA)")
     # GEMMs must take the tensor-core path of their target (fp32 IEEE dots have none, by definition).
     if result["gemm"] and result["dtype"] == "fp32" and result["precision"] == "ieee":
         return found
@@ -101,10 +104,17 @@ def build_all(jobs=None, codes=None):
     """Build every variant (or those of the kernels whose spec codes are in `codes`) for every target."""
     from lorakernels.build_gate.variants import all_variants
 
-    tasks = [(i, t) for i, v in enumerate(all_variants()) if codes is None or v.spec.code in codes for t in TARGETS]
+    tasks = [(i, t) for i, v in enumerate(all_variants()) if codes is None or v.spec.code in codes
+             for t in TARGETS if t in v.spec.targets]
     jobs = jobs or os.cpu_count() or 1
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
         return list(pool.map(build, *zip(*tasks)))
+
+
+def _instructions(result):
+    """The tensor-core MMA (and TMA) a build's PTX uses, for the tables."""
+    mma = "wgmma" if result["wgmma"] else "mma.sync" if result["mma_sync"] else "none"
+    return mma + " + TMA" if result.get("tma") else mma
 
 
 def summary_rows(results):
@@ -118,7 +128,7 @@ def summary_rows(results):
             row["reg"] = max(row["reg"], r["reg"])
             row["shared"] = max(row["shared"], r["shared"])
             row["spill"] = max(row["spill"], r["stack"] + r["local"])
-            row["mma"] |= {"wgmma"} if r["wgmma"] else {"mma.sync"} if r["mma_sync"] else {"none"}
+            row["mma"] |= {_instructions(r)}
     return rows
 
 
@@ -135,7 +145,7 @@ def markdown(results):
               "|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["target"], r["kernel"], r["index"])):
         if r["ok"]:
-            mma = "wgmma" if r["wgmma"] else "mma.sync" if r["mma_sync"] else "none"
+            mma = _instructions(r)
             lines.append(f"| {r['target']} | {r['variant']} | {r['reg']} | {r['shared']} | "
                          f"{r['stack']}/{r['local']} | {mma} | {'yes' if not problems(r) else 'NO'} |")
         else:

@@ -14,9 +14,9 @@ import dataclasses
 
 from lorakernels.ops.configs import PADDED_RANKS
 from lorakernels.plan import low_rank_math, split_rank_term
-from lorakernels.ops.specs import ALL, ELEM_BYTES, Ptr, Role, Scalar, Size, Stride
+from lorakernels.ops.specs import ALL, ELEM_BYTES, Desc, Ptr, Role, Scalar, Size, Stride
 
-_POINTER_TYPE = {Role.FP32: "*fp32", Role.INT8: "*i8"}
+_POINTER_TYPE = {Role.FP32: "*fp32", Role.INT8: "*i8", Role.UINT8: "*u8"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,10 @@ class KernelVariant:
         if isinstance(arg, Ptr):
             return {Role.ACTIVATION: "*" + self.dtype, Role.ADAPTER: "*" + self.adapter_dtype}.get(
                 arg.role, _POINTER_TYPE.get(arg.role))
+        if isinstance(arg, Desc):  # a host-side TMA descriptor with the config's block
+            consts = dict(self.constexprs)
+            dtype = {Role.ACTIVATION: self.dtype, Role.ADAPTER: self.adapter_dtype}.get(arg.role, "fp32")
+            return f"tensordesc<{dtype}[{', '.join(str(consts[b]) for b in arg.block)}]>"
         return "fp32" if isinstance(arg, Scalar) else "i32"
 
     def signature(self):

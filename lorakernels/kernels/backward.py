@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from lorakernels.kernels.dropout import load_dropped
-from lorakernels.kernels.gemm_core import fused_gemm_tile
+from lorakernels.kernels.gemm_core import fused_gemm_persistent_tma, fused_gemm_tile
 
 
 @triton.jit
@@ -69,11 +69,11 @@ def b2_grad_x_kernel(dy_ptr, w_ptr, v_ptr, a_ptr, dx_ptr, M, N, K, R,
     term is written (cuBLAS adds dY @ W afterwards).
     Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N),).
     """
-    fused_gemm_tile(dy_ptr, stride_dym, w_ptr, stride_wn,
+    fused_gemm_tile(dy_ptr, stride_dym, w_ptr, stride_wn, w_ptr, w_ptr, 0,
                     v_ptr, stride_vm, a_ptr, stride_am, 1,
                     dx_ptr, dx_ptr, stride_dxm,
                     M, K, N, R, 1.0, seed, p,
-                    False, False, HAS_DROPOUT, BASE_GEMM, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N, BLOCK_K,
+                    False, False, False, HAS_DROPOUT, BASE_GEMM, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N, BLOCK_K,
                     GROUP_M)
 
 
@@ -130,3 +130,35 @@ def reduce_partials_kernel(part_ptr, out_ptr, num_parts, numel, cols, stride_ot,
     if TRANSPOSED:
         out_offs = (offs % cols) * stride_ot + offs // cols
     tl.store(out_ptr + out_offs, (acc * tl.cast(scaling, tl.float32)).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def b2_grad_x_tma_kernel(dy_desc, w_desc, v_ptr, a_ptr, dx_desc, M, N, K, R, stride_vm, stride_am, seed, p,
+                         HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_RANK: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GROUP_M: tl.constexpr):
+    """B2 on Hopper: `b2_grad_x_kernel`'s math as persistent programs with TMA loads and stores.
+
+    dy_desc: dY [M, N], block [BLOCK_M, BLOCK_K]; w_desc: W [N, K], block [BLOCK_K, BLOCK_N];
+    dx_desc: dX [M, K], block [BLOCK_M, BLOCK_N]. Grid: (min(SMs, output tiles),).
+    """
+    fused_gemm_persistent_tma(dy_desc, w_desc, v_ptr, stride_vm, a_ptr, stride_am, 1, v_ptr, dx_desc,
+                              M, K, N, R, 1.0, seed, p,
+                              False, False, HAS_DROPOUT, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N, BLOCK_K,
+                              GROUP_M)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def b2_grad_x_4bit_kernel(dy_ptr, codes_ptr, absmax_ptr, table_ptr, v_ptr, a_ptr, dx_ptr, M, N, K, R,
+                          stride_dym, stride_vm, stride_am, stride_dxm, quant_shift, seed, p,
+                          HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_RANK: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr):
+    """B2 with a 4-bit base (QLoRA): dX = dY W + (V A) * keep / (1 - p), W read from its packed
+    codes as in `f2_forward_gemm_4bit_kernel`. Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N),)."""
+    fused_gemm_tile(dy_ptr, stride_dym, codes_ptr, K, absmax_ptr, table_ptr, quant_shift,
+                    v_ptr, stride_vm, a_ptr, stride_am, 1,
+                    dx_ptr, dx_ptr, stride_dxm,
+                    M, K, N, R, 1.0, seed, p,
+                    False, True, False, HAS_DROPOUT, True, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N, BLOCK_K,
+                    GROUP_M)

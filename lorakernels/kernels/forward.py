@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from lorakernels.kernels.dropout import load_dropped
-from lorakernels.kernels.gemm_core import fused_gemm_tile
+from lorakernels.kernels.gemm_core import fused_gemm_persistent_tma, fused_gemm_tile
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -59,9 +59,46 @@ def f2_forward_gemm_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr, M, N, K,
     skipped (Y = b + s U B^T), for the strategy that lets cuBLAS add the base GEMM afterwards.
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),).
     """
-    fused_gemm_tile(x_ptr, stride_xm, w_ptr, stride_wn,
+    fused_gemm_tile(x_ptr, stride_xm, w_ptr, stride_wn, w_ptr, w_ptr, 0,
                     u_ptr, stride_um, b_ptr, 1, stride_bn,
                     bias_ptr, y_ptr, stride_ym,
                     M, N, K, R, scaling, 0, 0.0,
-                    True, HAS_BIAS, False, BASE_GEMM, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N, BLOCK_K,
+                    True, False, HAS_BIAS, False, BASE_GEMM, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N, BLOCK_K,
+                    GROUP_M)
+
+
+@triton.jit
+def f2_forward_gemm_tma_kernel(x_desc, w_desc, bias_ptr, u_ptr, b_ptr, y_desc, M, N, K, R, stride_um, stride_bn,
+                               scaling, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                               SPLIT_RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """F2 on Hopper: `f2_forward_gemm_kernel`'s math as persistent programs with TMA loads and stores.
+
+    x_desc: X [M, K], block [BLOCK_M, BLOCK_K]; w_desc: W [N, K], block [BLOCK_N, BLOCK_K];
+    y_desc: Y [M, N], block [BLOCK_M, BLOCK_N]. Grid: (min(SMs, output tiles),).
+    """
+    fused_gemm_persistent_tma(x_desc, w_desc, u_ptr, stride_um, b_ptr, 1, stride_bn, bias_ptr, y_desc,
+                              M, N, K, R, scaling, 0, 0.0,
+                              True, HAS_BIAS, False, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N, BLOCK_K,
+                              GROUP_M)
+
+
+@triton.jit
+def f2_forward_gemm_4bit_kernel(x_ptr, codes_ptr, absmax_ptr, table_ptr, bias_ptr, u_ptr, b_ptr, y_ptr, M, N, K, R,
+                                stride_xm, stride_um, stride_bn, stride_ym, quant_shift, scaling,
+                                HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_RANK: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                GROUP_M: tl.constexpr):
+    """F2 with a 4-bit base (QLoRA): W [N, K] in bitsandbytes' NF4/FP4 format, dequantized tile by
+    tile in registers (`gemm_core.load_weight_tile`), the rest as `f2_forward_gemm_kernel`.
+
+    codes: uint8 [N * K / 2] (two elements a byte, the even one in the high nibble); absmax:
+    fp32, one per block of 2**quant_shift consecutive elements; table: fp32 [16] code values.
+    Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),).
+    """
+    fused_gemm_tile(x_ptr, stride_xm, codes_ptr, K, absmax_ptr, table_ptr, quant_shift,
+                    u_ptr, stride_um, b_ptr, 1, stride_bn,
+                    bias_ptr, y_ptr, stride_ym,
+                    M, N, K, R, scaling, 0, 0.0,
+                    True, True, HAS_BIAS, False, True, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N, BLOCK_K,
                     GROUP_M)

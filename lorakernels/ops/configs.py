@@ -53,6 +53,42 @@ GEMM_CANDIDATES = (
 F2_FP32_CONFIG = _gemm(64, 64, 16, 4, 3)
 B2_FP32_CONFIG = _gemm(64, 64, 16, 8, 3)
 
+# 4-bit base weights (QLoRA): the dequantization (a gather from the code table and one from the
+# absmax per weight element) costs registers per element of the weight tile, so the tiles take a
+# 32-wide reduction step; the 16-bit candidates with BLOCK_K 64 spilled 8 B-1.4 KiB, and 64 x 128
+# x 32 with 4 or 8 warps 8-40 B on sm_80 (build gate).
+FOUR_BIT_CANDIDATES = (
+    _gemm(128, 128, 32, 8, 3),
+    _gemm(128, 64, 32, 4, 3),
+    _gemm(64, 64, 32, 8, 3),
+)
+FOUR_BIT_FP32_CONFIG = _gemm(64, 64, 16, 8, 3)
+# B2 also carries the Philox mask of its LoRA term: its larger tiles spilled 16-128 B under
+# triton 3.6 (sm_80 and sm_90), and its fp32 tile 8 B (build gate).
+FOUR_BIT_B2_CANDIDATES = (_gemm(64, 64, 32, 8, 3),)
+FOUR_BIT_B2_FP32_CONFIG = _gemm(64, 32, 16, 4, 3)
+
+
+def f2_4bit_configs(elem_bytes, r_pad=None):
+    """F2 candidates over a 4-bit base weight."""
+    return list(FOUR_BIT_CANDIDATES) if elem_bytes == 2 else [FOUR_BIT_FP32_CONFIG]
+
+
+def b2_4bit_configs(elem_bytes, r_pad=None):
+    """B2 candidates over a 4-bit base weight."""
+    return list(FOUR_BIT_B2_CANDIDATES) if elem_bytes == 2 else [FOUR_BIT_B2_FP32_CONFIG]
+
+
+def f2_4bit_unaligned_config(elem_bytes):
+    """The one F2 config over a 4-bit base for activations that miss the 16-byte alignment."""
+    return FOUR_BIT_CANDIDATES[-1] if elem_bytes == 2 else FOUR_BIT_FP32_CONFIG
+
+
+def b2_4bit_unaligned_config(elem_bytes):
+    """The one B2 config over a 4-bit base for activations that miss the 16-byte alignment."""
+    return b2_4bit_configs(elem_bytes)[-1]
+
+
 # Tensors that miss the JIT's 16-byte alignment (views at odd offsets, sizes or row strides
 # not multiples of 16) get no vectorized loads and need more address registers: the large
 # tiles spill there (measured by the build gate), so such 16-bit launches take this one config
@@ -60,6 +96,27 @@ B2_FP32_CONFIG = _gemm(64, 64, 16, 8, 3)
 UNALIGNED_GEMM_CONFIG = _gemm(64, 64, 32, 4, 3)
 
 INTERPRETER_GEMM_CONFIG = _gemm(32, 64, 32, 4, 1, group_m=4)
+
+# Hopper (sm_90) TMA-persistent F2/B2, 16-bit activations only: the usual Hopper starting points
+# (128 x 128 and 128 x 256 output tiles, BLOCK_K 64, 3-4 stages, 8 warps = two warpgroups),
+# kept to those the build gate accepts (no spills, shared memory within 227 KiB). Unmeasured.
+TMA_GEMM_CANDIDATES = (
+    _gemm(128, 128, 64, 8, 3),
+    _gemm(128, 128, 64, 8, 4),
+    _gemm(128, 256, 64, 8, 3),
+    _gemm(128, 64, 64, 4, 4),
+)
+
+
+def f2_tma_configs(elem_bytes, r_pad=None):
+    """F2 TMA-persistent candidates (16-bit activations; the launcher routes fp32 elsewhere)."""
+    return list(TMA_GEMM_CANDIDATES)
+
+
+def b2_tma_configs(elem_bytes, r_pad=None):
+    """B2 TMA-persistent candidates: no 128 x 256 tile, whose Philox mask for the LoRA term spilled
+    about 3.9 KiB on sm_90 (build gate, triton 3.9)."""
+    return [c for c in TMA_GEMM_CANDIDATES if c["BLOCK_N"] != 256]
 
 
 def f2_configs(elem_bytes, r_pad=None):

@@ -22,12 +22,13 @@ Limitations:
   and may differ between Triton versions. Same seed, same Triton: same mask.
 """
 
+import functools
 from typing import NamedTuple
 
 import torch
 import triton
 
-from lorakernels.operands import Adapter, DenseWeight, GradsNeeded
+from lorakernels.operands import Adapter, DenseWeight, FourBitWeight, GradsNeeded
 from lorakernels.ops import configs, specs
 from lorakernels.plan import Backend, BaseGemm, resolve_plan
 
@@ -36,23 +37,57 @@ def _gemm_grid(M, n_out):
     return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _persistent_grid(M, n_out, device):
+    """At most one program per SM (the interpreter: 3, so that each loops over several tiles)."""
+    programs = _multiprocessors(device) if device.type == "cuda" else 3
+    return lambda meta: (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"])),)
+
+
+def tma_addressable(*tensors):
+    """Whether TMA can address these 2-D tensors: 16-bit elements (the TMA kernels' dtypes), a
+    16-byte aligned base, a unit column stride and a row stride that is a multiple of 16 bytes.
+    Anything else (views at odd offsets, odd feature counts, fp32) takes the pointer kernels."""
+    return all(t.element_size() == 2 and t.data_ptr() % 16 == 0 and t.stride(1) == 1
+               and (t.stride(0) * 2) % 16 == 0 for t in tensors)
+
+
+def _four_bit(base):
+    """The 4-bit weight's kernel arguments (see `operands.FourBitWeight`)."""
+    return dict(codes=base.codes, absmax=base.absmax, table=base.table, quant_shift=base.quant_shift)
+
+
 def _f2(x, base, u, lora_B, y, scaling, plan):
     """F2 into y: b + s U B^T, plus X W^T when the plan fuses the base GEMM."""
     M, K = x.shape
     N, R = base.out_features, u.shape[1]
-    specs.F2.launch(_gemm_grid(M, N), x=x, w=base.weight, bias=base.bias, u=u, b=lora_B, y=y, M=M, N=N, K=K, R=R,
-                    scaling=scaling, HAS_BIAS=base.bias is not None, BASE_GEMM=plan.fused_base_gemm,
-                    INPUT_PRECISION=plan.input_precision(x.dtype), **plan.split_rank(x.dtype, lora_B.dtype))
+    shared = dict(bias=base.bias, u=u, b=lora_B, M=M, N=N, K=K, R=R, scaling=scaling, HAS_BIAS=base.bias is not None,
+                  INPUT_PRECISION=plan.input_precision(x.dtype), **plan.split_rank(x.dtype, lora_B.dtype))
+    if isinstance(base, FourBitWeight):
+        specs.F2_4BIT.launch(_gemm_grid(M, N), x=x, y=y, **_four_bit(base), **shared)
+    elif plan.tma and tma_addressable(x, base.weight, y):
+        specs.F2_TMA.launch(_persistent_grid(M, N, x.device), x=x, w=base.weight, y=y, **shared)
+    else:
+        specs.F2.launch(_gemm_grid(M, N), x=x, w=base.weight, y=y, BASE_GEMM=plan.fused_base_gemm, **shared)
 
 
 def _b2(dy, base, v, lora_A, dx, adapter, plan):
     """B2 into dx: (V A) * keep / (1 - p), plus dY W when the plan fuses the base GEMM."""
     M, N = dy.shape
     K, R = base.in_features, v.shape[1]
-    specs.B2.launch(_gemm_grid(M, K), dy=dy, w=base.weight, v=v, a=lora_A, dx=dx, M=M, N=N, K=K, R=R,
-                    seed=adapter.seed, p=adapter.dropout_p, BASE_GEMM=plan.fused_base_gemm,
-                    HAS_DROPOUT=adapter.has_dropout, INPUT_PRECISION=plan.input_precision(dy.dtype),
-                    **plan.split_rank(dy.dtype, lora_A.dtype))
+    shared = dict(v=v, a=lora_A, M=M, N=N, K=K, R=R, seed=adapter.seed, p=adapter.dropout_p,
+                  HAS_DROPOUT=adapter.has_dropout, INPUT_PRECISION=plan.input_precision(dy.dtype),
+                  **plan.split_rank(dy.dtype, lora_A.dtype))
+    if isinstance(base, FourBitWeight):
+        specs.B2_4BIT.launch(_gemm_grid(M, K), dy=dy, dx=dx, **_four_bit(base), **shared)
+    elif plan.tma and tma_addressable(dy, base.weight, dx):
+        specs.B2_TMA.launch(_persistent_grid(M, K, dy.device), dy=dy, w=base.weight, dx=dx, **shared)
+    else:
+        specs.B2.launch(_gemm_grid(M, K), dy=dy, w=base.weight, dx=dx, BASE_GEMM=plan.fused_base_gemm, **shared)
 
 
 def _reduce_partials(partials, out, scaling):
@@ -82,7 +117,7 @@ def lora_forward(x, base, adapter, plan):
                     seed=adapter.seed, p=adapter.dropout_p, HAS_DROPOUT=adapter.has_dropout,
                     R_PAD=configs.padded_rank(R), **plan.low_rank(x.dtype, adapter.lora_A.dtype))
     _f2(x, base, u, adapter.lora_B, y, adapter.scaling, plan)
-    if not plan.fused_base_gemm:
+    if not plan.fused_base_gemm and not isinstance(base, FourBitWeight):
         y.addmm_(x, base.weight.t())  # cuBLAS adds X W^T to b + s U B^T in its epilogue (beta = 1).
     return y, u
 
@@ -157,7 +192,7 @@ def dx_gemm_pass(dy, base, v, adapter, plan):
     """B2: dX = dY W + (V A) * keep / (1 - p) [M, K], written once (cuBLAS adds dY W if so planned)."""
     dx = torch.empty((dy.shape[0], base.in_features), device=dy.device, dtype=dy.dtype)
     _b2(dy, base, v, adapter.lora_A, dx, adapter, plan)
-    if not plan.fused_base_gemm:
+    if not plan.fused_base_gemm and not isinstance(base, FourBitWeight):
         dx.addmm_(dy, base.weight)
     return dx
 

@@ -23,12 +23,14 @@ import itertools
 from typing import Callable, Optional
 
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from lorakernels._interpreter import ensure_interpreter_fixes
-from lorakernels.kernels.backward import b1_grad_dy_kernel, b2_grad_x_kernel, b3_adapter_grad_kernel, \
-    reduce_partials_kernel
+from lorakernels.kernels.backward import b1_grad_dy_kernel, b2_grad_x_4bit_kernel, b2_grad_x_kernel, \
+    b2_grad_x_tma_kernel, b3_adapter_grad_kernel, reduce_partials_kernel
 from lorakernels.kernels.dropout import dropout_keep_mask_kernel
-from lorakernels.kernels.forward import f1_dropout_down_kernel, f2_forward_gemm_kernel
+from lorakernels.kernels.forward import f1_dropout_down_kernel, f2_forward_gemm_4bit_kernel, f2_forward_gemm_kernel, \
+    f2_forward_gemm_tma_kernel
 from lorakernels.kernels.merge import merge_kernel
 from lorakernels.ops import configs
 from lorakernels.plan import interpreter_hint, interpreting
@@ -41,6 +43,7 @@ class Role(enum.Enum):
     ADAPTER = "adapter"  # lora_A / lora_B's dtype: x's, or fp32
     FP32 = "fp32"  # U, V and reduction partials
     INT8 = "int8"
+    UINT8 = "uint8"  # packed 4-bit codes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,20 @@ class Ptr:
     @property
     def tensor(self):
         return self.name[:-len("_ptr")]
+
+
+@dataclasses.dataclass(frozen=True)
+class Desc:
+    """A TMA tensor descriptor `<tensor>_desc` of a 2-D tensor (built on the host at each launch);
+    its block shape is the config's constexprs named in `block` (rows, columns)."""
+
+    name: str
+    role: Role
+    block: tuple
+
+    @property
+    def tensor(self):
+        return self.name[:-len("_desc")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +137,8 @@ class KernelSpec:
     for operands that miss the alignment (GEMMs). valid_flags(flags, r_pad): which flag
     combinations a launcher can produce. gemm: its main loop is a full GEMM (tensor cores
     required). autotune_key: kernel arguments the autotuner keys on (with the token bucket
-    and activation size). gate_cases/main_cases: the dtype cases the build gate builds.
+    and activation size). gate_cases/main_cases: the dtype cases the build gate builds, for
+    `targets`. tma: it loads through TMA tensor descriptors (the gate asserts it does).
     """
 
     code: str
@@ -135,6 +153,8 @@ class KernelSpec:
     autotune_key: tuple = ()
     gate_cases: tuple = LAYER_CASES
     main_cases: int = 4
+    targets: tuple = ("sm_90", "sm_80")
+    tma: bool = False
 
     @property
     def name(self):
@@ -157,7 +177,10 @@ class KernelSpec:
         tensors = [values[a.tensor] for a in self.args if isinstance(a, Ptr) and values[a.tensor] is not None]
         out = []
         for a in self.args:
-            if isinstance(a, Ptr):
+            if isinstance(a, Desc):
+                t = values[a.tensor]  # the block shape is the config's: set at launch (`_set_desc_blocks`)
+                out.append(TensorDescriptor(t, list(t.shape), list(t.stride()), [1] * t.dim()))
+            elif isinstance(a, Ptr):
                 t = values[a.tensor]
                 if t is None and not a.optional:
                     raise ValueError(f"{self.code} ({self.name}): tensor {a.tensor!r} is required")
@@ -174,14 +197,15 @@ class KernelSpec:
     def _check_devices(self, arguments):
         """Compiled kernels take CUDA tensors (the interpreter, CPU tensors). The callers put every
         operand on one device (validated at the public boundary), so the first tensor tells."""
-        if not interpreting() and arguments[0].device.type != "cuda":
+        first = arguments[0].base if isinstance(arguments[0], TensorDescriptor) else arguments[0]
+        if not interpreting() and first.device.type != "cuda":
             raise ValueError(f"{self.code} ({self.name}) runs on CUDA tensors; got tensors on "
-                             f"{arguments[0].device} ({interpreter_hint()})")
+                             f"{first.device} ({interpreter_hint()})")
 
     def activation_bytes(self, values):
         """Element size of the activations (what the configs are chosen by); 4 without any."""
         for a in self.args:
-            if isinstance(a, Ptr) and a.role is Role.ACTIVATION and values[a.tensor] is not None:
+            if isinstance(a, (Ptr, Desc)) and a.role is Role.ACTIVATION and values[a.tensor] is not None:
                 return values[a.tensor].element_size()
         return 4
 
@@ -208,7 +232,8 @@ class KernelSpec:
         size, scalar and seed by its argument name, each feature flag and case constexpr.
         config: a config dict to run with instead of the spec's choice.
         """
-        expected = {a.tensor if isinstance(a, Ptr) else a.name for a in self.args if not isinstance(a, Stride)}
+        expected = {a.tensor if isinstance(a, (Ptr, Desc)) else a.name for a in self.args
+                    if not isinstance(a, Stride)}
         expected |= {*self.flags, *self.case_constexprs}
         if set(values) != expected:
             raise TypeError(f"{self.code} ({self.name}): missing {sorted(expected - set(values))}, "
@@ -226,6 +251,7 @@ class KernelSpec:
             self.autotuner(values["M"], elem_bytes, r_pad)[grid](*arguments, **constexprs)
             return None
         meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+        self._set_desc_blocks({**dict(zip((a.name for a in self.args), arguments)), **meta})
         self.kernel[grid(meta)](*arguments, **constexprs, **meta, num_warps=config["num_warps"],
                                 num_stages=config["num_stages"])
         return config
@@ -256,11 +282,19 @@ class KernelSpec:
         """
         key = (token_bucket(M), elem_bytes, r_pad)
         if key not in self._autotuners:
+            hook = self._set_desc_blocks if any(isinstance(a, Desc) for a in self.args) else None
             candidates = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
-                                        num_warps=c["num_warps"], num_stages=c["num_stages"])
+                                        num_warps=c["num_warps"], num_stages=c["num_stages"], pre_hook=hook)
                           for c in self.configs(elem_bytes, r_pad)]
             self._autotuners[key] = triton.autotune(configs=candidates, key=list(self.autotune_key))(self.kernel)
         return self._autotuners[key]
+
+    def _set_desc_blocks(self, named):
+        """Give every descriptor argument in `named` (arguments and config constexprs by name) the
+        block shape of the config it runs with (the autotuner's pre-hook, or a direct launch)."""
+        for a in self.args:
+            if isinstance(a, Desc):
+                named[a.name].block_shape = [named[b] for b in a.block]
 
     def __post_init__(self):
         object.__setattr__(self, "_autotuners", {})
@@ -309,6 +343,47 @@ B2 = KernelSpec(
     {"BASE_GEMM": BOOL, "HAS_DROPOUT": BOOL}, configs.b2_configs, configs.INTERPRETER_GEMM_CONFIG,
     unaligned_config=configs.b2_unaligned_config, gemm=True, autotune_key=("N", "K", "BASE_GEMM"))
 
+# F2 and B2 over a 4-bit base (QLoRA): the packed codes, their absmax and code table replace W.
+F2_4BIT = KernelSpec(
+    "F2-4bit", f2_forward_gemm_4bit_kernel,
+    (Ptr("x_ptr", ACT), Ptr("codes_ptr", Role.UINT8), Ptr("absmax_ptr", FP32), Ptr("table_ptr", FP32),
+     Ptr("bias_ptr", ACT, optional=True), Ptr("u_ptr", FP32), Ptr("b_ptr", ADAPTER), Ptr("y_ptr", ACT), Size("M"),
+     Size("N", True), Size("K", True), Size("R"), Stride("stride_xm", "x", aligned=True), Stride("stride_um", "u"),
+     Stride("stride_bn", "b"), Stride("stride_ym", "y", aligned=True), Size("quant_shift"), Scalar("scaling")),
+    {"HAS_BIAS": BOOL}, configs.f2_4bit_configs, configs.INTERPRETER_GEMM_CONFIG,
+    unaligned_config=configs.f2_4bit_unaligned_config, gemm=True, autotune_key=("N", "K"))
+
+B2_4BIT = KernelSpec(
+    "B2-4bit", b2_grad_x_4bit_kernel,
+    (Ptr("dy_ptr", ACT), Ptr("codes_ptr", Role.UINT8), Ptr("absmax_ptr", FP32), Ptr("table_ptr", FP32),
+     Ptr("v_ptr", FP32), Ptr("a_ptr", ADAPTER), Ptr("dx_ptr", ACT), Size("M"), Size("N", True), Size("K", True),
+     Size("R"), Stride("stride_dym", "dy", aligned=True), Stride("stride_vm", "v"),
+     Stride("stride_am", "a", aligned=True), Stride("stride_dxm", "dx", aligned=True), Size("quant_shift"), Seed(),
+     Scalar("p")),
+    {"HAS_DROPOUT": BOOL}, configs.b2_4bit_configs, configs.INTERPRETER_GEMM_CONFIG,
+    unaligned_config=configs.b2_4bit_unaligned_config, gemm=True, autotune_key=("N", "K"))
+
+# Hopper's F2 and B2: persistent programs, TMA descriptors for the streamed operands and the output.
+TMA_CASES = tuple(case for case in LAYER_CASES if case[0] != "fp32")
+
+F2_TMA = KernelSpec(
+    "F2-TMA", f2_forward_gemm_tma_kernel,
+    (Desc("x_desc", ACT, ("BLOCK_M", "BLOCK_K")), Desc("w_desc", ACT, ("BLOCK_N", "BLOCK_K")),
+     Ptr("bias_ptr", ACT, optional=True), Ptr("u_ptr", FP32), Ptr("b_ptr", ADAPTER),
+     Desc("y_desc", ACT, ("BLOCK_M", "BLOCK_N")), Size("M"), Size("N", True), Size("K", True), Size("R"),
+     Stride("stride_um", "u"), Stride("stride_bn", "b"), Scalar("scaling")),
+    {"HAS_BIAS": BOOL}, configs.f2_tma_configs, configs.INTERPRETER_GEMM_CONFIG, gemm=True,
+    autotune_key=("N", "K"), gate_cases=TMA_CASES, main_cases=2, targets=("sm_90",), tma=True)
+
+B2_TMA = KernelSpec(
+    "B2-TMA", b2_grad_x_tma_kernel,
+    (Desc("dy_desc", ACT, ("BLOCK_M", "BLOCK_K")), Desc("w_desc", ACT, ("BLOCK_K", "BLOCK_N")), Ptr("v_ptr", FP32),
+     Ptr("a_ptr", ADAPTER), Desc("dx_desc", ACT, ("BLOCK_M", "BLOCK_N")), Size("M"), Size("N", True),
+     Size("K", True), Size("R"), Stride("stride_vm", "v"), Stride("stride_am", "a", aligned=True), Seed(),
+     Scalar("p")),
+    {"HAS_DROPOUT": BOOL}, configs.b2_tma_configs, configs.INTERPRETER_GEMM_CONFIG, gemm=True,
+    autotune_key=("N", "K"), gate_cases=TMA_CASES, main_cases=2, targets=("sm_90",), tma=True)
+
 B3 = KernelSpec(
     "B3", b3_adapter_grad_kernel,
     (Ptr("x_ptr", ACT), Ptr("v_ptr", FP32), Ptr("part_ptr", FP32), Size("M"), Size("K", True), Size("R"),
@@ -338,4 +413,4 @@ DROPOUT_MASK = KernelSpec(
     {}, lambda elem_bytes, r_pad: [configs.DROPOUT_MASK_CONFIG], configs.DROPOUT_MASK_CONFIG,
     gate_cases=(("fp32", "fp32", "ieee"),))
 
-ALL = (F1, F2, B1, B2, B3, REDUCE, MERGE, DROPOUT_MASK)
+ALL = (F1, F2, F2_TMA, F2_4BIT, B1, B2, B2_TMA, B2_4BIT, B3, REDUCE, MERGE, DROPOUT_MASK)

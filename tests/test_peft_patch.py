@@ -1,0 +1,395 @@
+"""`patch_peft`: PEFT models routed through the fused kernels, and PEFT's behaviour everywhere else.
+
+Would catch: a fused call that differs from PEFT's forward (scaling, rsLoRA, bias, dtypes,
+autocast, 3-D inputs, adapter switching), a case routed that PEFT computes differently (DoRA,
+LoRA bias, several adapters, mixed batches, merged or disabled adapters, a non-Linear base,
+hooks), dropout with the wrong p or in eval mode, a graph break under torch.compile,
+checkpoint recompute drawing a new mask, and patching that changes what PEFT saves or unloads.
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import lorakernels
+from lorakernels import patch_peft, peft_patch_stats, unpatch_peft
+from tests.test_model import tiny_llama
+
+peft = pytest.importorskip("peft")
+from peft.tuners import lora as peft_lora  # noqa: E402
+
+BACKENDS = ["torch", "triton"]  # triton: the kernels, through the interpreter on CPU
+
+
+class MLP(nn.Module):
+    def __init__(self, dtype=torch.float32, bias=True):
+        super().__init__()
+        self.lin0 = nn.Linear(20, 24, bias=bias, dtype=dtype)
+        self.lin1 = nn.Linear(24, 12, bias=bias, dtype=dtype)
+        self.emb = nn.Embedding(10, 20, dtype=dtype)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+def lora_mlp(dtype=torch.float32, targets=("lin0", "lin1"), **config):
+    torch.manual_seed(0)
+    config = {"r": 4, "lora_alpha": 8, "target_modules": list(targets), "init_lora_weights": False, **config}
+    return peft.get_peft_model(MLP(dtype), peft.LoraConfig(**config))
+
+
+def run(model, x):
+    """Output and every gradient (x and the trainable parameters) of sum(y^2)."""
+    model.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    y = model(x)
+    y.float().pow(2).sum().backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return {"y": y.detach(), "dx": x.grad, **grads}
+
+
+def patched_vs_peft(model, x, backend):
+    """(PEFT's results, the patched model's results) on the same model and input."""
+    expected = run(model, x)
+    patch_peft(model, backend=backend)
+    try:
+        return expected, run(model, x)
+    finally:
+        unpatch_peft(model)
+
+
+def assert_same(actual, expected, tol=1e-5):
+    """Same keys and dtypes; values within `tol` of each tensor's largest magnitude (fp32: a few
+    ulps of the largest value, whatever the summation order)."""
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert actual[key].dtype == expected[key].dtype, key
+        scale = expected[key].abs().max().item()
+        torch.testing.assert_close(actual[key], expected[key], rtol=tol, atol=tol * scale,
+                                   msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", [{}, {"use_rslora": True, "lora_alpha": 6}, {"r": 3}],
+                         ids=["plain", "rslora", "rank3"])
+@pytest.mark.parametrize("leading", [(7,), (2, 5)], ids=["2d", "3d"])
+def test_fp32_outputs_and_gradients_match_peft(backend, config, leading):
+    model = lora_mlp(**config)
+    expected, actual = patched_vs_peft(model, torch.randn(*leading, 20), backend)
+    assert_same(actual, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_base_fp32_adapters_match_peft_to_bf16_rounding(backend):
+    # PEFT: bf16 base GEMM, fp32 LoRA term, the sum rounded to bf16 (twice); fused: once.
+    model = lora_mlp(torch.bfloat16, targets=("lin0",))
+    assert model.base_model.model.lin0.lora_A["default"].weight.dtype == torch.float32  # PEFT's autocast_adapter_dtype
+    expected, actual = patched_vs_peft(model, torch.randn(6, 20, dtype=torch.bfloat16), backend)
+    assert_same(actual, expected, tol=1e-2)
+    stats_model = lora_mlp(torch.bfloat16, targets=("lin0",))
+    patch_peft(stats_model, backend=backend)
+    stats_model(torch.randn(6, 20, dtype=torch.bfloat16))
+    assert peft_patch_stats(stats_model)["fused"] == 1
+
+
+def test_patch_reports_and_counts_calls():
+    model = lora_mlp(targets=("lin0", "lin1", "emb"))
+    report = patch_peft(model)
+    assert report.patched == ["base_model.model.lin0", "base_model.model.lin1"]
+    assert report.not_patched == {"base_model.model.emb": "lora.Embedding: no fused route for this layer type"}
+    assert str(report) == ("lorakernels.patch_peft: 2 of 3 LoRA layers patched (2 fused now); "
+                           "not patched: 1 x lora.Embedding: no fused route for this layer type")
+    model(torch.randn(3, 20))
+    with model.disable_adapter():
+        model(torch.randn(3, 20))
+    stats = peft_patch_stats(model, reset=True)
+    assert stats == {"fused": 2, "fallback": {"adapters disabled": 2},
+                     "layers": {"base_model.model.lin0": {"fused": 1, "adapters disabled": 1},
+                                "base_model.model.lin1": {"fused": 1, "adapters disabled": 1}}}
+    assert peft_patch_stats(model)["fused"] == 0
+
+
+def test_report_flags_an_instance_level_forward():
+    # accelerate's add_hook_to_module stores the forward bound before patching on the instance:
+    # the patched class's forward is then never called, and the report must say so.
+    model = lora_mlp()
+    layer = model.base_model.model.lin0
+    layer.forward = layer.forward
+    report = patch_peft(model)
+    assert report.fallback_now == {
+        "base_model.model.lin0": "an instance-level forward (accelerate hooks?) bypasses the patched one"}
+
+
+def test_patch_errors():
+    with pytest.raises(TypeError, match="nn.Module"):
+        patch_peft("model")
+    with pytest.raises(ValueError, match="holds no PEFT LoRA layer"):
+        patch_peft(MLP())
+    with pytest.raises(ValueError, match="backend must be"):
+        patch_peft(lora_mlp(), backend="cuda")
+    with pytest.raises(ValueError, match="base GEMM"):
+        patch_peft(lora_mlp(), base_gemm="cutlass")
+
+
+class QuantLinear(nn.Linear):
+    """Stands for a quantized base layer (bitsandbytes' Linear4bit subclasses nn.Linear too)."""
+
+
+def _add_second_adapter(model):
+    model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["lin0", "lin1"], init_lora_weights=False))
+
+
+def _only_lin1_adapter(model):
+    model.add_adapter("lin1_only", peft.LoraConfig(r=2, target_modules=["lin1"], init_lora_weights=False))
+    model.set_adapter("lin1_only")
+
+
+def _adapters_to(model, dtype):
+    layer = model.base_model.model.lin0
+    layer.lora_A.to(dtype)
+    layer.lora_B.to(dtype)
+
+
+FALLBACKS = {
+    "dora": ({"use_dora": True}, None, "LoRA variant (DoRA, aLoRA, ...)"),
+    "lora_bias": ({"lora_bias": True}, None, "LoRA bias (lora_bias=True)"),
+    "several_adapters": ({}, lambda m: (_add_second_adapter(m), m.base_model.set_adapter(["default", "other"])),
+                         "several active adapters"),
+    "no_active_adapter_here": ({}, _only_lin1_adapter, "no active adapter on this layer"),
+    "merged": ({}, lambda m: m.merge_adapter(), "adapter merged"),
+    "fan_in_fan_out": ({}, lambda m: setattr(m.base_model.model.lin0, "fan_in_fan_out", True), "fan_in_fan_out"),
+    "hooks": ({}, lambda m: m.base_model.model.lin0.base_layer.register_forward_hook(lambda *a: None),
+              "hooks on the base layer or the adapter modules"),
+    "trainable_base": ({}, lambda m: m.base_model.model.lin0.base_layer.weight.requires_grad_(True),
+                       "base weight requires grad"),
+    "bf16_adapters_fp32_base": ({}, lambda m: _adapters_to(m, torch.bfloat16),
+                                "dtypes: x torch.float32, base torch.float32, adapters torch.bfloat16"),
+    "quantized_base": ({}, lambda m: setattr(m.base_model.model.lin0.base_layer, "__class__", QuantLinear),
+                       "base layer is QuantLinear, not nn.Linear"),
+}
+
+
+@pytest.mark.parametrize("case", list(FALLBACKS))
+def test_cases_the_kernels_do_not_compute_run_peft_forward(case):
+    config, prepare, reason = FALLBACKS[case]
+    model = lora_mlp(**config)
+    if prepare is not None:
+        prepare(model)
+    x = torch.randn(4, 20)
+    expected = run(model, x)
+    patch_peft(model, backend="torch")
+    actual = run(model, x)
+    for key in expected:  # PEFT's own forward ran: the same bits (None: no gradient, as when merged)
+        assert (actual[key] is None and expected[key] is None) or torch.equal(actual[key], expected[key]), key
+    assert peft_patch_stats(model)["layers"]["base_model.model.lin0"] == {reason: 1}
+
+
+def test_mixed_batch_adapter_names_runs_peft_forward():
+    model = lora_mlp()
+    _add_second_adapter(model)
+    model.eval()
+    x, names = torch.randn(3, 20), ["default", "__base__", "other"]
+    expected = model(x, adapter_names=names)
+    patch_peft(model)
+    torch.testing.assert_close(model(x, adapter_names=names), expected, rtol=0, atol=0)
+    assert peft_patch_stats(model)["fallback"] == {"adapter_names (mixed-batch inference)": 2}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_set_adapter_and_disable_adapter_are_followed_per_call(backend):
+    model = lora_mlp()
+    _add_second_adapter(model)
+    x = torch.randn(5, 20)
+    expected = {}
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        expected[name] = run(model, x)
+    with model.disable_adapter():
+        expected["disabled"] = model(x).detach()
+    patch_peft(model, backend=backend)
+    for name in ("other", "default"):
+        model.set_adapter(name)
+        assert_same(run(model, x), expected[name])
+    with model.disable_adapter():
+        assert torch.equal(model(x), expected["disabled"])
+    assert peft_patch_stats(model)["fused"] == 4  # two layers, two adapters; the disabled call fell back
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_uses_the_layers_p_and_eval_turns_it_off(backend):
+    # y = dropout(x) exactly: zero base weight, lora_A = lora_B = I, scaling 1.
+    torch.manual_seed(0)
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(64, 64, bias=False)),
+                                peft.LoraConfig(r=64, lora_alpha=64, lora_dropout=0.25, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.base_layer.weight.zero_()
+        layer.lora_A["default"].weight.copy_(torch.eye(64))
+        layer.lora_B["default"].weight.copy_(torch.eye(64))
+    patch_peft(model, backend=backend)
+    x = torch.ones(128, 64, requires_grad=True)
+    y = model(x)
+    y.sum().backward()
+    kept = y != 0
+    assert abs((~kept).float().mean().item() - 0.25) < 0.025  # 5 standard deviations at 8192 draws
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.75))
+    assert torch.equal(x.grad, y.detach())  # backward regenerates the forward's mask
+    model.eval()
+    assert torch.equal(model(x), x)
+    assert peft_patch_stats(model)["fused"] == 2
+
+
+def test_inference_mode_is_fused():
+    model = lora_mlp()
+    x = torch.randn(3, 20)
+    with torch.no_grad():
+        expected = model(x)
+    patch_peft(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert peft_patch_stats(model)["fused"] == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_matches_peft(backend):
+    model = lora_mlp()
+    x = torch.randn(6, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, actual = patched_vs_peft(model, x, backend)
+    assert actual["y"].dtype == torch.bfloat16
+    # PEFT's LoRA term runs in bf16 under autocast, the fused one in fp32 (fp32 adapters):
+    # they differ by bf16 rounding of the output and of the adapter gradients.
+    assert_same(actual, expected, tol=3e-2)
+    patch_peft(model, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert peft_patch_stats(model)["fused"] == 2
+
+
+def _graph_recorder(graphs):
+    from torch._dynamo.backends.common import aot_autograd
+
+    def record(gm, inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    return aot_autograd(fw_compiler=record, bw_compiler=record)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fullgraph_compile_of_a_patched_layer(backend):
+    model = lora_mlp(lora_dropout=0.1).eval()  # eval: dropout off, comparable with PEFT
+    layer = model.base_model.model.lin0
+    x = torch.randn(2, 3, 20)
+    expected = run(layer, x)
+    patch_peft(model, backend=backend)
+    graphs = []
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend=_graph_recorder(graphs))
+    assert_same(run(compiled, x), expected)
+    assert any("lorakernels.lora_linear_forward" in g for g in graphs)  # the fused op, not PEFT's ops
+    assert any("lorakernels.lora_linear_backward" in g for g in graphs)
+    with model.disable_adapter():  # per-call check inside the compiled code: PEFT's path
+        torch.testing.assert_close(compiled(x), layer.base_layer(x))
+    torch._dynamo.reset()
+
+
+def _llama(checkpointing, reentrant=False, dropout=0.0):
+    model = tiny_llama(seed=0).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
+                             init_lora_weights=False)
+    model = peft.get_peft_model(model, config)
+    if checkpointing and reentrant:
+        model.enable_input_require_grads()
+    return model
+
+
+def _llama_step(model, seed=1):
+    model.zero_grad()
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(seed)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return {"loss": loss.detach(), **{n: p.grad for n, p in model.named_parameters() if p.requires_grad}}
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_transformers_gradient_checkpointing(reentrant):
+    # dropout 0: patched equals PEFT under transformers' checkpointing.
+    model = _llama(True, reentrant)
+    expected = _llama_step(model)
+    patch_peft(model, backend="torch")
+    assert_same(_llama_step(model), expected)
+    # dropout > 0: the recompute redraws the forward's seed, so checkpointing changes no gradient.
+    plain, checkpointed = _llama(False, dropout=0.2), _llama(True, reentrant, dropout=0.2)
+    for m in (plain, checkpointed):
+        patch_peft(m, backend="torch")
+    a, b = _llama_step(plain), _llama_step(checkpointed)
+    assert_same(b, a)
+    assert peft_patch_stats(checkpointed)["fallback"] == {}
+    assert not torch.equal(a["loss"], expected["loss"])  # dropout was applied
+
+
+def test_patched_model_saves_loads_merges_like_peft(tmp_path):
+    model = lora_mlp()
+    params = list(model.parameters())
+    state = {k: v.clone() for k, v in peft.get_peft_model_state_dict(model).items()}
+    report = patch_peft(model)
+    assert list(model.parameters()) == params and all(a is b for a, b in zip(model.parameters(), params))
+    assert isinstance(model.base_model.model.lin0, peft_lora.Linear)
+    assert repr(model.base_model.model.lin0).startswith("lora.Linear(")
+    saved = peft.get_peft_model_state_dict(model)
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)  # the base weights lora_mlp's MLP got
+    loaded = peft.PeftModel.from_pretrained(MLP(), tmp_path)
+    x = torch.randn(3, 20)
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+    copied = copy.deepcopy(model)
+    assert type(copied.base_model.model.lin0) is type(model.base_model.model.lin0)
+    copied(x)
+    assert peft_patch_stats(copied)["fused"] == 2 + peft_patch_stats(model)["fused"]
+    merged = model.merge_and_unload()
+    assert type(merged.lin0) is nn.Linear
+    torch.testing.assert_close(merged(x), loaded(x), rtol=1e-5, atol=1e-5)
+    assert len(report.patched) == 2
+
+
+def test_unpatch_restores_peft_classes():
+    model = lora_mlp()
+    patch_peft(model)
+    patch_peft(model)  # idempotent
+    assert unpatch_peft(model) == 2
+    layer = model.base_model.model.lin0
+    assert type(layer) is peft_lora.Linear
+    assert not any(k.startswith("_lorakernels") for k in vars(layer))
+    assert unpatch_peft(model) == 0
+    assert peft_patch_stats(model) == {"fused": 0, "fallback": {}, "layers": {}}
+
+
+@pytest.mark.parametrize("loaded_in_4bit", [False, True], ids=["lora.Linear", "lora.bnb.Linear4bit"])
+def test_bitsandbytes_4bit_base_runs_peft_forward(loaded_in_4bit):
+    # PEFT wraps a bitsandbytes Linear4bit in lora.bnb.Linear4bit for models loaded in 4 bits
+    # (no fused route: not patched), else in lora.Linear (patched; falls back on every call).
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    base = nn.Sequential(bnb.nn.Linear4bit(32, 32, bias=False, compute_dtype=torch.float32), nn.Linear(32, 8))
+    base[0].weight = bnb.nn.Params4bit(torch.randn(32, 32), requires_grad=False, quant_type="nf4")
+    base[0] = base[0].to("cpu")  # quantizes
+    base.is_loaded_in_4bit = loaded_in_4bit
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["0", "1"], init_lora_weights=False))
+    x = torch.randn(3, 32)
+    expected = model(x)
+    report = patch_peft(model, backend="torch")
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    stats = peft_patch_stats(model)
+    assert stats["fused"] == 1  # the nn.Linear layer
+    if loaded_in_4bit:
+        assert report.not_patched == {"base_model.model.0": "lora.Linear4bit: no fused route for this layer type"}
+    else:
+        assert stats["fallback"] == {"base layer is Linear4bit, not nn.Linear": 1}
