@@ -4,6 +4,7 @@ taken. Would catch a patch that DDP's or FSDP2's wrapping bypasses or breaks (FS
 layer's class and unshards its parameters around the forward)."""
 
 import os
+import time
 
 import pytest
 import torch
@@ -56,6 +57,17 @@ def _worker(rank, init_file, out_dir, mode):
         dist.destroy_process_group()
 
 
+def _spawn(fn, args, timeout=180):
+    """Run `fn` in WORLD processes; a stuck rendezvous fails the test instead of hanging the suite."""
+    context = mp.spawn(fn, args=args, nprocs=WORLD, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD} worker processes did not finish within {timeout} s")
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_patched_peft_model_under_ddp_and_fsdp2(tmp_path, mode):
     if mode == "fsdp2":
@@ -64,7 +76,7 @@ def test_patched_peft_model_under_ddp_and_fsdp2(tmp_path, mode):
         model = lora_mlp()
         model(_batch()).pow(2).mean().backward()
     expected = _grads(model)
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), mode), nprocs=WORLD, join=True)
+    _spawn(_worker, (str(tmp_path / "init"), str(tmp_path), mode))
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["fused"] == 2  # both LoRA layers ran the fused path
