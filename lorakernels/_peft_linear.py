@@ -20,6 +20,8 @@ Under torch.autocast PEFT's `lora_A(x)` runs in the autocast dtype; `lora_linear
 adapters in fp32 there (at least as accurate). The output has the base layer's dtype.
 """
 
+from typing import NamedTuple, Optional
+
 import torch
 from peft.tuners.lora import layer as peft_lora_layer
 from torch import nn
@@ -33,6 +35,7 @@ VARIANT_KWARG_KEYS = tuple(getattr(peft_lora_layer, "VARIANT_KWARG_KEYS", ("alor
 PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
 
 FUSED = "fused"
+_LARGEST = {dtype: torch.finfo(dtype).max for dtype in FLOAT_DTYPES}
 
 
 def _has_hooks(module):
@@ -78,38 +81,60 @@ def active_adapter(layer):
     return name, None
 
 
-def module_reason(layer, name):
-    """Why the modules of adapter `name` (base layer, lora_A/B, dropout, scaling) need PEFT's forward."""
-    base, lora_A, lora_B = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
-    dropout, scaling = layer.lora_dropout[name], layer.scaling[name]
+class Operands(NamedTuple):
+    """The modules and tensors of one adapter of a PEFT `lora.Linear`, read once per call."""
+
+    base: nn.Module
+    lora_A: nn.Module
+    lora_B: nn.Module
+    dropout: nn.Module
+    scaling: object
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    A: torch.Tensor
+    B: torch.Tensor
+
+    @classmethod
+    def of(cls, layer, name):
+        base, lora_A, lora_B = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
+        return cls(base, lora_A, lora_B, layer.lora_dropout[name], layer.scaling[name],
+                   getattr(base, "weight", None), getattr(base, "bias", None), getattr(lora_A, "weight", None),
+                   getattr(lora_B, "weight", None))
+
+
+def module_reason(ops):
+    """Why these `Operands` (base layer, lora_A/B, dropout, scaling, weights) need PEFT's forward."""
+    base, lora_A, lora_B, dropout, scaling, weight, bias, A, B = ops
     if type(base) is not nn.Linear:
         return f"base layer is {type(base).__name__}, not nn.Linear"
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_B.bias is not None:
         return "lora_A/lora_B are not plain bias-free nn.Linear"
-    if type(dropout) not in (nn.Dropout, nn.Identity) or (type(dropout) is nn.Dropout and not
-                                                         (0.0 <= dropout.p < 1.0 and not dropout.inplace)):
+    if type(dropout) is nn.Dropout:
+        if not 0.0 <= dropout.p < 1.0 or dropout.inplace:
+            return "dropout is not nn.Dropout(p < 1) or nn.Identity"
+    elif type(dropout) is not nn.Identity:
         return "dropout is not nn.Dropout(p < 1) or nn.Identity"
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         return f"scaling is a {type(scaling).__name__}, not a float"
-    if any(_has_hooks(m) for m in (base, lora_A, lora_B, dropout)) or _global_hooks():
+    if _has_hooks(base) or _has_hooks(lora_A) or _has_hooks(lora_B) or _has_hooks(dropout) or _global_hooks():
         return "hooks on the base layer or the adapter modules"
-    weight, bias = base.weight, base.bias
-    tensors = (weight, lora_A.weight, lora_B.weight) + ((bias,) if bias is not None else ())
-    if any(type(t) not in PLAIN_TENSOR_TYPES for t in tensors):
-        return "a weight is a tensor subclass (DTensor, quantized, ...)"
+    tensors = (weight, A, B) if bias is None else (weight, A, B, bias)
+    for t in tensors:
+        if type(t) not in PLAIN_TENSOR_TYPES:
+            return "a weight is a tensor subclass (DTensor, quantized, ...)"
+        if t.stride(-1) != 1:
+            return "a weight without a unit last-dim stride"
     if weight.requires_grad:
         return "base weight requires grad"
-    if not (1 <= lora_A.weight.shape[0] <= MAX_RANK) or weight.shape[1] == 0:
-        return f"rank {lora_A.weight.shape[0]} outside 1..{MAX_RANK} or in_features == 0"
-    if any(t.stride(-1) != 1 for t in tensors):
-        return "a weight without a unit last-dim stride"
+    if not 1 <= A.shape[0] <= MAX_RANK or weight.shape[1] == 0:
+        return f"rank {A.shape[0]} outside 1..{MAX_RANK} or in_features == 0"
     return None
 
 
-def _operand_dtypes(layer, x, weight, adapter_dtype):
+def _operand_dtypes(layer, x, device_type, weight, adapter_dtype):
     """(compute dtype of x and the base, of the adapters), or None when PEFT would compute otherwise."""
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
         if dtype not in (torch.float16, torch.bfloat16) or weight.dtype not in FLOAT_DTYPES:
             return None
         return dtype, adapter_dtype if adapter_dtype == torch.float32 else dtype
@@ -121,39 +146,41 @@ def _operand_dtypes(layer, x, weight, adapter_dtype):
     return None
 
 
-def input_reason(layer, name, x):
-    """Why input `x` needs PEFT's forward for adapter `name`, or None."""
-    base, lora_A, lora_B = layer.base_layer, layer.lora_A[name].weight, layer.lora_B[name].weight
-    if not isinstance(x, torch.Tensor) or type(x) not in PLAIN_TENSOR_TYPES:
+def input_reason(layer, ops, x):
+    """Why input `x` needs PEFT's forward with these `Operands`, or None."""
+    if type(x) not in PLAIN_TENSOR_TYPES:
         return "input is not a plain tensor"
-    if x.device.type not in ("cpu", "cuda"):
-        return f"input on {x.device.type} (fused on cpu and cuda)"
-    if any(t.device != x.device for t in (base.weight, lora_A, lora_B)):
+    device = x.device
+    if device.type not in ("cpu", "cuda"):
+        return f"input on {device.type} (fused on cpu and cuda)"
+    weight, bias, A, B = ops.weight, ops.bias, ops.A, ops.B
+    if weight.device != device or A.device != device or B.device != device:
         return "operands on several devices"
-    if x.dim() < 1 or x.shape[-1] != base.weight.shape[1] or x.dtype not in FLOAT_DTYPES:
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1] or x.dtype not in FLOAT_DTYPES:
         return "input shape or dtype"
-    bias = base.bias
-    if lora_A.dtype != lora_B.dtype or (bias is not None and bias.dtype != base.weight.dtype):
+    if A.dtype != B.dtype or (bias is not None and bias.dtype != weight.dtype):
         return "lora_A/lora_B (or weight/bias) dtypes differ"
-    dtypes = _operand_dtypes(layer, x, base.weight, lora_A.dtype)
+    dtypes = _operand_dtypes(layer, x, device.type, weight, A.dtype)
     if dtypes is None:
-        return (f"dtypes: x {x.dtype}, base {base.weight.dtype}, adapters {lora_A.dtype}"
-                + (" (autocast)" if torch.is_autocast_enabled(x.device.type) else ""))
-    if abs(layer.scaling[name]) > torch.finfo(dtypes[1]).max:
+        return (f"dtypes: x {x.dtype}, base {weight.dtype}, adapters {A.dtype}"
+                + (" (autocast)" if torch.is_autocast_enabled(device.type) else ""))
+    if abs(ops.scaling) > _LARGEST[dtypes[1]]:
         return f"scaling not finite in {dtypes[1]}"
     return None
 
 
 def route(layer, x, args, kwargs):
-    """(adapter name, None) when `lora_linear` computes this call of PEFT's `lora.Linear.forward`
-    exactly; else (None, why not)."""
+    """(`Operands` of the active adapter, None) when `lora_linear` computes this call of PEFT's
+    `lora.Linear.forward` exactly; else (None, why not)."""
     reason = call_reason(args, kwargs)
     if reason is not None:
         return None, reason
     name, reason = active_adapter(layer)
-    if reason is None:
-        reason = module_reason(layer, name) or input_reason(layer, name, x)
-    return (name, None) if reason is None else (None, reason)
+    if reason is not None:
+        return None, reason
+    ops = Operands.of(layer, name)
+    reason = module_reason(ops) or input_reason(layer, ops, x)
+    return (ops, None) if reason is None else (None, reason)
 
 
 def count_call(layer, outcome):
@@ -179,16 +206,15 @@ class Linear(PeftLinear):
     peft_class = PeftLinear
 
     def forward(self, x, *args, **kwargs):
-        name, reason = route(self, x, args, kwargs)
+        ops, reason = route(self, x, args, kwargs)
         count_call(self, reason or FUSED)
         if reason is not None:
             return super().forward(x, *args, **kwargs)
-        return self._fused_forward(x, name)
+        return self._fused_forward(x, ops)
 
-    def _fused_forward(self, x, name):
-        base, dropout = self.base_layer, self.lora_dropout[name]
+    def _fused_forward(self, x, ops):
+        p = float(ops.dropout.p) if type(ops.dropout) is nn.Dropout else 0.0
         options = getattr(self, "_lorakernels_options", None) or {}
-        p = float(dropout.p) if type(dropout) is nn.Dropout else 0.0
-        return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                           float(self.scaling[name]), dropout_p=p, training=dropout.training,
-                           backend=options.get("backend"), base_gemm=options.get("base_gemm"))
+        return lora_linear(x, ops.weight, ops.bias, ops.A, ops.B, float(ops.scaling), dropout_p=p,
+                           training=ops.dropout.training, backend=options.get("backend"),
+                           base_gemm=options.get("base_gemm"))
