@@ -10,8 +10,10 @@ The conditions mirror peft's `tuners/lora/layer.py` (`Linear.forward`, checked a
 0.21.2): adapters enabled and not merged, no `adapter_names` (mixed batch) or variant
 keyword arguments, one active adapter of this layer, vanilla LoRA (no `lora_variant`: DoRA,
 aLoRA, VeLoRA, KaSA, ...), no LoRA bias, no `fan_in_fan_out`, a plain `nn.Linear` base with a
-frozen weight, plain `nn.Linear` adapters, `nn.Dropout` or `nn.Identity` dropout, a float
-scaling, no hooks that the fused call would skip, and operands `lora_linear` accepts.
+frozen weight or a bitsandbytes `Linear4bit` base (QLoRA: dtypes in `_four_bit_dtypes`), plain
+`nn.Linear` adapters, `nn.Dropout` or `nn.Identity` dropout, a float scaling, no hooks that the
+fused call would skip, and operands `lora_linear` accepts. `FusedRoute` is the forward itself,
+mixed into `Linear` here and into `_peft_linear4bit.Linear4bit` (PEFT's QLoRA class).
 
 Dtypes, as PEFT: outside autocast the base layer runs in x's dtype (which must be the base
 weight's) and the LoRA path in the adapters' dtype (x is cast to it: `_cast_input_dtype`);
@@ -26,6 +28,7 @@ import torch
 from peft.tuners.lora import layer as peft_lora_layer
 from torch import nn
 
+from lorakernels import four_bit
 from lorakernels._validation import FLOAT_DTYPES, MAX_RANK
 from lorakernels.functional import lora_linear
 
@@ -102,11 +105,51 @@ class Operands(NamedTuple):
                    getattr(lora_B, "weight", None))
 
 
+def _linear4bit_class():
+    """bitsandbytes' `Linear4bit` when bitsandbytes has been imported (a 4-bit base can exist only
+    then), else None."""
+    bnb_nn = four_bit.loaded_bitsandbytes_nn()
+    return None if bnb_nn is None else bnb_nn.Linear4bit
+
+
+def is_four_bit_base(base):
+    """Whether `base` is a bitsandbytes `Linear4bit` (or a subclass keeping its forward: LinearNF4,
+    LinearFP4), whose forward the 4-bit route mirrors."""
+    linear4bit = _linear4bit_class()
+    return linear4bit is not None and isinstance(base, linear4bit) and type(base).forward is linear4bit.forward
+
+
+def _base_reason(base, weight):
+    """Why the base layer (and its weight) is not one the kernels read: a plain `nn.Linear` with
+    a float weight, or a bitsandbytes `Linear4bit` with quantized 4-bit codes. None if it is."""
+    if type(base) is nn.Linear:
+        if type(weight) not in PLAIN_TENSOR_TYPES:
+            return "a weight is a tensor subclass (DTensor, quantized, ...)"
+        if weight.stride(-1) != 1:
+            return "a weight without a unit last-dim stride"
+        if weight.requires_grad:
+            return "base weight requires grad"
+        return None if weight.shape[1] else "in_features == 0"
+    if not is_four_bit_base(base):
+        return f"base layer is {type(base).__name__}, not nn.Linear or bitsandbytes Linear4bit"
+    if not four_bit.is_params4bit(weight) or weight.requires_grad:
+        return "4-bit base weight is not a frozen bitsandbytes Params4bit"
+    try:
+        four_bit.check_quantized(weight)
+    except ValueError:
+        return "4-bit base weight not quantized, or in bitsandbytes' CPU-packed layout"
+    out_features, in_features = weight.quant_state.shape
+    if in_features % 2 or out_features * in_features >= 2**31 or in_features == 0:
+        return "4-bit base shape the kernels cannot read (odd in_features or 2**31 elements)"
+    return None
+
+
 def module_reason(ops):
     """Why these `Operands` (base layer, lora_A/B, dropout, scaling, weights) need PEFT's forward."""
     base, lora_A, lora_B, dropout, scaling, weight, bias, A, B = ops
-    if type(base) is not nn.Linear:
-        return f"base layer is {type(base).__name__}, not nn.Linear"
+    reason = _base_reason(base, weight)
+    if reason is not None:
+        return reason
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_B.bias is not None:
         return "lora_A/lora_B are not plain bias-free nn.Linear"
     if type(dropout) is nn.Dropout:
@@ -118,16 +161,13 @@ def module_reason(ops):
         return f"scaling is a {type(scaling).__name__}, not a float"
     if _has_hooks(base) or _has_hooks(lora_A) or _has_hooks(lora_B) or _has_hooks(dropout) or _global_hooks():
         return "hooks on the base layer or the adapter modules"
-    tensors = (weight, A, B) if bias is None else (weight, A, B, bias)
-    for t in tensors:
+    for t in (A, B) if bias is None else (A, B, bias):
         if type(t) not in PLAIN_TENSOR_TYPES:
             return "a weight is a tensor subclass (DTensor, quantized, ...)"
         if t.stride(-1) != 1:
             return "a weight without a unit last-dim stride"
-    if weight.requires_grad:
-        return "base weight requires grad"
-    if not 1 <= A.shape[0] <= MAX_RANK or weight.shape[1] == 0:
-        return f"rank {A.shape[0]} outside 1..{MAX_RANK} or in_features == 0"
+    if not 1 <= A.shape[0] <= MAX_RANK:
+        return f"rank {A.shape[0]} outside 1..{MAX_RANK}"
     return None
 
 
@@ -140,10 +180,61 @@ def _operand_dtypes(layer, x, device_type, weight, adapter_dtype):
         return dtype, adapter_dtype if adapter_dtype == torch.float32 else dtype
     if weight.dtype != x.dtype:
         return None  # PEFT's base layer raises here: let it
+    return _adapter_dtypes(layer, x.dtype, x.dtype, adapter_dtype)
+
+
+def _adapter_dtypes(layer, x_dtype, compute_dtype, adapter_dtype):
+    """(compute_dtype, adapter_dtype) when PEFT's LoRA path, outside autocast, computes in the
+    adapters' dtype on x as `lora_linear` would on x cast to `compute_dtype`; else None.
+
+    PEFT casts x to the adapters' dtype when they differ (`_cast_input_dtype`, unless disabled);
+    `lora_linear` takes adapters in x's dtype or fp32 and casts tiles instead.
+    """
     casts = getattr(layer, "cast_input_dtype_enabled", True)
-    if adapter_dtype == x.dtype or (adapter_dtype == torch.float32 and casts):
-        return x.dtype, adapter_dtype
-    return None
+    if not (adapter_dtype == x_dtype or (adapter_dtype == torch.float32 and casts)):
+        return None
+    return (compute_dtype, adapter_dtype) if adapter_dtype in (compute_dtype, torch.float32) else None
+
+
+def four_bit_compute_dtype(base, x_dtype):
+    """The dtype bitsandbytes' `Linear4bit.forward` computes in for an x of `x_dtype`: its
+    `compute_dtype`, which its first call sets to x's dtype when that is fp32 or bf16
+    (`set_compute_type`); None keeps x's dtype."""
+    compute = base.compute_dtype
+    if not getattr(base, "compute_type_is_set", True) and x_dtype in (torch.float32, torch.bfloat16):
+        compute = x_dtype
+    return compute or x_dtype
+
+
+def _four_bit_dtypes(layer, base, x, device_type, adapter_dtype):
+    """(compute dtype of x and the dequantized base, of the adapters) over a bitsandbytes 4-bit base,
+    or None when PEFT would compute otherwise.
+
+    bitsandbytes casts x to its compute dtype, multiplies by W dequantized (to the dtype W was
+    quantized from, then cast to the compute dtype) and returns x's dtype. The kernels dequantize
+    W's tiles straight to the compute dtype: the same where the two dtypes agree (QLoRA's usual
+    bf16 / bf16), one rounding fewer where the compute dtype is wider.
+    Under autocast bitsandbytes' matmul runs in the autocast dtype on x cast to the compute dtype
+    first: routed when that first cast loses nothing (compute dtype = autocast dtype or fp32) and
+    the output dtype is x's (x in the autocast dtype or fp32).
+    """
+    compute = four_bit_compute_dtype(base, x.dtype)
+    if compute not in FLOAT_DTYPES:
+        return None
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        if dtype not in (torch.float16, torch.bfloat16) or compute not in (dtype, torch.float32) \
+                or x.dtype not in (dtype, torch.float32):
+            return None
+        return dtype, adapter_dtype if adapter_dtype == torch.float32 else dtype
+    if not (x.dtype == compute or (compute == torch.float32 and x.dtype in FLOAT_DTYPES)):
+        return None  # x narrowed to the compute dtype, which PEFT's LoRA path does not see
+    return _adapter_dtypes(layer, x.dtype, compute, adapter_dtype)
+
+
+def in_features(ops):
+    """The base layer's in_features, read off its weight (a 4-bit weight's from its quantization state)."""
+    return ops.weight.quant_state.shape[1] if is_four_bit_base(ops.base) else ops.weight.shape[1]
 
 
 def input_reason(layer, ops, x):
@@ -156,13 +247,20 @@ def input_reason(layer, ops, x):
     weight, bias, A, B = ops.weight, ops.bias, ops.A, ops.B
     if weight.device != device or A.device != device or B.device != device:
         return "operands on several devices"
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1] or x.dtype not in FLOAT_DTYPES:
+    if x.dim() < 1 or x.shape[-1] != in_features(ops) or x.dtype not in FLOAT_DTYPES:
         return "input shape or dtype"
-    if A.dtype != B.dtype or (bias is not None and bias.dtype != weight.dtype):
+    four_bit_base = is_four_bit_base(ops.base)
+    # A dense base's bias has its weight's dtype; a 4-bit base's is cast to the compute dtype.
+    bias_dtypes = FLOAT_DTYPES if four_bit_base else (weight.dtype,)
+    if A.dtype != B.dtype or (bias is not None and bias.dtype not in bias_dtypes):
         return "lora_A/lora_B (or weight/bias) dtypes differ"
-    dtypes = _operand_dtypes(layer, x, device.type, weight, A.dtype)
+    if four_bit_base:
+        dtypes = _four_bit_dtypes(layer, ops.base, x, device.type, A.dtype)
+    else:
+        dtypes = _operand_dtypes(layer, x, device.type, weight, A.dtype)
     if dtypes is None:
-        return (f"dtypes: x {x.dtype}, base {weight.dtype}, adapters {A.dtype}"
+        base_dtype = f"4-bit base computing in {ops.base.compute_dtype}" if four_bit_base else f"base {weight.dtype}"
+        return (f"dtypes: x {x.dtype}, {base_dtype}, adapters {A.dtype}"
                 + (" (autocast)" if torch.is_autocast_enabled(device.type) else ""))
     if abs(ops.scaling) > _LARGEST[dtypes[1]]:
         return f"scaling not finite in {dtypes[1]}"
@@ -178,6 +276,10 @@ def route(layer, x, args, kwargs):
     name, reason = active_adapter(layer)
     if reason is not None:
         return None, reason
+    if is_four_bit_base(layer.base_layer):
+        # What bitsandbytes' forward does first: a weight whose QuantState was lost (FSDP) gets the
+        # module's back.
+        four_bit.bitsandbytes_modules().fix_4bit_weight_quant_state_from_module(layer.base_layer)
     ops = Operands.of(layer, name)
     reason = module_reason(ops) or input_reason(layer, ops, x)
     return (ops, None) if reason is None else (None, reason)
@@ -196,25 +298,49 @@ def count_call(layer, outcome):
         calls[outcome] = calls.get(outcome, 0) + 1
 
 
-class Linear(PeftLinear):
-    """PEFT's `lora.Linear` whose forward runs `lorakernels.lora_linear` when that is exact.
-
-    Same name, state, parameters and methods as PEFT's class (it is swapped in by setting
-    `__class__`, so no parameter is copied or re-registered); `unpatch_peft` swaps PEFT's back.
-    """
-
-    peft_class = PeftLinear
+class FusedRoute:
+    """The forward of the fused PEFT layer classes (mixed in before PEFT's class): `lora_linear`
+    when `route` says it computes this call exactly, PEFT's own forward otherwise."""
 
     def forward(self, x, *args, **kwargs):
         ops, reason = route(self, x, args, kwargs)
         count_call(self, reason or FUSED)
         if reason is not None:
             return super().forward(x, *args, **kwargs)
-        return self._fused_forward(x, ops)
+        if is_four_bit_base(ops.base):
+            return self._fused_four_bit_forward(x, ops)
+        return self._fused_forward(x, ops, ops.weight, ops.bias)
 
-    def _fused_forward(self, x, ops):
+    def _fused_forward(self, x, ops, weight, bias):
         p = float(ops.dropout.p) if type(ops.dropout) is nn.Dropout else 0.0
         options = getattr(self, "_lorakernels_options", None) or {}
-        return lora_linear(x, ops.weight, ops.bias, ops.A, ops.B, float(ops.scaling), dropout_p=p,
+        return lora_linear(x, weight, bias, ops.A, ops.B, float(ops.scaling), dropout_p=p,
                            training=ops.dropout.training, backend=options.get("backend"),
                            base_gemm=options.get("base_gemm"))
+
+    def _fused_four_bit_forward(self, x, ops):
+        # bitsandbytes' `Linear4bit.forward` settles its compute dtype on its first call and casts
+        # its bias to it in place: the same state changes, then its arithmetic on the packed weight.
+        base = ops.base
+        if not getattr(base, "compute_type_is_set", True):
+            base.set_compute_type(x)
+            base.compute_type_is_set = True
+        compute = base.compute_dtype or x.dtype
+        bias = ops.bias
+        if bias is not None and bias.dtype != compute:
+            bias.data = bias.data.to(compute)
+        weight = four_bit.four_bit_weight(ops.weight)
+        x_compute = x if torch.is_autocast_enabled(x.device.type) else x.to(compute)
+        return self._fused_forward(x_compute, ops, weight, bias).to(x.dtype)
+
+
+class Linear(FusedRoute, PeftLinear):
+    """PEFT's `lora.Linear` whose forward runs `lorakernels.lora_linear` when that is exact.
+
+    Same name, state, parameters and methods as PEFT's class (it is swapped in by setting
+    `__class__`, so no parameter is copied or re-registered); `unpatch_peft` swaps PEFT's back.
+    Its base is an `nn.Linear`, or a bitsandbytes `Linear4bit` where PEFT was not told the model
+    is 4-bit (same forward as `lora.bnb.Linear4bit` up to a clone).
+    """
+
+    peft_class = PeftLinear

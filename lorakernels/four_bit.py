@@ -17,7 +17,7 @@ import torch
 from lorakernels.operands import FourBitWeight
 
 
-def _bitsandbytes_nn():
+def loaded_bitsandbytes_nn():
     """bitsandbytes.nn when bitsandbytes has been imported, else None."""
     if "bitsandbytes" not in sys.modules:
         return None
@@ -26,15 +26,22 @@ def _bitsandbytes_nn():
     return bitsandbytes.nn
 
 
+def bitsandbytes_modules():
+    """bitsandbytes.nn.modules (where `Linear4bit` and its helpers live); bitsandbytes must be imported."""
+    import bitsandbytes.nn.modules
+
+    return bitsandbytes.nn.modules
+
+
 def is_params4bit(t):
     """Whether `t` is a bitsandbytes `Params4bit` (a 4-bit weight)."""
-    bnb_nn = _bitsandbytes_nn()
+    bnb_nn = loaded_bitsandbytes_nn()
     return bnb_nn is not None and isinstance(t, bnb_nn.Params4bit)
 
 
 def is_linear4bit(module):
     """Whether `module` is a bitsandbytes `Linear4bit` (an nn.Linear subclass with a 4-bit weight)."""
-    bnb_nn = _bitsandbytes_nn()
+    bnb_nn = loaded_bitsandbytes_nn()
     return bnb_nn is not None and isinstance(module, bnb_nn.Linear4bit)
 
 

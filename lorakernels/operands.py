@@ -104,7 +104,8 @@ class FourBitWeight:
             raise ValueError(f"4-bit absmax must be fp32 with one value per block of {self.blocksize}; got "
                              f"{self.absmax.dtype} with {self.absmax.numel()} for shape {tuple(self.shape)}")
         if self.table.dtype != torch.float32 or self.table.numel() != 16:
-            raise ValueError(f"4-bit code table must be 16 fp32 values; got {self.table.dtype} {tuple(self.table.shape)}")
+            raise ValueError(f"4-bit code table must be 16 fp32 values; got {self.table.dtype} "
+                             f"{tuple(self.table.shape)}")
 
     @property
     def quant_shift(self):

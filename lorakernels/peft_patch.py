@@ -19,17 +19,20 @@ a model pickled whole while patched needs lorakernels to unpickle, and dropout m
 lorakernels' seeded Philox stream instead of `torch.nn.functional.dropout`'s (same p, same
 distribution, different draws).
 
-Routes: `_peft_modules()` maps a PEFT layer class to its fused subclass. Only `lora.Linear` has one;
-layers of other classes (Embedding, Conv, MultiheadAttention, bitsandbytes 4-bit/8-bit,
-GPTQ, ...) are reported and left alone. A quantized base plugs in as a new entry: a subclass
-of e.g. `peft.tuners.lora.bnb.Linear4bit` whose `forward` checks its own conditions and passes
-the packed weight to the kernels through the base-weight seam (`lorakernels.operands`).
+Routes: `_peft_modules()` maps a PEFT layer class to its fused subclass: `lora.Linear` (over an
+`nn.Linear`, or a bitsandbytes `Linear4bit`) and, with bitsandbytes loaded, QLoRA's
+`lora.bnb.Linear4bit`, whose 4-bit weight reaches the kernels packed (`operands.FourBitWeight`);
+layers of other classes (Embedding, Conv, MultiheadAttention, bitsandbytes 8-bit, GPTQ, ...) are
+reported and left alone. A new base plugs in as a new entry: a subclass of PEFT's layer class
+mixing in `_peft_linear.FusedRoute`, with its base recognised in `_peft_linear._base_reason`.
 """
 
 import dataclasses
 import logging
 
 from torch import nn
+
+from lorakernels import four_bit
 
 logger = logging.getLogger("lorakernels")
 
@@ -55,7 +58,19 @@ def _peft_modules():
         _warned_versions.add(peft.__version__)
         logger.warning("patch_peft mirrors peft %s's lora.Linear.forward; peft %s is installed: run "
                        "tests/peft_suite/run.py to check it", CHECKED_PEFT_VERSION, peft.__version__)
-    return LoraLayer, {_peft_linear.PeftLinear: _peft_linear.Linear}
+    routes = {_peft_linear.PeftLinear: _peft_linear.Linear}
+    if four_bit.loaded_bitsandbytes_nn() is not None and hasattr(_peft_lora_bnb(), "Linear4bit"):
+        from lorakernels import _peft_linear4bit
+
+        routes[_peft_linear4bit.PeftLinear4bit] = _peft_linear4bit.Linear4bit
+    return LoraLayer, routes
+
+
+def _peft_lora_bnb():
+    """peft's bitsandbytes LoRA layers (`Linear4bit` is defined there when bitsandbytes can run 4-bit)."""
+    from peft.tuners.lora import bnb
+
+    return bnb
 
 
 @dataclasses.dataclass

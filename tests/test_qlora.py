@@ -377,3 +377,178 @@ def test_adapters_move_between_peft_qlora_and_lorakernels(tmp_path):
     # PEFT runs the base GEMM and the adapter separately in bf16; the fused kernel accumulates both
     # in fp32 and rounds once: they differ by bf16 rounding, a few steps at the logits' scale.
     assert (got - expected).abs().max().item() < 8 * 2**-8 * expected.abs().max().item()
+
+
+# --- patch_peft on PEFT's QLoRA layers ---------------------------------------------------------------
+
+
+def _peft_4bit_mlp(peft, loaded_in_4bit, compute_dtype, x_dtype=torch.float32, adapter_dtype=None, bias=True):
+    """A 4-bit layer (128 -> 64, blocks within rows) and a dense one under PEFT LoRA. With
+    `loaded_in_4bit` PEFT wraps the 4-bit layer in its QLoRA class `lora.bnb.Linear4bit`, else in
+    `lora.Linear`; both forwards are routed."""
+    torch.manual_seed(0)
+    base = nn.Sequential(linear4bit(128, 64, bias=bias, compute_dtype=compute_dtype),
+                         nn.Linear(64, 8, dtype=x_dtype))
+    base.is_loaded_in_4bit = loaded_in_4bit
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1"],
+                                                      init_lora_weights=False)).train()
+    if adapter_dtype is not None:
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(adapter_dtype)
+    expected_class = "peft.tuners.lora.bnb" if loaded_in_4bit else "peft.tuners.lora.layer"
+    assert type(model.base_model.model[0]).__module__ == expected_class
+    return model
+
+
+def _run(model, x):
+    """Output and every gradient (x and the adapters) of sum(y^2)."""
+    model.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    y = model(x)
+    y.float().pow(2).sum().backward()
+    return {"y": y.detach(), "dx": x.grad, **{n: p.grad for n, p in model.named_parameters() if p.requires_grad}}
+
+
+def _assert_close_to(actual, expected, tol):
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert actual[key].dtype == expected[key].dtype, key
+        scale = expected[key].abs().max().item()
+        torch.testing.assert_close(actual[key], expected[key], rtol=tol, atol=tol * scale, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("loaded_in_4bit", [True, False], ids=["lora.bnb.Linear4bit", "lora.Linear"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_patch_peft_fuses_qlora_layers_with_peft_results(backend, loaded_in_4bit):
+    """fp32 compute: the patched model's output and every gradient equal PEFT's to fp32 rounding,
+    both 4-bit layer classes fused on every call. Would catch the 4-bit route computing a different
+    base (wrong weight, bias, scaling) or not being taken."""
+    peft = pytest.importorskip("peft")
+    from lorakernels import patch_peft, peft_patch_stats, unpatch_peft
+
+    model = _peft_4bit_mlp(peft, loaded_in_4bit, torch.float32)
+    x = torch.randn(2, 5, 128)
+    expected = _run(model, x)
+    report = patch_peft(model, backend=backend)
+    assert len(report.patched) == 2 and not report.fallback_now and not report.not_patched, str(report)
+    _assert_close_to(_run(model, x), expected, tol=1e-5)
+    assert peft_patch_stats(model) == {"fused": 2, "fallback": {}, "layers": {
+        "base_model.model.0": {"fused": 1}, "base_model.model.1": {"fused": 1}}}
+    assert unpatch_peft(model) == 2
+    _assert_close_to(_run(model, x), expected, tol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_patch_peft_on_a_qlora_llama_matches_peft_to_bf16_rounding(backend):
+    """QLoRA as people run it: a bf16 Llama with NF4 layers computing in bf16, fp32 adapters.
+    PEFT rounds the base GEMM and the adapter term to bf16 separately; the fused kernel once. Would
+    catch a 4-bit route that loses an adapter, a layer or the bf16 compute dtype."""
+    peft = pytest.importorskip("peft")
+    from lorakernels import patch_peft, peft_patch_stats
+
+    model = peft_qlora_model(peft).train()
+    ids = torch.randint(0, 97, (2, 9))
+
+    def step():
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads
+
+    expected_loss, expected_grads = step()
+    patch_peft(model, backend=backend)
+    loss, grads = step()
+    assert peft_patch_stats(model)["fused"] == 2 * len(TARGETS) and not peft_patch_stats(model)["fallback"]
+    # Through two bf16 decoder layers the rounding difference moves the loss by ~4e-5 (relative) and
+    # the adapter gradients by up to ~4% of each tensor's largest entry; a scaling 10% off moves
+    # them by ~4e-4 and ~32% (measured on both backends).
+    assert abs(loss.item() - expected_loss.item()) < 2e-4 * expected_loss.item()
+    for name, grad in grads.items():
+        expected = expected_grads[name]
+        assert (grad - expected).abs().max() <= 0.06 * expected.abs().max(), name
+
+
+def test_patch_peft_qlora_makes_bitsandbytes_first_call_state_changes():
+    """bitsandbytes' Linear4bit settles its compute dtype (fp32 x: fp32) and casts its bias to it on its
+    first call; the fused route does the same, so patched and unpatched layers end in one state."""
+    peft = pytest.importorskip("peft")
+    from lorakernels import patch_peft, peft_patch_stats
+
+    states = []
+    for patched in (False, True):
+        model = _peft_4bit_mlp(peft, True, compute_dtype=torch.bfloat16)
+        base = model.base_model.model[0].base_layer
+        base.compute_type_is_set = False
+        if patched:
+            patch_peft(model, backend="torch")
+        y = model(torch.randn(3, 128))
+        states.append((base.compute_dtype, base.bias.dtype, y.dtype))
+        if patched:
+            assert peft_patch_stats(model)["fused"] == 2
+    assert states[0] == states[1] == (torch.float32, torch.float32, torch.float32)
+
+
+def test_patch_peft_qlora_never_dequantizes_the_weight():
+    """The fused route hands the kernels the packed codes: bitsandbytes' dequantization is never
+    called (forward or backward), and nothing of W's dense size is saved for backward. Would catch
+    a route through Linear4bit's forward or a dense W built for the call."""
+    peft = pytest.importorskip("peft")
+    from lorakernels import patch_peft
+
+    model = _peft_4bit_mlp(peft, True, torch.float32)
+    patch_peft(model, backend="triton")
+    x = torch.randn(6, 128, requires_grad=True)
+    calls = []
+    original = bnb.functional.dequantize_4bit
+    bnb.functional.dequantize_4bit = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        layer = model.base_model.model[0]
+        saved, y = saved_activation_bytes(lambda: layer(x), [p for p in layer.parameters() if p.requires_grad])
+        y.sum().backward()
+    finally:
+        bnb.functional.dequantize_4bit = original
+    assert calls == []
+    assert saved < 64 * 128 * 4 // 4, f"saved {saved} bytes"  # well under a dense fp32 W
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("case", ["x_narrowed_to_compute", "adapters_in_a_third_dtype", "autocast_in_another_dtype"])
+def test_patch_peft_qlora_cases_the_kernels_do_not_compute_run_peft_forward(case):
+    """Where PEFT's QLoRA forward computes otherwise, the patched layer calls it: PEFT's output
+    exactly, the fallback reason counted. Would catch a route taken where it is not exact."""
+    peft = pytest.importorskip("peft")
+    from lorakernels import patch_peft, peft_patch_stats
+
+    x_dtype, compute_dtype, adapter_dtype, autocast = torch.float32, torch.float32, None, None
+    if case == "x_narrowed_to_compute":  # fp32 x, bf16 compute: PEFT's LoRA term sees the fp32 x
+        compute_dtype = torch.bfloat16
+    elif case == "adapters_in_a_third_dtype":  # bf16 x and adapters, fp32 compute
+        x_dtype, adapter_dtype = torch.bfloat16, torch.bfloat16
+    else:  # fp16 autocast over bf16 x and compute: bitsandbytes rounds x to bf16, then to fp16
+        x_dtype, compute_dtype, autocast = torch.bfloat16, torch.bfloat16, torch.float16
+    model = _peft_4bit_mlp(peft, True, compute_dtype, x_dtype=x_dtype, adapter_dtype=adapter_dtype)
+    layer, x = model.base_model.model[0], torch.randn(4, 128, dtype=x_dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        expected = layer(x)
+        patch_peft(model, backend="torch")
+        y = layer(x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    reasons = peft_patch_stats(model)["layers"]["base_model.model.0"]
+    assert list(reasons) != ["fused"] and all(r.startswith("dtypes:") for r in reasons), reasons
+
+
+def test_patch_peft_qlora_falls_back_on_bitsandbytes_cpu_layout():
+    """A weight bitsandbytes repacked into its CPU layout (eval mode, no gradients, AVX512-BF16 CPUs)
+    is not the 4-bit format the kernels read: the route says so at patch time and per call."""
+    peft = pytest.importorskip("peft")
+    from lorakernels import _peft_linear, patch_peft
+
+    model = _peft_4bit_mlp(peft, True, torch.float32)
+    layer = model.base_model.model[0]
+    layer.base_layer.weight.quant_state.packing_format_for_cpu = True
+    report = patch_peft(model, backend="torch")
+    reason = "4-bit base weight not quantized, or in bitsandbytes' CPU-packed layout"
+    assert report.fallback_now == {"base_model.model.0": reason}
+    assert _peft_linear.route(layer, torch.randn(2, 128), (), {}) == (None, reason)

@@ -141,7 +141,8 @@ def markdown(results):
     for (kernel, target), row in sorted(summary_rows(results).items()):
         lines.append(f"| {kernel} | {target} | {row['built']} | {row['passed']} | {row['reg']} | {row['shared']} | "
                      f"{row['spill']} | {', '.join(sorted(row['mma']))} |")
-    lines += ["", "Every build:", "", "| target | kernel variant | regs | shared (B) | spills (stack/local B) | MMA | ok |",
+    lines += ["", "Every build:", "",
+              "| target | kernel variant | regs | shared (B) | spills (stack/local B) | MMA | ok |",
               "|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["target"], r["kernel"], r["index"])):
         if r["ok"]:
@@ -179,4 +180,3 @@ def main(argv=None):
         print(f"FAIL {r['target']} {r['variant']}: {'; '.join(problems(r))}")
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed ({time.perf_counter() - start:.0f} s)")
     return 1 if failed else 0
-
