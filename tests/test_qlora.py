@@ -552,3 +552,25 @@ def test_patch_peft_qlora_falls_back_on_bitsandbytes_cpu_layout():
     reason = "4-bit base weight not quantized, or in bitsandbytes' CPU-packed layout"
     assert report.fallback_now == {"base_model.model.0": reason}
     assert _peft_linear.route(layer, torch.randn(2, 128), (), {}) == (None, reason)
+
+
+def test_qlora_example_trains_saves_for_peft_and_merges(tmp_path, monkeypatch):
+    """`python -m lorakernels.examples.qlora`: a model loaded in NF4 by transformers'
+    BitsAndBytesConfig learns, its adapter loads in PEFT with the same logits to bf16 rounding, and
+    the merged bf16 model computes the 4-bit model's logits to bf16 rounding. Would catch the
+    README's QLoRA path breaking anywhere along the way. On the torch backend, as a CPU user runs it
+    (through the Triton interpreter its steps take minutes; the 4-bit kernels have their own tests)."""
+    pytest.importorskip("transformers")
+    from lorakernels.examples.qlora import main
+
+    monkeypatch.setenv("LORAKERNELS_BACKEND", "torch")
+    result = main(["--steps", "12", "--output-dir", str(tmp_path / "adapter")])
+    losses = result["losses"]
+    assert losses[-1] < losses[0] - 0.4, losses
+    four_bit, dense = result["weight_bytes"]
+    assert 0.25 < four_bit / dense < 0.3
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    # Logits of magnitude ~2-3: bf16 rounding is 2**-7 there; four roundings apart at most.
+    if result["peft_max_diff"] is not None:
+        assert result["peft_max_diff"] < 4 * 2**-7
+    assert result["merged_max_diff"] < 4 * 2**-7
