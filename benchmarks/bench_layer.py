@@ -72,13 +72,15 @@ def layer_benchmarks(device, shapes, dtype, providers, budget, progress=None, fa
     return records
 
 
-def _shape_benchmarks(device, shape, layers, x, dy, budget, sample, failures):
+def _shape_benchmarks(device, shape, layers, x, dy, budget, sample, failures, references=LAYER_REFERENCES,
+                      benchmark="layer"):
     """Every provider at one shape: counts and saved bytes, then each mode's timings with the
-    providers in alternation, then peak memory. A provider that fails leaves the later modes."""
+    providers in alternation (each one's ratios to `references`), then peak memory. A provider
+    that fails leaves the later modes. Records are tagged `benchmark`."""
     records, modules = [], {}
     for name, provider in layers.items():
         modules[name] = provider.module.train()
-        records += _counts(shape, name, provider, x, failures)
+        records += _counts(shape, name, provider, x, failures, benchmark)
     # released before every timed run: each backward allocates them fresh
     grads = {name: [x] + [p for p in m.parameters() if p.requires_grad] for name, m in modules.items()}
     for mode in MODES:
@@ -87,36 +89,37 @@ def _shape_benchmarks(device, shape, layers, x, dy, budget, sample, failures):
             try:
                 fns[name] = _mode_fn(mode, module, x, dy)
             except Exception as error:  # noqa: BLE001 - one broken provider must not end a GPU session
-                failures.append(failure("layer", f"{name} {mode} at {shape}", error))
+                failures.append(failure(benchmark, f"{name} {mode} at {shape}", error))
         timing = interleave(fns, sample, budget, grads)
-        records += _timing_records(shape, "layer", mode, timing, LAYER_REFERENCES)
+        records += _timing_records(shape, benchmark, mode, timing, references)
         for name, error in timing.errors.items():
-            failures.append(failure("layer", f"{name} {mode} at {shape}", error))
+            failures.append(failure(benchmark, f"{name} {mode} at {shape}", error))
         modules = {name: m for name, m in modules.items() if name in timing.names()}
         del fns, timing
     for name, module in modules.items():
         try:
             mem = peak_memory(lambda: module(x).backward(dy), device, grad_to_none=grads[name])
         except Exception as error:  # noqa: BLE001
-            failures.append(failure("layer", f"{name} peak memory at {shape}", error))
+            failures.append(failure(benchmark, f"{name} peak memory at {shape}", error))
             continue
         if mem is not None:
-            _record(records, shape, name, "full", "peak_memory", mem, unit="B")
+            _record(records, shape, name, "full", "peak_memory", mem, unit="B", benchmark=benchmark)
     for t in [x] + [t for ts in grads.values() for t in ts]:
         t.grad = None
     return records
 
 
-def _counts(shape, name, provider, x, failures):
+def _counts(shape, name, provider, x, failures, benchmark="layer"):
     """Trainable parameters and the bytes autograd saves for backward."""
     records = []
-    _record(records, shape, name, "full", "trainable_params", provider.trainable_parameters(), unit="")
+    _record(records, shape, name, "full", "trainable_params", provider.trainable_parameters(), unit="",
+            benchmark=benchmark)
     module = provider.module
     try:  # counted apart from the timings: a compiled module may refuse saved-tensor hooks
         saved, _ = saved_activation_bytes(lambda: module(x), list(module.parameters()))
-        _record(records, shape, name, "full", "saved_bytes", saved, unit="B")
+        _record(records, shape, name, "full", "saved_bytes", saved, unit="B", benchmark=benchmark)
     except Exception as error:  # noqa: BLE001
-        failures.append(failure("layer", f"{name} saved bytes at {shape}", error))
+        failures.append(failure(benchmark, f"{name} saved bytes at {shape}", error))
     return records
 
 

@@ -84,7 +84,8 @@ def model_benchmarks(device, size, batch, seq, dtype, r, dropout, budget, infere
     names = providers or ["full-ft", "lorakernels", "peft", *patched, "adapter"]
     base = dict(benchmark="model", M=batch * seq, K=size["hidden"], N=size["layers"], r=r, dropout=dropout,
                 dtype=dtype_name(dtype), p20=None, p80=None)
-    records = _train_steps(device, names, size, dtype, r, dropout, budget, ids, base, failures)
+    records = train_steps(device, names, lambda name: _variant(name, size, dtype, device, r, dropout), budget, ids,
+                          base, failures)
     try:
         records += _inference(device, size, dtype, r, budget, inference_shapes, base)
     except Exception as error:  # noqa: BLE001
@@ -92,22 +93,23 @@ def model_benchmarks(device, size, batch, seq, dtype, r, dropout, budget, infere
     return records
 
 
-def _train_steps(device, names, size, dtype, r, dropout, budget, ids, base, failures):
+def train_steps(device, names, build, budget, ids, base, failures, section="model"):
     """The variants' training steps in alternation (every model held at once), each sample one
     step by the host clock, the device synchronized around it: a ~1B-model step takes ~0.1 s on
     a GPU, so do_bench's L2 flush does not matter and its extra runs would cost seconds. Then
-    (CUDA) each variant's peak memory, one model in memory at a time."""
+    (CUDA) each variant's peak memory, one model in memory at a time. `build(name)` makes a
+    variant's model; `base`: the fields every record shares; failures are tagged `section`."""
     steps, params = {}, {}
     for name in names:
         try:
-            steps[name], params[name] = _training_step(device, name, size, dtype, r, dropout, ids)
+            steps[name], params[name] = _training_step(build(name), ids)
         except Exception as error:  # noqa: BLE001 - one broken variant must not end a GPU session
-            failures.append(failure("model", f"{name} train step", error))
+            failures.append(failure(section, f"{name} train step", error))
     # At least 10 steps per variant (the GPU protocol's 5 rounds would leave p20 and p80 at the extremes).
     budget = budget._replace(rounds=max(budget.rounds, 10))
     timing = interleave(steps, call_batches(device, calls=1), budget, warmup=1)
     for name, error in timing.errors.items():
-        failures.append(failure("model", f"{name} train step", error))
+        failures.append(failure(section, f"{name} train step", error))
     records = []
     for name in timing.names():
         median, p20, p80 = timing.stats(name)
@@ -122,21 +124,21 @@ def _train_steps(device, names, size, dtype, r, dropout, budget, ids, base, fail
     del steps, timing
     _release(device)
     timed = [rec["provider"] for rec in records if rec["metric"] == "time"]
-    return records + _train_peak_memory(device, timed, size, dtype, r, dropout, ids, base, failures)
+    return records + _train_peak_memory(device, timed, build, ids, base, failures, section)
 
 
-def _train_peak_memory(device, names, size, dtype, r, dropout, ids, base, failures):
+def _train_peak_memory(device, names, build, ids, base, failures, section):
     """Peak memory of a training step (CUDA; nothing elsewhere): weights, gradients, optimizer
     state and activations, each variant built anew and alone in memory."""
     records = []
     for name in names if device.type == "cuda" else ():
         try:
-            step, _ = _training_step(device, name, size, dtype, r, dropout, ids)
+            step, _ = _training_step(build(name), ids)
             mem = peak_memory(step, device, include_resident=True)
             records.append(dict(base, provider=name, mode="train-step", metric="peak_memory_incl_optimizer",
                                 value=mem, unit="B"))
         except Exception as error:  # noqa: BLE001
-            failures.append(failure("model", f"{name} peak memory", error))
+            failures.append(failure(section, f"{name} peak memory", error))
         step = None
         _release(device)
     return records
@@ -148,10 +150,10 @@ def _release(device):
         torch.cuda.empty_cache()
 
 
-def _training_step(device, name, size, dtype, r, dropout, ids):
-    """(step, trainable parameter count) of one variant; the step has run once, so the optimizer
-    state exists (and peak memory includes it)."""
-    model = _variant(name, size, dtype, device, r, dropout).train()
+def _training_step(model, ids):
+    """(step, trainable parameter count) of one variant's model; the step has run once, so the
+    optimizer state exists (and peak memory includes it)."""
+    model = model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=False)
 

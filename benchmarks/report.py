@@ -67,7 +67,8 @@ def _ratio(rec, ref, ratios=None):
 def write_markdown(records, env, path, failures=()):
     sections = (_header(env), _failures_section(failures), _layer_sections(records), _overhead_section(records),
                 _gemm_section(records), _layer_memory_section(records), _merge_section(records),
-                _model_section(records))
+                _model_section(records), _qlora_layer_sections(records), _qlora_memory_section(records),
+                _qlora_model_section(records))
     path.write_text("\n".join(line for section in sections for line in section))
 
 
@@ -215,6 +216,86 @@ def _model_section(records):
         mem_text = f"{mem['value'] / 2**20:.0f} MiB" if mem else "-"
         lines.append(f"| {provider} | {mode} | {_fmt_time(metrics['time']['value'])} | {ratio} | {tps_text} | "
                      f"{prm_text} | {mem_text} |")
+    lines.append("")
+    return lines
+
+
+QLORA_INTRO = ("LoRA over an NF4 base (bitsandbytes, double quantization, bf16 compute), on one 4-bit weight: "
+               "`lorakernels` (the kernels dequantize W's tiles in registers), `peft` (PEFT's QLoRA layer: "
+               "bitsandbytes' dequantize + matmul, then the LoRA path), `peft-patched` (that layer after "
+               "`patch_peft`), `dequant-cublas` (Unsloth's method: W dequantized into one reused buffer, cuBLAS, "
+               "dequantized again in backward; dropout 0 only), `bnb-frozen` (the Linear4bit alone).")
+
+
+def _qlora_layer_sections(records):
+    """One table per mode: each QLoRA provider's median time and its ratios to PEFT and dequant-cublas."""
+    times, ratios = _index(records, "qlora-layer", "time"), _ratios(records, "qlora-layer")
+    shapes = sorted({key.shape for key in times}, key=lambda s: (s.K, s.M, s.r, -(s.dropout or 0)))
+    lines = []
+    for mode in ("full", "forward", "backward"):
+        rows = []
+        for shape in shapes:
+            peft, dequant = (times.get(RecordKey.at(name, mode, shape)) for name in ("peft", "dequant-cublas"))
+            rows += [f"| {shape.M} | {shape.K} | {shape.r} | {shape.dropout} | {key.provider} | "
+                     f"{_fmt_time(rec['value'])} | {_ratio(rec, peft, ratios)} | {_ratio(rec, dequant, ratios)} |"
+                     for key, rec in times.items() if key.mode == mode and key.shape == shape]
+        if rows:
+            intro = [QLORA_INTRO, ""] if mode == "full" else []
+            lines += [f"## QLoRA layer, {mode}", "", *intro,
+                      "| tokens | K=N | r | p | provider | time | x peft | x dequant-cublas |",
+                      "|---|---|---|---|---|---|---|---|", *rows, ""]
+    return lines
+
+
+def _qlora_memory_section(records):
+    saved = _index(records, "qlora-layer", "saved_bytes")
+    if not saved:
+        return []
+    weight, dense = _index(records, "qlora-layer", "weight_bytes"), _index(records, "qlora-layer", "weight_bytes_bf16")
+    params, memory = _index(records, "qlora-layer", "trainable_params"), _index(records, "qlora-layer", "peak_memory")
+    lines = ["## QLoRA layer memory", "",
+             "Weight bytes: the 4-bit codes with their quantization state (dequant-cublas adds its dense "
+             "buffer, which a model shares between its layers); `x bf16`: over the same weight in bf16.", "",
+             "| tokens | K=N | r | p | provider | saved for backward | x peft | weight | x bf16 | trainable params "
+             "| peak memory (full step) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(saved, key=lambda k: (k.K, k.M, k.r, str(k.dropout), k.provider)):
+        peft = saved.get(key._replace(provider="peft"))
+        peft_text = f"{saved[key]['value'] / peft['value']:.2f}" if peft and peft["value"] else "-"
+        w, d, peak = weight.get(key), dense.get(key), memory.get(key)
+        weight_text = f"{w['value'] / 2**20:.2f} MiB | {w['value'] / d['value']:.3f}" if w and d else "- | -"
+        peak_text = f"{peak['value'] / 2**20:.1f} MiB" if peak else "-"
+        prm = params.get(key)
+        prm_text = f"{prm['value']:,}" if prm else "-"
+        lines.append(f"| {key.M} | {key.K} | {key.r} | {key.dropout} | {key.provider} | "
+                     f"{saved[key]['value'] / 2**20:.3f} MiB | {peft_text} | {weight_text} | {prm_text} | "
+                     f"{peak_text} |")
+    lines.append("")
+    return lines
+
+
+def _qlora_model_section(records):
+    model = defaultdict(dict)  # provider -> {metric: record}
+    for r in records:
+        if r["benchmark"] == "qlora-model":
+            model[r["provider"]][r["metric"]] = r
+    if not model:
+        return []
+    first = next(iter(model.values()))["time"]
+    lines = [f"## QLoRA model (Llama-style decoder, decoder Linear layers in NF4, {first['M']} tokens per step)", "",
+             "One training step (forward, backward, AdamW on the fp32 adapters), rank 16 on the attention and MLP "
+             "projections, dropout 0. Weight bytes: parameters and buffers, the 4-bit weights with their "
+             "quantization state. Saved: what one training forward keeps for backward. Peak memory (CUDA): "
+             "everything allocated during the step.", "",
+             "| provider | time | x ref | tokens/s | saved for backward | weights | peak memory incl. optimizer |",
+             "|---|---|---|---|---|---|---|"]
+    for provider, metrics in model.items():
+        ratio = next((f"{rec['value']:.2f} x {metric[len('ratio_to_'):]}" for metric, rec in metrics.items()
+                      if metric.startswith("ratio_to_")), "-")
+        cells = [metrics.get(m) for m in ("tokens_per_s", "saved_bytes", "weight_bytes", "peak_memory_incl_optimizer")]
+        tps, saved, weight, peak = (c["value"] if c else None for c in cells)
+        lines.append(f"| {provider} | {_fmt_time(metrics['time']['value'])} | {ratio} | "
+                     + (f"{tps:,.0f}" if tps else "-") + " | "
+                     + " | ".join(f"{v / 2**20:.1f} MiB" if v else "-" for v in (saved, weight, peak)) + " |")
     lines.append("")
     return lines
 

@@ -1,8 +1,10 @@
-"""The benchmark suite (`python -m benchmarks`): layer, merge and model-level benchmarks.
+"""The benchmark suite (`python -m benchmarks`): layer, merge, model-level and QLoRA benchmarks.
 
 On a CUDA device it runs the GPU protocol (the LoRAFusion shapes: K = N in {4096, 5120,
 8192}, 2048..8192 tokens, r = 16, alpha = 16, dropout 0.1 and 0, bf16; a rank sweep 8..128
-at 4096; a ~1B-class Llama training step; inference at batch 1 / seq 128 and 32 / 512).
+at 4096; a ~1B-class Llama training step; inference at batch 1 / seq 128 and 32 / 512; QLoRA
+(NF4 base, with bitsandbytes installed) against PEFT's QLoRA layer and Unsloth's
+dequantize-to-buffer method, per layer and on the ~1B Llama in 4 bits).
 Elsewhere it runs a small CPU protocol: memory, saved bytes and parameters are the same
 quantities, and the timings are CPU timings (lorakernels on its torch backend), labelled so.
 
@@ -22,6 +24,12 @@ import torch
 
 from benchmarks.bench_layer import failure, layer_benchmarks, merge_benchmark
 from benchmarks.bench_model import model_benchmarks
+from benchmarks.bench_qlora import (
+    QLORA_PROVIDERS,
+    bitsandbytes_available,
+    qlora_layer_benchmarks,
+    qlora_model_benchmarks,
+)
 from benchmarks.harness import Budget, environment
 from benchmarks.report import summary, write_markdown, write_plots
 
@@ -39,6 +47,10 @@ PROTOCOLS = {
         overhead_shape=(16, 64, 64, 16, 0.1),
         model=dict(size=dict(vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4),
                    batch=4, seq=1024, inference=[(1, 128), (32, 512)]),
+        # QLoRA (bench_qlora): NF4 base, bf16 compute; dequant-cublas runs at p = 0 only.
+        qlora=dict(layer_shapes=[(4096, 4096, 4096, 16, 0.1), (4096, 4096, 4096, 16, 0.0), (4096, 8192, 8192, 16, 0.0)],
+                   model=dict(size=dict(vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4),
+                              batch=4, seq=1024)),
     ),
     "cpu": dict(
         # Rounds go on for at least 0.5 s per measurement (>= 15 samples per provider).
@@ -48,6 +60,10 @@ PROTOCOLS = {
         overhead_shape=(16, 64, 64, 16, 0.1),
         model=dict(size=dict(vocab=1000, hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2),
                    batch=2, seq=64, inference=[(1, 128), (4, 128)]),
+        # QLoRA in bf16 as it runs on GPUs: the saved and weight bytes are the GPU's.
+        qlora=dict(layer_shapes=[(256, 256, 256, 16, 0.1), (256, 256, 256, 16, 0.0)],
+                   model=dict(size=dict(vocab=1000, hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2),
+                              batch=2, seq=64)),
     ),
 }
 OVERHEAD_CALLS = 20  # host overhead: one sample is a batch of this many back-to-back calls
@@ -56,7 +72,7 @@ PROVIDERS = ["floor", "lorakernels", "lorakernels-tma", "lorakernels-cublas", "u
 
 
 def run(device, protocol, providers=None, skip_model=False, progress=True, layer_shapes=None, budget=None,
-        checkpoint=None):
+        checkpoint=None, skip_qlora=False):
     """Run a protocol. Returns (records, failures, section_seconds).
 
     `budget` (a harness.Budget) replaces the protocol's budget per measurement.
@@ -65,6 +81,9 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
     """
     p = PROTOCOLS[protocol]
     records, failures, seconds = [], [], {}
+    # Providers named on the command line select QLoRA's too; none of QLoRA's named: no QLoRA section.
+    qlora_names = None if providers is None else [n for n in providers if n in QLORA_PROVIDERS]
+    skip_qlora = skip_qlora or qlora_names == []
     providers = providers or PROVIDERS
     # Shapes given on the command line get every requested provider, peft+compile included.
     compile_shapes = layer_shapes or p.get("compile_shapes", ())
@@ -94,6 +113,14 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
         start = time.perf_counter()
         records += _model_section(device, p, budget, failures)
         seconds["model"] = time.perf_counter() - start
+        if checkpoint:
+            checkpoint(records, failures, seconds)
+
+    if _qlora_section_enabled(skip_qlora):
+        start = time.perf_counter()
+        records += _qlora_section(device, p, budget, failures, qlora_names,
+                                  with_model=not skip_model and _transformers_installed())
+        seconds["qlora"] = time.perf_counter() - start
     return records, failures, seconds
 
 
@@ -138,6 +165,36 @@ def _model_section_enabled(skip_model):
     return not skip_model
 
 
+def _transformers_installed():
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _qlora_section_enabled(skip_qlora):
+    """False when skipped, or when bitsandbytes is missing (said so unless skipped anyway)."""
+    if skip_qlora:
+        return False
+    if not bitsandbytes_available():
+        print("bitsandbytes is not installed: skipping the QLoRA benchmarks (pip install -e '.[qlora]')")
+        return False
+    return True
+
+
+def _qlora_section(device, p, budget, failures, names, with_model):
+    """QLoRA layer benchmarks (the providers `names`, None: all), then (with transformers) the QLoRA
+    model step."""
+    q = p["qlora"]
+    records = qlora_layer_benchmarks(device, q["layer_shapes"], torch.bfloat16, budget, failures, names)
+    if with_model:
+        m = q["model"]
+        records += qlora_model_benchmarks(device, m["size"], m["batch"], m["seq"], torch.bfloat16, 16, budget,
+                                          failures)
+    return records
+
+
 def _model_section(device, p, budget, failures):
     m = p["model"]
     return model_benchmarks(device, m["size"], m["batch"], m["seq"], p["dtype"], 16, 0.1, budget, m["inference"],
@@ -177,14 +234,16 @@ def main(argv=None):
                         "git; the committed results are regenerated with --output-dir benchmarks/results/<gpu|cpu>)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None, help="default: the device's")
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None)
+    parser.add_argument("--providers", nargs="+", choices=list(dict.fromkeys(PROVIDERS + list(QLORA_PROVIDERS))),
+                        default=None, help="layer and QLoRA providers to run (default: all)")
     parser.add_argument("--layer-shapes", nargs="+", type=_layer_shape, default=None, metavar="M,K,N,r,p",
                         help="layer shapes instead of the protocol's: tokens, in, out features, rank, dropout")
     parser.add_argument("--repeats", type=int, default=None, help="at least this many rounds per measurement, each "
                         "timing every provider once (on CUDA a round is one do_bench call per provider)")
     parser.add_argument("--seconds", type=float, default=None, help="rounds go on for at least this long per "
                         "measurement (the CPU protocol: 0.5)")
-    parser.add_argument("--skip-model", action="store_true", help="layer and merge benchmarks only")
+    parser.add_argument("--skip-model", action="store_true", help="no model-level benchmarks (QLoRA's included)")
+    parser.add_argument("--skip-qlora", action="store_true", help="no QLoRA benchmarks")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -202,7 +261,7 @@ def main(argv=None):
               plots=False)
 
     records, failures, seconds = run(device, protocol, args.providers, args.skip_model, not args.no_progress,
-                                     args.layer_shapes, budget, checkpoint)
+                                     args.layer_shapes, budget, checkpoint, args.skip_qlora)
     env["seconds"] = dict(seconds, total=time.perf_counter() - start)
     plots = write(records, env, out_dir, failures)
     print(Path(out_dir, "results.md").read_text())

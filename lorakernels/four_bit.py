@@ -75,6 +75,16 @@ def four_bit_weight(params, bias=None, name="weight"):
     return FourBitWeight.from_bitsandbytes(codes, params.quant_state, bias)
 
 
+def storage_bytes(params):
+    """Bytes a quantized Params4bit holds: its packed codes and its quantization state (block
+    scales, code table and, under double quantization, the scales' own scales, table and offset)."""
+    state = params.quant_state
+    tensors = [params.data, state.absmax, state.code]
+    if state.nested:
+        tensors += [state.state2.absmax, state.state2.code, state.offset]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def original_dtype(params):
     """The dtype a Params4bit was quantized from (its quantization state records it)."""
     return params.quant_state.dtype

@@ -68,9 +68,10 @@ def test_dropout_providers_apply_dropout_in_training_only():
 def test_suite_writes_parseable_results(tmp_path):
     from benchmarks import suite
 
+    tiny = dict(vocab=50, hidden=64, intermediate=64, layers=1, heads=2, kv_heads=1)
     protocol = dict(suite.PROTOCOLS["cpu"], layer_shapes=[(16, 32, 24, 4, 0.1)], merge=[(32, 24, 4)],
-                    model=dict(size=dict(vocab=50, hidden=32, intermediate=48, layers=1, heads=2, kv_heads=1),
-                               batch=1, seq=8, inference=[(1, 8)]), budget=Budget(rounds=3))
+                    model=dict(size=tiny, batch=1, seq=8, inference=[(1, 8)]), budget=Budget(rounds=3),
+                    qlora=dict(layer_shapes=[(8, 64, 32, 4, 0.0)], model=dict(size=tiny, batch=1, seq=8)))
     suite.PROTOCOLS["test"] = protocol
     try:
         assert suite.main(["--device", DEVICE.type, "--protocol", "test", "--output-dir", str(tmp_path),
@@ -91,7 +92,57 @@ def test_suite_writes_parseable_results(tmp_path):
     assert {"floor", "lorakernels", "unfused", "full-ft", "adapter"} <= providers
     text = (tmp_path / "results.md").read_text()
     assert "x floor" in text and "## Host overhead" in text
+    if _have("bitsandbytes"):  # the QLoRA section runs when bitsandbytes is installed
+        assert {"qlora-layer", "qlora-model"} <= {r["benchmark"] for r in rows}
+        assert "## QLoRA layer, full" in text and "## QLoRA layer memory" in text and "## QLoRA model" in text
     assert ("CPU timings, lorakernels on its torch backend" in text) == (DEVICE.type == "cpu")
+
+
+def test_qlora_providers_compute_the_reference_function():
+    """Every QLoRA provider computes the LoRA function on the 4-bit weight, output and gradients (the
+    dequant-cublas provider's backward is hand-written). Would catch a baseline that times wrong
+    arithmetic, e.g. a transposed dequantized W or a missing scaling."""
+    pytest.importorskip("bitsandbytes")
+    from benchmarks.bench_qlora import make_qlora_providers
+
+    providers, linear4bit = make_qlora_providers(128, 64, 4, torch.float32, 0.0, DEVICE)
+    lora = providers["lorakernels"].module
+    weight = lora.four_bit_base().dequantize(torch.float64)
+    bias = linear4bit.bias.double()
+    x = torch.randn(2, 5, 128, dtype=torch.float64)
+    dy = torch.randn(2, 5, 64, dtype=torch.float64)
+    for name, provider in providers.items():
+        module = provider.module.train()
+        params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        A, B = (next(p for n, p in params.items() if key in n) for key in ("lora_A", "lora_B")) if provider.lora \
+            else (None, None)
+        xr = x.clone().requires_grad_()
+        expected = torch.nn.functional.linear(xr, weight, bias)
+        if provider.lora:
+            A64, B64 = (t.detach().double().requires_grad_() for t in (A, B))
+            expected = expected + lora.scaling * (xr @ A64.t()) @ B64.t()
+        expected.backward(dy)
+        xf = x.float().requires_grad_()
+        y = module(xf)
+        y.backward(dy.float())
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(y.double(), expected.detach(), rtol=1e-4, atol=1e-4 * scale, msg=name)
+        torch.testing.assert_close(xf.grad.double(), xr.grad, rtol=1e-4, atol=1e-4 * xr.grad.abs().max().item(),
+                                   msg=name)
+        if provider.lora:
+            for got, want in ((A.grad, A64.grad), (B.grad, B64.grad)):
+                torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item(),
+                                           msg=name)
+    assert set(providers) == {"lorakernels", "peft", "peft-patched", "dequant-cublas", "bnb-frozen"} - (
+        set() if _have("peft") else {"peft", "peft-patched"})
+
+
+def _have(module):
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
 
 
 def test_peft_patched_provider_runs_the_fused_kernels_in_peft_layers():
@@ -137,9 +188,9 @@ def test_a_failing_provider_is_reported_and_the_run_goes_on(tmp_path, monkeypatc
         return {**make_providers(*args, **kwargs), "broken": Provider("broken", _Broken(), lora=False)}
 
     monkeypatch.setattr(bench_layer, "make_providers", with_broken)
-    status = suite.main(["--device", DEVICE.type, "--skip-model", "--no-progress", "--output-dir", str(tmp_path),
-                         "--providers", "floor", "lorakernels", "--layer-shapes", "16,32,24,4,0.1", "--repeats", "1",
-                         "--seconds", "0"])
+    status = suite.main(["--device", DEVICE.type, "--skip-model", "--skip-qlora", "--no-progress", "--output-dir",
+                         str(tmp_path), "--providers", "floor", "lorakernels", "--layer-shapes", "16,32,24,4,0.1",
+                         "--repeats", "1", "--seconds", "0"])
     assert status == 1
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["failures"] and {f["what"].split()[0] for f in data["failures"]} == {"broken"}

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from lorakernels import apply_lora, merge_and_unload, save_adapter
+from lorakernels import apply_lora, four_bit, merge_and_unload, save_adapter
 from lorakernels.examples.finetune import counting_batch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -42,16 +42,9 @@ def linear_weight_bytes(model):
     weights in bf16)."""
     import bitsandbytes
 
-    four_bit = dense = 0
-    for module in model.modules():
-        if isinstance(module, bitsandbytes.nn.Linear4bit):
-            state = module.weight.quant_state
-            tensors = [module.weight.data, state.absmax, state.code]
-            if state.nested:
-                tensors += [state.state2.absmax, state.state2.code, state.offset]
-            four_bit += sum(t.numel() * t.element_size() for t in tensors)
-            dense += module.in_features * module.out_features * 2
-    return four_bit, dense
+    layers = [m for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
+    return (sum(four_bit.storage_bytes(m.weight) for m in layers),
+            sum(m.in_features * m.out_features * 2 for m in layers))
 
 
 def main(argv=None):
