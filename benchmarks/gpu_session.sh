@@ -5,7 +5,8 @@
 #   benchmarks/gpu_session.sh OUT_DIR [tests] [numerics] [bench]      (default: all three)
 #
 # Runs from the repository root with the machine's own python3 (torch, triton, transformers,
-# peft, matplotlib, pytest already installed; nothing is installed or downloaded here).
+# peft, matplotlib, pytest already installed; nothing is installed or downloaded here; the QLoRA
+# benchmarks run where bitsandbytes is installed, and are the last section, so a cut-off run loses them first).
 # Time boxes: tests 200 s, numerics 120 s (kernel compilation and autotuning dominate), bench
 # 400 s (the protocol aims at 5 minutes). Where one command may run at most 10 minutes, run
 # `tests numerics` and `bench` as two commands.
@@ -33,7 +34,7 @@ collect() {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
     python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__,
 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-    python3 -m pip list 2>/dev/null | grep -iE '^(numpy|peft|transformers|pytest|pytest-xdist|matplotlib) '
+    python3 -m pip list 2>/dev/null | grep -iE '^(numpy|peft|transformers|pytest|pytest-xdist|matplotlib|bitsandbytes) '
 } > "$out/env.txt" 2>&1
 cat "$out/env.txt"
 
