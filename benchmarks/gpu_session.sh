@@ -6,7 +6,7 @@
 #
 # Runs from the repository root with the machine's own python3 (torch, triton, transformers,
 # peft, matplotlib, pytest already installed; nothing is installed or downloaded here; the QLoRA
-# benchmarks run where bitsandbytes is installed, and are the last section, so a cut-off run loses them first).
+# benchmarks run where bitsandbytes is installed, as the last section: a cut-off run loses them first).
 # Time boxes: tests 200 s, numerics 120 s (kernel compilation and autotuning dominate), bench
 # 400 s (the protocol aims at 5 minutes). Where one command may run at most 10 minutes, run
 # `tests numerics` and `bench` as two commands.
