@@ -30,13 +30,33 @@ def _dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
 
-def _error_rows(torch, testing, lora_linear, shape, dtype, adapter_dtype, p, device):
-    """The relative errors of y, dx, dA, dB for one case, each checked with the error rule."""
+def _nf4(torch, weight, device):
+    """(W quantized to NF4 by bitsandbytes, blocksize 64, double quantization, as an
+    `operands.FourBitWeight` on `device`; W dequantized in W's dtype: the weight the kernels use)."""
+    import dataclasses
+
+    import bitsandbytes.functional as bnbf
+
+    from lorakernels.operands import FourBitWeight
+
+    codes, state = bnbf.quantize_4bit(weight.cpu(), blocksize=64, quant_type="nf4", compress_statistics=True)
+    base = FourBitWeight.from_bitsandbytes(codes, state)
+    base = dataclasses.replace(base, codes=base.codes.to(device), absmax=base.absmax.to(device),
+                               table=base.table.to(device))
+    return base, base.dequantize(weight.dtype)
+
+
+def _error_rows(torch, testing, lora_linear, shape, dtype, adapter_dtype, p, device, four_bit=False):
+    """The relative errors of y, dx, dA, dB for one case, each checked with the error rule.
+    four_bit: W in NF4 (`_nf4`), the reference on its dequantized values."""
     M, K, N, r = shape
     x, weight, bias, lora_A, lora_B = testing.make_inputs(M, K, N, r, dtype, adapter_dtype, device=device)
+    base = weight
+    if four_bit:
+        base, weight = _nf4(torch, weight, device)
     leaves = [t.clone().requires_grad_() for t in (x, lora_A, lora_B)]
     rng_state = torch.get_rng_state()
-    y = lora_linear(leaves[0], weight, bias, leaves[1], leaves[2], 0.5, p, backend="triton")
+    y = lora_linear(leaves[0], base, bias, leaves[1], leaves[2], 0.5, p, backend="triton")
     keep = testing.replay_keep_mask(rng_state, M, K, p, "triton", device)
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -47,9 +67,9 @@ def _error_rows(torch, testing, lora_linear, shape, dtype, adapter_dtype, p, dev
                                          [ref[0]] + ref[1], [low[0]] + low[1]):
         scale = exp64.abs().max().item()
         err = testing.max_error(actual, exp64)
-        rows.append(dict(dtype=_dtype_name(dtype), adapter_dtype=_dtype_name(adapter_dtype), dropout=p, tensor=name,
-                         rel_err=err / scale, torch_rel_err=testing.max_error(lowp, exp64) / scale,
-                         ok=err <= testing.error_bound(exp64, lowp, dtype)))
+        rows.append(dict(base="nf4" if four_bit else "dense", dtype=_dtype_name(dtype),
+                         adapter_dtype=_dtype_name(adapter_dtype), dropout=p, tensor=name, rel_err=err / scale,
+                         torch_rel_err=testing.max_error(lowp, exp64) / scale, ok=err <= testing.error_bound(exp64, lowp, dtype)))
     return rows
 
 
@@ -68,14 +88,24 @@ def _saved_bytes(torch, testing, lorakernels, shape, dtype, adapter_dtype, p, de
                 peft_style_bytes=unfused, x_bytes=x.numel() * x.element_size())
 
 
-def _markdown(env, shape, rows, saved):
-    lines = [f"Numerics on {env['device']}, torch {env['torch']}, triton {env['triton']}, "
-             f"(M, K, N, r) = {shape}, scaling 0.5. Relative error = max|err| / max|fp64 reference|.", "",
-             "| x dtype | adapters | p | tensor | lorakernels rel. err | "
+def _error_table(rows):
+    lines = ["| x dtype | adapters | p | tensor | lorakernels rel. err | "
              "PyTorch rel. err, x's dtype (autocast-style) | ok |",
              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['dtype']} | {r['adapter_dtype']} | {r['dropout']} | {r['tensor']} | {r['rel_err']:.2e} | "
-              f"{r['torch_rel_err']:.2e} | {'yes' if r['ok'] else 'NO'} |" for r in rows]
+    return lines + [f"| {r['dtype']} | {r['adapter_dtype']} | {r['dropout']} | {r['tensor']} | {r['rel_err']:.2e} | "
+                    f"{r['torch_rel_err']:.2e} | {'yes' if r['ok'] else 'NO'} |" for r in rows]
+
+
+def _markdown(env, shape, rows, saved):
+    lines = [f"Numerics on {env['device']}, torch {env['torch']}, triton {env['triton']}, "
+             f"(M, K, N, r) = {shape}, scaling 0.5. Relative error = max|err| / max|fp64 reference|.", ""]
+    lines += _error_table([r for r in rows if r["base"] == "dense"])
+    four_bit = [r for r in rows if r["base"] == "nf4"]
+    lines += ["", "QLoRA: W quantized to NF4 by bitsandbytes (blocksize 64, double quantization; K = "
+              f"{shape[1]}, so blocks straddle rows), the kernels dequantizing its tiles in registers; the "
+              "reference uses the same dequantized W (in x's dtype, as the kernels), so the errors are the "
+              "kernels' alone, not the quantization's.", ""]
+    lines += _error_table(four_bit) if four_bit else ["(bitsandbytes is not installed: not measured)"]
     lines += ["", "Activation bytes saved for backward (parameters excluded), M x K x-bytes = "
               f"{saved[0]['x_bytes']}:", "", "| x dtype | adapters | p | lorakernels | PEFT-style | ratio |",
               "|---|---|---|---|---|---|"]
@@ -102,6 +132,14 @@ def main(argv=None):
     rows = [row for dtype in (torch.float32, torch.float16, torch.bfloat16)
             for adapter_dtype in sorted({dtype, torch.float32}, key=str) for p in (0.0, 0.1)
             for row in _error_rows(torch, testing, lorakernels.lora_linear, shape, dtype, adapter_dtype, p, device)]
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        pass
+    else:  # QLoRA: fp32 adapters (PEFT's default) over each compute dtype
+        rows += [row for dtype in (torch.float32, torch.float16, torch.bfloat16) for p in (0.0, 0.1)
+                 for row in _error_rows(torch, testing, lorakernels.lora_linear, shape, dtype, torch.float32, p,
+                                        device, four_bit=True)]
     saved = [_saved_bytes(torch, testing, lorakernels, shape, dtype, adapter_dtype, p, device)
              for dtype, adapter_dtype, p in ((torch.bfloat16, torch.float32, 0.0), (torch.bfloat16, torch.float32, 0.1),
                                              (torch.bfloat16, torch.bfloat16, 0.1))]
