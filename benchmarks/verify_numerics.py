@@ -69,7 +69,8 @@ def _error_rows(torch, testing, lora_linear, shape, dtype, adapter_dtype, p, dev
         err = testing.max_error(actual, exp64)
         rows.append(dict(base="nf4" if four_bit else "dense", dtype=_dtype_name(dtype),
                          adapter_dtype=_dtype_name(adapter_dtype), dropout=p, tensor=name, rel_err=err / scale,
-                         torch_rel_err=testing.max_error(lowp, exp64) / scale, ok=err <= testing.error_bound(exp64, lowp, dtype)))
+                         torch_rel_err=testing.max_error(lowp, exp64) / scale,
+                         ok=err <= testing.error_bound(exp64, lowp, dtype)))
     return rows
 
 
