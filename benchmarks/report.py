@@ -67,8 +67,8 @@ def _ratio(rec, ref, ratios=None):
 def write_markdown(records, env, path, failures=()):
     sections = (_header(env), _failures_section(failures), _layer_sections(records), _overhead_section(records),
                 _gemm_section(records), _layer_memory_section(records), _merge_section(records),
-                _model_section(records), _qlora_layer_sections(records), _qlora_memory_section(records),
-                _qlora_model_section(records))
+                _model_section(records), _segmented_section(records), _qlora_layer_sections(records),
+                _qlora_memory_section(records), _qlora_model_section(records))
     path.write_text("\n".join(line for section in sections for line in section))
 
 
@@ -216,6 +216,36 @@ def _model_section(records):
         mem_text = f"{mem['value'] / 2**20:.0f} MiB" if mem else "-"
         lines.append(f"| {provider} | {mode} | {_fmt_time(metrics['time']['value'])} | {ratio} | {tps_text} | "
                      f"{prm_text} | {mem_text} |")
+    lines.append("")
+    return lines
+
+
+def _segmented_section(records):
+    """Mixed batches: per adapter count and provider, tokens/s of inference (forward) and of a
+    training step (forward + backward), the per-round ratio to PEFT, saved bytes, peak memory."""
+    cells = defaultdict(dict)  # (adapters, provider) -> {(metric, mode): record}
+    for r in records:
+        if r["benchmark"] == "segmented":
+            cells[(r["adapters"], r["provider"])][(r["metric"], r["mode"])] = r
+    if not cells:
+        return []
+    first = next(r for r in records if r["benchmark"] == "segmented")
+    lines = ["## Several adapters in one batch", "",
+             f"{first['M']} tokens in sequences assigned round-robin to the adapters, K = N = {first['K']}, rank "
+             f"{first['r']} each, dropout 0. `lorakernels`: one fused pass (`adapter_names=`); `peft`: PEFT's "
+             "lora.Linear with the same adapters and `adapter_names=` (its loop over adapters); `one-at-a-time`: "
+             "each adapter's sequences as their own batch. `x peft`: per-round time ratio (lower is faster).", "",
+             "| adapters | provider | inference tok/s | x peft | training tok/s | x peft | saved for backward "
+             "| peak memory |", "|---|---|---|---|---|---|---|---|"]
+    for (adapters, provider), m in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        row = [str(adapters), provider]
+        for mode in ("forward", "full"):
+            tps, ratio = m.get(("tokens_per_s", mode)), m.get(("ratio_to_peft", mode))
+            row += [f"{tps['value']:,.0f}" if tps else "-", f"{ratio['value']:.2f}" if ratio else "-"]
+        saved, peak = m.get(("saved_bytes", "full")), m.get(("peak_memory", "full"))
+        row += [f"{saved['value'] / 2**20:.2f} MiB" if saved else "-",
+                f"{peak['value'] / 2**20:.1f} MiB" if peak else "-"]
+        lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     return lines
 

@@ -2,7 +2,8 @@
 
 On a CUDA device it runs the GPU protocol (the LoRAFusion shapes: K = N in {4096, 5120,
 8192}, 2048..8192 tokens, r = 16, alpha = 16, dropout 0.1 and 0, bf16; a rank sweep 8..128
-at 4096; a ~1B-class Llama training step; inference at batch 1 / seq 128 and 32 / 512; QLoRA
+at 4096; a ~1B-class Llama training step; inference at batch 1 / seq 128 and 32 / 512; mixed
+batches over 1, 4 and 16 adapters against PEFT's adapter_names loop; QLoRA
 (NF4 base, with bitsandbytes installed) against PEFT's QLoRA layer and Unsloth's
 dequantize-to-buffer method, per layer and on the ~1B Llama in 4 bits).
 Elsewhere it runs a small CPU protocol: memory, saved bytes and parameters are the same
@@ -30,6 +31,7 @@ from benchmarks.bench_qlora import (
     qlora_layer_benchmarks,
     qlora_model_benchmarks,
 )
+from benchmarks.bench_segmented import SEGMENTED_PROVIDERS, segmented_benchmarks
 from benchmarks.harness import Budget, environment
 from benchmarks.report import summary, write_markdown, write_plots
 
@@ -51,6 +53,8 @@ PROTOCOLS = {
         qlora=dict(layer_shapes=[(4096, 4096, 4096, 16, 0.1), (4096, 4096, 4096, 16, 0.0), (4096, 8192, 8192, 16, 0.0)],
                    model=dict(size=dict(vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4),
                               batch=4, seq=1024)),
+        # Mixed batches (bench_segmented): 32 sequences of 128 tokens over 1, 4 and 16 rank-16 adapters.
+        segmented=dict(sequences=32, seq_len=128, K=4096, N=4096, r=16, adapters=(1, 4, 16)),
     ),
     "cpu": dict(
         # Rounds go on for at least 0.5 s per measurement (>= 15 samples per provider).
@@ -64,6 +68,7 @@ PROTOCOLS = {
         qlora=dict(layer_shapes=[(256, 256, 256, 16, 0.1), (256, 256, 256, 16, 0.0)],
                    model=dict(size=dict(vocab=1000, hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2),
                               batch=2, seq=64)),
+        segmented=dict(sequences=16, seq_len=32, K=256, N=256, r=16, adapters=(1, 4, 16)),
     ),
 }
 OVERHEAD_CALLS = 20  # host overhead: one sample is a batch of this many back-to-back calls
@@ -72,7 +77,7 @@ PROVIDERS = ["floor", "lorakernels", "lorakernels-tma", "lorakernels-cublas", "u
 
 
 def run(device, protocol, providers=None, skip_model=False, progress=True, layer_shapes=None, budget=None,
-        checkpoint=None, skip_qlora=False):
+        checkpoint=None, skip_qlora=False, skip_segmented=False):
     """Run a protocol. Returns (records, failures, section_seconds).
 
     `budget` (a harness.Budget) replaces the protocol's budget per measurement.
@@ -83,6 +88,7 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
     records, failures, seconds = [], [], {}
     # Providers named on the command line select QLoRA's too; none of QLoRA's named: no QLoRA section.
     qlora_names = None if providers is None else [n for n in providers if n in QLORA_PROVIDERS]
+    segmented_names = None if providers is None else [n for n in providers if n in SEGMENTED_PROVIDERS]
     skip_qlora = skip_qlora or qlora_names == []
     providers = providers or PROVIDERS
     # Shapes given on the command line get every requested provider, peft+compile included.
@@ -108,6 +114,15 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
     seconds["merge"] = time.perf_counter() - start
     if checkpoint:
         checkpoint(records, failures, seconds)
+
+    if segmented_names != [] and not skip_segmented:
+        start = time.perf_counter()
+        q = p["segmented"]
+        records += segmented_benchmarks(device, q["sequences"], q["seq_len"], q["K"], q["N"], q["r"], q["adapters"],
+                                        p["dtype"], budget, failures, segmented_names)
+        seconds["segmented"] = time.perf_counter() - start
+        if checkpoint:
+            checkpoint(records, failures, seconds)
 
     if _model_section_enabled(skip_model):
         start = time.perf_counter()
@@ -215,7 +230,8 @@ def _progress(total, enabled):
 def write(records, env, out_dir, failures=(), plots=True):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fields = ["benchmark", "provider", "mode", "M", "K", "N", "r", "dropout", "dtype", "metric", "value", "p20",
+    fields = ["benchmark", "provider", "mode", "M", "K", "N", "r", "dropout", "adapters", "dtype", "metric", "value",
+              "p20",
               "p80", "unit", "device", "torch", "triton", "timestamp"]
     with open(out_dir / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -234,8 +250,9 @@ def main(argv=None):
                         "git; the committed results are regenerated with --output-dir benchmarks/results/<gpu|cpu>)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None, help="default: the device's")
-    parser.add_argument("--providers", nargs="+", choices=list(dict.fromkeys(PROVIDERS + list(QLORA_PROVIDERS))),
-                        default=None, help="layer and QLoRA providers to run (default: all)")
+    every_provider = list(dict.fromkeys(PROVIDERS + list(SEGMENTED_PROVIDERS) + list(QLORA_PROVIDERS)))
+    parser.add_argument("--providers", nargs="+", choices=every_provider, default=None,
+                        help="layer, mixed-batch and QLoRA providers to run (default: all)")
     parser.add_argument("--layer-shapes", nargs="+", type=_layer_shape, default=None, metavar="M,K,N,r,p",
                         help="layer shapes instead of the protocol's: tokens, in, out features, rank, dropout")
     parser.add_argument("--repeats", type=int, default=None, help="at least this many rounds per measurement, each "
@@ -244,6 +261,7 @@ def main(argv=None):
                         "measurement (the CPU protocol: 0.5)")
     parser.add_argument("--skip-model", action="store_true", help="no model-level benchmarks (QLoRA's included)")
     parser.add_argument("--skip-qlora", action="store_true", help="no QLoRA benchmarks")
+    parser.add_argument("--skip-segmented", action="store_true", help="no mixed-batch (several adapters) benchmarks")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -261,7 +279,7 @@ def main(argv=None):
               plots=False)
 
     records, failures, seconds = run(device, protocol, args.providers, args.skip_model, not args.no_progress,
-                                     args.layer_shapes, budget, checkpoint, args.skip_qlora)
+                                     args.layer_shapes, budget, checkpoint, args.skip_qlora, args.skip_segmented)
     env["seconds"] = dict(seconds, total=time.perf_counter() - start)
     plots = write(records, env, out_dir, failures)
     print(Path(out_dir, "results.md").read_text())

@@ -23,8 +23,8 @@ import uuid
 import torch
 
 from lorakernels._validation import MAX_RANK
-from lorakernels.model import apply_lora, find_target_modules, lora_modules
-from lorakernels.modules import LoRALinear, lora_scaling
+from lorakernels.model import apply_lora, find_target_modules, lora_modules, mark_only_lora_as_trainable
+from lorakernels.modules import LoRALinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -111,8 +111,8 @@ def _tensor_digest(tensors):
     return digest.hexdigest()
 
 
-def _build_config(layers, base_model_name_or_path):
-    hyper = {(m.r, m.lora_alpha, m.lora_dropout, m.use_rslora) for _, m in layers}
+def _build_config(layers, base_model_name_or_path, adapter_name):
+    hyper = {m.adapter_config(adapter_name) for _, m in layers}
     if len(hyper) > 1:
         raise ValueError(f"save_adapter writes one LoraConfig; the layers differ in (r, lora_alpha, lora_dropout, "
                          f"use_rslora): {sorted(hyper)}")
@@ -206,10 +206,25 @@ def _swap_in(directory, tensors, metadata, config_text):
                 os.unlink(leftover)
 
 
-def save_adapter(model, path, base_model_name_or_path=None):
-    """Write the model's LoRA adapters to directory `path` in PEFT's format.
+def _layers_with(model, adapter_name, action):
+    """The LoRALinear layers holding adapter `adapter_name` (None: each layer's own), with that name per layer."""
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRALinear layers to {action}")
+    if adapter_name is None:
+        return [(name, m, m.adapter_name) for name, m in layers]
+    held = [(name, m, adapter_name) for name, m in layers if adapter_name in m.adapter_names]
+    if not held:
+        raise ValueError(f"no LoRALinear layer of {type(model).__name__} has an adapter {adapter_name!r}")
+    return held
 
-    All LoRALinear layers must share r, lora_alpha, lora_dropout and use_rslora (one LoraConfig).
+
+def save_adapter(model, path, base_model_name_or_path=None, adapter_name=None):
+    """Write one of the model's LoRA adapters to directory `path` in PEFT's format.
+
+    adapter_name: which adapter (None: each layer's own, `LoRALinear.adapter_name`); the layers
+    holding it must share its r, lora_alpha, lora_dropout and use_rslora (one LoraConfig).
+    `save_adapters` writes every adapter, in PEFT's layout.
     base_model_name_or_path: a str, an os.PathLike (stored as a str) or None.
 
     Everything is built and checked first (config serialised to JSON, digests computed); both files
@@ -224,19 +239,35 @@ def save_adapter(model, path, base_model_name_or_path=None):
     Leftover hidden files `.adapter_*.tmp` / `.old` from such a kill are safe to delete. Concurrent
     saves to one directory are not serialised.
     """
-    layers = lora_modules(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRALinear layers to save")
-    config = _build_config(layers, base_model_name_or_path)
+    held = _layers_with(model, adapter_name, "save")
+    names = sorted({adapter for _, _, adapter in held})
+    if len(names) > 1:
+        raise ValueError(f"the layers' own adapters have different names {names}: pass adapter_name")
+    config = _build_config([(name, m) for name, m, _ in held], base_model_name_or_path, names[0])
     config_text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
     tensors = {}
-    for name, m in layers:
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+    for name, m, adapter in held:
+        lora_A, lora_B, _, _ = m.adapter_operands(adapter)
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = lora_A.detach().contiguous().cpu()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = lora_B.detach().contiguous().cpu()
     metadata = {"format": "pt", _TENSORS_DIGEST: _tensor_digest(tensors),
                 _CONFIG_DIGEST: _config_digest(_parse_config(config, CONFIG_NAME))}
     os.makedirs(path, exist_ok=True)
     _swap_in(os.fspath(path), tensors, metadata, config_text)
+
+
+def save_adapters(model, path, base_model_name_or_path=None):
+    """Write every adapter of the model as PEFT's `save_pretrained` lays them out: the layers' own
+    adapter ("default") in `path`, each other one in `path/<adapter name>`. Returns the names saved."""
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRALinear layers to save")
+    names = list(dict.fromkeys(adapter for _, m in layers for adapter in m.adapter_names))
+    own = {m.adapter_name for _, m in layers}
+    for adapter in names:
+        where = path if adapter in own and adapter == "default" else os.path.join(os.fspath(path), adapter)
+        save_adapter(model, where, base_model_name_or_path, adapter_name=adapter)
+    return names
 
 
 def _read_config(path):
@@ -294,7 +325,7 @@ def _rename_tensors(path, raw):
     return tensors
 
 
-def _check_tensors(model, path, targets, tensors, r):
+def _check_tensors(model, path, targets, tensors, r, adapter_name=None):
     """Raise ValueError unless `tensors` hold exactly a lora_A and a lora_B per target module, floating
     point and of the shapes that module and rank `r` need, and no target is merged or has an adapter of
     another rank. Reads the model only.
@@ -316,15 +347,22 @@ def _check_tensors(model, path, targets, tensors, r):
             raise ValueError(f"{path}: {key} has dtype {value.dtype}; expected a floating-point tensor")
         if isinstance(module, LoRALinear) and module.merged:
             raise ValueError(f"{path}: {name} is merged; unmerge the model before loading an adapter into it")
-        if isinstance(module, LoRALinear) and module.r != r:
-            raise ValueError(f"{path}: rank {r} does not match the model's existing adapter {name} (r = {module.r})")
+        adapter = (module.adapter_name if adapter_name is None else adapter_name) if isinstance(module, LoRALinear) \
+            else None
+        if adapter is not None and adapter in module.adapter_names and module.adapter_config(adapter)[0] != r:
+            raise ValueError(f"{path}: rank {r} does not match the model's existing adapter {adapter!r} of {name} "
+                             f"(r = {module.adapter_config(adapter)[0]})")
 
 
-def load_adapter(model, path, adapter_dtype=None, backend=None):
+def load_adapter(model, path, adapter_dtype=None, backend=None, adapter_name=None):
     """Load a PEFT-format LoRA adapter from directory `path` into `model`.
 
     Linear layers named by the config's target_modules become LoRALinear (if they are not
     already) with the file's r, lora_alpha, lora_dropout and use_rslora, and get its weights.
+    adapter_name: None loads into each layer's own adapter; a name loads into that adapter of the
+    layers, added (`add_adapter`) where a LoRALinear does not hold it yet, or, on a layer wrapped
+    now, as the layer's own adapter under that name; so several PEFT adapters can be held at once
+    and run together (`mixed_batch`). The active adapter does not change.
     Everything is checked first, the same way whether or not the model already has LoRA layers:
     every config field read (type and range), the digests save_adapter records (see the module
     docstring), missing and unexpected keys, shapes, ranks. On any error a ValueError names the
@@ -339,19 +377,31 @@ def load_adapter(model, path, adapter_dtype=None, backend=None):
     if not targets:
         raise ValueError(f"{path}: target_modules {config['target_modules']!r} match no Linear layer of "
                          f"{type(model).__name__}")
-    _check_tensors(model, path, targets, tensors, r)
+    _check_tensors(model, path, targets, tensors, r, adapter_name)
+    if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name.isidentifier()):
+        raise ValueError(f"adapter_name must be a Python identifier; got {adapter_name!r}")
 
     # Checked: now change the model.
     to_wrap = [name for name in targets if not isinstance(model.get_submodule(name), LoRALinear)]
     hyper = {key: config[key] for key in ("r", "lora_alpha", "lora_dropout", "use_rslora")}
     if to_wrap:
         apply_lora(model, to_wrap, adapter_dtype=adapter_dtype, backend=backend, **hyper)
+        for name in to_wrap:
+            module = model.get_submodule(name)
+            if adapter_name is not None:
+                module.adapter_name = module.active_adapter = adapter_name
+    added = False
     with torch.no_grad():
         for name in targets:
             module = model.get_submodule(name)
-            module.lora_alpha, module.lora_dropout, module.use_rslora = (hyper["lora_alpha"], hyper["lora_dropout"],
-                                                                         hyper["use_rslora"])
-            module.scaling = lora_scaling(r, hyper["lora_alpha"], hyper["use_rslora"])
-            module.lora_A.copy_(tensors[f"{name}.lora_A"])
-            module.lora_B.copy_(tensors[f"{name}.lora_B"])
+            adapter = module.adapter_name if adapter_name is None else adapter_name
+            if adapter not in module.adapter_names:
+                module.add_adapter(adapter, **hyper)
+                added = True
+            module.set_adapter_config(adapter, hyper["lora_alpha"], hyper["lora_dropout"], hyper["use_rslora"])
+            lora_A, lora_B, _, _ = module.adapter_operands(adapter)
+            lora_A.copy_(tensors[f"{name}.lora_A"])
+            lora_B.copy_(tensors[f"{name}.lora_B"])
+    if added:
+        mark_only_lora_as_trainable(model)  # the added adapters train, as apply_lora's
     return model

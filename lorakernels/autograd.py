@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from lorakernels import ops
-from lorakernels.operands import Adapter, DenseWeight, FourBitWeight, GradsNeeded
+from lorakernels.operands import Adapter, DenseWeight, FourBitWeight, GradsNeeded, Segments
 from lorakernels.plan import LaunchPlan
 
 
@@ -100,6 +100,16 @@ class BaseOpArgs(NamedTuple):
         return DenseWeight(self.weight, bias)
 
 
+def segments_of(row_segment, column_segment, column_scale):
+    """The `Segments` of several adapters in one batch from their op arguments, or None (one adapter)."""
+    return None if row_segment is None else Segments(row_segment, column_segment, column_scale)
+
+
+def segment_args(segments):
+    """A `Segments` (or None) as the custom ops' three optional tensor arguments."""
+    return (None, None, None) if segments is None else tuple(segments)
+
+
 class SavedState(NamedTuple):
     """What backward needs, saved by both autograd paths. Never the dropout mask (backward
     regenerates it from the seed), never a dense copy of a 4-bit W.
@@ -108,6 +118,7 @@ class SavedState(NamedTuple):
     base: the `BaseOpArgs` of W, for dX. lora_A, lora_B: the adapter.
     u: U = dropout(X) A^T [M, R] fp32, only when lora_B needs a gradient (dB = s dY^T U).
     scalars: the scalar pack [seed, scaling, p].
+    segments: several adapters in one batch (`Segments`: int32 [M] and [R], fp32 [R]), or None.
     """
 
     x: Optional[torch.Tensor]
@@ -116,24 +127,26 @@ class SavedState(NamedTuple):
     lora_B: torch.Tensor
     u: Optional[torch.Tensor]
     scalars: torch.Tensor
+    segments: Optional[Segments] = None
 
     @classmethod
-    def of_forward(cls, x, base, lora_A, lora_B, u, scalars):
+    def of_forward(cls, x, base, lora_A, lora_B, u, scalars, segments=None):
         """The state one forward leaves: x and U only where a gradient will need them."""
         return cls(x if lora_A.requires_grad else None, base, lora_A, lora_B,
-                   u if lora_B.requires_grad else None, scalars)
+                   u if lora_B.requires_grad else None, scalars, segments)
 
     def save(self, ctx, plan, has_bias):
         ctx.save_for_backward(self.x, self.base.weight, self.base.absmax, self.base.table, self.lora_A, self.lora_B,
-                              self.u, self.scalars)
+                              self.u, self.scalars, *segment_args(self.segments))
         ctx.blocksize = self.base.blocksize
         ctx.plan = plan
         ctx.has_bias = has_bias
 
     @classmethod
     def load(cls, ctx):
-        x, weight, absmax, table, lora_A, lora_B, u, scalars = ctx.saved_tensors
-        return cls(x, BaseOpArgs(weight, absmax, table, ctx.blocksize), lora_A, lora_B, u, scalars)
+        x, weight, absmax, table, lora_A, lora_B, u, scalars, *segments = ctx.saved_tensors
+        return cls(x, BaseOpArgs(weight, absmax, table, ctx.blocksize), lora_A, lora_B, u, scalars,
+                   segments_of(*segments))
 
 
 def _autocast_off(device_type):
@@ -143,44 +156,47 @@ def _autocast_off(device_type):
     return contextlib.nullcontext()
 
 
-def _adapter(lora_A, lora_B, scalars):
+def _adapter(lora_A, lora_B, scalars, segments=None):
     seed, scaling, dropout_p = unpack_scalars(scalars)
-    return Adapter(lora_A, lora_B, scaling, dropout_p, seed)
+    return Adapter(lora_A, lora_B, scaling, dropout_p, seed, segments)
 
 
-def _forward(x, base, bias, lora_A, lora_B, scalars, plan):
+def _forward(x, base, bias, lora_A, lora_B, scalars, plan, segments=None):
     """(y [M, N], u [M, R] fp32): the forward body of both paths; base: a `BaseOpArgs`."""
     # Operand dtypes were settled by `lora_linear` (autocast included): no casting inside.
     with _autocast_off(x.device.type):
-        return ops.lora_forward(x, base.description(bias), _adapter(lora_A, lora_B, scalars), plan)
+        return ops.lora_forward(x, base.description(bias), _adapter(lora_A, lora_B, scalars, segments), plan)
 
 
 def _backward(dy, state, plan, needs):
     """(dx, dA, dB), None where `needs` does not ask: the backward body of both paths."""
     with _autocast_off(dy.device.type):
         return ops.lora_backward(dy, state.x, state.u, state.base.description(),
-                                 _adapter(state.lora_A, state.lora_B, state.scalars), plan, needs)
+                                 _adapter(state.lora_A, state.lora_B, state.scalars, state.segments), plan, needs)
 
 
 @torch.library.custom_op("lorakernels::lora_linear_forward", mutates_args=())
 def lora_linear_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                            lora_A: torch.Tensor, lora_B: torch.Tensor, scalars: torch.Tensor, backend: str,
                            base_gemm: str, tf32: bool, weight_absmax: Optional[torch.Tensor] = None,
-                           weight_table: Optional[torch.Tensor] = None,
-                           weight_blocksize: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+                           weight_table: Optional[torch.Tensor] = None, weight_blocksize: int = 0,
+                           row_segment: Optional[torch.Tensor] = None, column_segment: Optional[torch.Tensor] = None,
+                           column_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y [M, N], u [M, R] fp32) for 2-D x with a unit last-dim stride (see `lora_linear`).
 
     scalars: `pack_scalars`'s tensor; backend, base_gemm, tf32: `LaunchPlan.to_op_args()`.
     weight, weight_absmax, weight_table, weight_blocksize: a `BaseOpArgs` (a dense W [N, K] and the
     defaults, or a 4-bit W's codes [N, K / 2] with its absmax, code table and blocksize).
+    row_segment, column_segment, column_scale: several adapters in one batch (`Segments`), or None.
     """
     base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize)
-    return _forward(x, base, bias, lora_A, lora_B, scalars, LaunchPlan.from_op_args(backend, base_gemm, tf32))
+    return _forward(x, base, bias, lora_A, lora_B, scalars, LaunchPlan.from_op_args(backend, base_gemm, tf32),
+                    segments_of(row_segment, column_segment, column_scale))
 
 
 @lora_linear_forward_op.register_fake
 def _forward_fake(x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm, tf32, weight_absmax=None,
-                  weight_table=None, weight_blocksize=0):
+                  weight_table=None, weight_blocksize=0, row_segment=None, column_segment=None, column_scale=None):
     return (x.new_empty((x.shape[0], weight.shape[0])),
             x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32))
 
@@ -190,22 +206,26 @@ def lora_linear_backward_op(dy: torch.Tensor, x: Optional[torch.Tensor], weight:
                             lora_A: torch.Tensor, lora_B: torch.Tensor, u: Optional[torch.Tensor],
                             scalars: torch.Tensor, backend: str, base_gemm: str, tf32: bool, needs_dx: bool,
                             needs_da: bool, needs_db: bool, weight_absmax: Optional[torch.Tensor] = None,
-                            weight_table: Optional[torch.Tensor] = None,
-                            weight_blocksize: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            weight_table: Optional[torch.Tensor] = None, weight_blocksize: int = 0,
+                            row_segment: Optional[torch.Tensor] = None, column_segment: Optional[torch.Tensor] = None,
+                            column_scale: Optional[torch.Tensor] = None
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dA, dB); a gradient that is not needed comes back as an empty tensor.
 
-    x, weight (with weight_absmax, weight_table, weight_blocksize), lora_A, lora_B, u, scalars: a
-    `SavedState`; backend, base_gemm, tf32 as the forward's.
+    x, weight (with weight_absmax, weight_table, weight_blocksize), lora_A, lora_B, u, scalars and
+    the segments: a `SavedState`; backend, base_gemm, tf32 as the forward's.
     """
     base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize)
-    grads = _backward(dy, SavedState(x, base, lora_A, lora_B, u, scalars),
-                      LaunchPlan.from_op_args(backend, base_gemm, tf32), GradsNeeded(needs_dx, needs_da, needs_db))
+    state = SavedState(x, base, lora_A, lora_B, u, scalars, segments_of(row_segment, column_segment, column_scale))
+    grads = _backward(dy, state, LaunchPlan.from_op_args(backend, base_gemm, tf32),
+                      GradsNeeded(needs_dx, needs_da, needs_db))
     return tuple(g if g is not None else dy.new_empty(0) for g in grads)
 
 
 @lora_linear_backward_op.register_fake
 def _backward_fake(dy, x, weight, lora_A, lora_B, u, scalars, backend, base_gemm, tf32, needs_dx, needs_da,
-                   needs_db, weight_absmax=None, weight_table=None, weight_blocksize=0):
+                   needs_db, weight_absmax=None, weight_table=None, weight_blocksize=0, row_segment=None,
+                   column_segment=None, column_scale=None):
     in_features = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize).shape[1]
     return (dy.new_empty((dy.shape[0], in_features) if needs_dx else (0,)),
             lora_A.new_empty(lora_A.shape if needs_da else (0,)),
@@ -214,7 +234,7 @@ def _backward_fake(dy, x, weight, lora_A, lora_B, u, scalars, backend, base_gemm
 
 def _backward_by_op(dy, state, plan, needs):
     return lora_linear_backward_op(dy, state.x, state.base.weight, state.lora_A, state.lora_B, state.u, state.scalars,
-                                   *plan.to_op_args(), *needs, *state.base[1:])
+                                   *plan.to_op_args(), *needs, *state.base[1:], *segment_args(state.segments))
 
 
 _NO_DOUBLE_BACKWARD = (
@@ -253,8 +273,10 @@ def _grads_of_inputs(ctx, dy, backward):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm, tf32, *four_bit = inputs
-    state = SavedState.of_forward(x, BaseOpArgs(weight, *four_bit), lora_A, lora_B, output[1], scalars)
+    x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm, tf32, *optional = inputs
+    four_bit, segments = optional[:3], optional[3:]
+    state = SavedState.of_forward(x, BaseOpArgs(weight, *four_bit), lora_A, lora_B, output[1], scalars,
+                                  segments_of(*segments) if segments else None)
     state.save(ctx, LaunchPlan.from_op_args(backend, base_gemm, tf32), bias is not None)
 
 
@@ -270,8 +292,8 @@ class EagerLoRALinear(torch.autograd.Function):
     """The same forward, backward and saved state as the custom ops, for eager mode.
 
     apply(x, weight, bias, lora_A, lora_B, scalars, plan, weight_absmax=None, weight_table=None,
-    weight_blocksize=0) -> y: the custom op's arguments, with the `LaunchPlan` itself in place of
-    its op arguments.
+    weight_blocksize=0, row_segment=None, column_segment=None, column_scale=None) -> y: the custom
+    op's arguments, with the `LaunchPlan` itself in place of its op arguments.
 
     A custom op call goes through the dispatcher, the registered autograd wrapper and a
     torch.compile guard, in both directions: on a 2-core CPU that added about 175 us of Python
@@ -283,10 +305,11 @@ class EagerLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scalars, plan, weight_absmax=None, weight_table=None,
-                weight_blocksize=0):
+                weight_blocksize=0, row_segment=None, column_segment=None, column_scale=None):
         base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize)
-        y, u = _forward(x, base, bias, lora_A, lora_B, scalars, plan)
-        SavedState.of_forward(x, base, lora_A, lora_B, u, scalars).save(ctx, plan, bias is not None)
+        segments = segments_of(row_segment, column_segment, column_scale)
+        y, u = _forward(x, base, bias, lora_A, lora_B, scalars, plan, segments)
+        SavedState.of_forward(x, base, lora_A, lora_B, u, scalars, segments).save(ctx, plan, bias is not None)
         return y
 
     @staticmethod

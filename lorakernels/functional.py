@@ -7,12 +7,19 @@ torch.compile, the eager autograd.Function otherwise.
 
 import torch
 
-from lorakernels._validation import check_lora_linear_inputs
-from lorakernels.autograd import BaseOpArgs, EagerLoRALinear, draw_seed, lora_linear_forward_op, pack_scalars
+from lorakernels._validation import MAX_RANK, check_lora_linear_inputs
+from lorakernels.autograd import (
+    BaseOpArgs,
+    EagerLoRALinear,
+    draw_seed,
+    lora_linear_forward_op,
+    pack_scalars,
+    segment_args,
+)
 from lorakernels.four_bit import four_bit_weight, is_params4bit
-from lorakernels.operands import FourBitWeight
+from lorakernels.operands import FourBitWeight, Segments
 from lorakernels.plan import resolve_plan
-from lorakernels.reference import lora_linear_ref
+from lorakernels.reference import lora_linear_ref, lora_linear_segmented_ref
 
 
 def _as_rows(t):
@@ -83,14 +90,142 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         resolve_plan(torch.device("cuda"), backend, base_gemm)
         dense = x.new_empty(weight.shape) if isinstance(weight, FourBitWeight) else weight
         return lora_linear_ref(x, dense, bias, lora_A, lora_B, scaling)
+    return _fused(x, weight, bias, lora_A, lora_B, scaling, dropout_p if training else 0.0, backend, base_gemm)
+
+
+def _fused(x, weight, bias, lora_A, lora_B, scaling, p, backend, base_gemm, segments=None):
+    """The fused call on validated operands: plan, scalars, rows, then the autograd layer."""
     plan = resolve_plan(x.device, backend, base_gemm)
-    p = dropout_p if training else 0.0
     scalars = pack_scalars(draw_seed() if p > 0 else 0, scaling, p)
     rows = _as_rows(x)
     base = BaseOpArgs.of(weight)
     if torch.compiler.is_compiling():
         y, _ = lora_linear_forward_op(rows, base.weight, bias, lora_A, lora_B, scalars, *plan.to_op_args(),
-                                      *base[1:])
+                                      *base[1:], *segment_args(segments))
     else:
-        y = EagerLoRALinear.apply(rows, base.weight, bias, lora_A, lora_B, scalars, plan, *base[1:])
+        y = EagerLoRALinear.apply(rows, base.weight, bias, lora_A, lora_B, scalars, plan, *base[1:],
+                                  *segment_args(segments))
     return y.view(*x.shape[:-1], base.shape[0])
+
+
+def lora_linear_segmented(x, weight, bias, adapters, row_adapter, dropout_p=0.0, training=True, backend=None,
+                          base_gemm=None):
+    """Several LoRA adapters in one batch, each row through its own:
+    y[m] = x[m] W^T + b + s_a dropout(x[m]) A_a^T B_a^T, a = row_adapter[m] (-1: the base alone).
+
+    The base GEMM runs once for the batch. The adapters with rows are concatenated along the rank
+    and run as one adapter of their summed rank whose rank-R intermediates (U = dropout(X) A^T and
+    V = dY B) are masked row by row (`operands.Segments`), so each row's LoRA term joins the base
+    GEMM's accumulator and each adapter's gradients gather its own rows only. Adapters without
+    rows take no part in the call: they get no gradient at all (not a zero gradient).
+
+    Args:
+        x, weight, bias: as `lora_linear` (a dense or 4-bit base).
+        adapters: a sequence of (lora_A [r_a, in_features], lora_B [out_features, r_a], scaling_a),
+            the factors all of one dtype (x's or fp32); ranks may differ. The ranks of the adapters
+            that have rows in the batch may sum to at most 256.
+        row_adapter: which adapter each row uses, -1 for none: an integer tensor of x.shape[:-1]
+            (one entry per token) or of x.shape[:1] (one per sequence), or a list or tuple of ints
+            with one per sequence (x.shape[0]), as PEFT's `adapter_names`. A tensor is read once on
+            the host to find the adapters with rows (a device synchronization on a GPU; a list
+            costs none).
+        dropout_p: dropout on the input of A, one p for the batch, in [0, 1). Every row's mask is
+            regenerated from one seed; rows are disjoint between adapters, so their masks are
+            independent draws. training: False disables dropout.
+        backend, base_gemm: as `lora_linear`.
+    Returns:
+        y: [*, out_features] in x's dtype.
+    """
+    weight = _base_description(weight)
+    adapters = _check_adapter_list(adapters)
+    if isinstance(x, torch.Tensor) and x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+        operands = [_autocast_operands(x, weight, bias, A, B) for A, B, _ in adapters]
+        x, weight, bias = operands[0][:3]
+        adapters = [(ops[3], ops[4], s) for ops, (_, _, s) in zip(operands, adapters)]
+    for lora_A, lora_B, scaling in adapters:
+        check_lora_linear_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    _check_frozen(weight)
+    if len({A.dtype for A, B, _ in adapters} | {B.dtype for A, B, _ in adapters}) > 1:
+        raise TypeError("lora_linear_segmented: every adapter's lora_A and lora_B must share one dtype; got "
+                        + ", ".join(f"adapter {a}: {A.dtype}/{B.dtype}" for a, (A, B, _) in enumerate(adapters)))
+    index, present = _row_adapter_index(row_adapter, x, len(adapters))
+    if x.is_meta:
+        resolve_plan(torch.device("cuda"), backend, base_gemm)
+        dense = x.new_empty(weight.shape) if isinstance(weight, FourBitWeight) else weight
+        return lora_linear_segmented_ref(x, dense, bias, adapters, index)
+    lora_A, lora_B, segments = _concatenated(adapters, index, present)
+    return _fused(x, weight, bias, lora_A, lora_B, 1.0, dropout_p if training else 0.0, backend, base_gemm, segments)
+
+
+def _check_adapter_list(adapters):
+    """The adapters as a list of (lora_A, lora_B, scaling) triples; TypeError / ValueError otherwise."""
+    if isinstance(adapters, torch.Tensor) or not isinstance(adapters, (list, tuple)):
+        raise TypeError(f"adapters must be a list or tuple of (lora_A, lora_B, scaling); got {type(adapters).__name__}")
+    if not adapters:
+        raise ValueError("adapters is empty: lora_linear_segmented needs at least one adapter")
+    for a, entry in enumerate(adapters):
+        if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+            raise TypeError(f"adapters[{a}] must be a (lora_A, lora_B, scaling) triple; got {type(entry).__name__}"
+                            + (f" of length {len(entry)}" if isinstance(entry, (list, tuple)) else ""))
+    return [tuple(entry) for entry in adapters]
+
+
+def _row_adapter_index(row_adapter, x, num_adapters):
+    """(int64 [M] adapter index per row of x, sorted ids of the adapters with rows)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    leading = x.shape[:-1]
+    if isinstance(row_adapter, (list, tuple)):
+        if x.dim() < 2 or len(row_adapter) != x.shape[0]:
+            raise ValueError(f"row_adapter as a list names one adapter per sequence (x.shape[0] = "
+                             f"{x.shape[0] if x.dim() else None} for x of shape {tuple(x.shape)}); got "
+                             f"{len(row_adapter)} entries")
+        if not all(isinstance(a, int) and not isinstance(a, bool) for a in row_adapter):
+            raise TypeError(f"row_adapter entries must be ints (-1: no adapter); got {list(row_adapter)[:8]}")
+        present = sorted(set(row_adapter))
+        per_sequence = torch.tensor(row_adapter, dtype=torch.int64)
+        index = per_sequence.repeat_interleave(rows // x.shape[0]).to(x.device)
+    elif isinstance(row_adapter, torch.Tensor):
+        if row_adapter.dtype.is_floating_point or row_adapter.dtype == torch.bool or row_adapter.is_complex():
+            raise TypeError(f"row_adapter must be an integer tensor; got {row_adapter.dtype}")
+        if row_adapter.device != x.device:
+            raise TypeError(f"row_adapter is on {row_adapter.device}, x on {x.device}: put them on one device")
+        shape = tuple(row_adapter.shape)
+        if shape == tuple(leading):
+            index = row_adapter.reshape(-1).long()
+        elif x.dim() >= 2 and shape == tuple(leading[:1]):
+            index = row_adapter.long().repeat_interleave(rows // max(x.shape[0], 1))
+        else:
+            raise ValueError(f"row_adapter must have x's leading shape {tuple(leading)} (one adapter per row) or "
+                             f"{tuple(leading[:1])} (one per sequence); got {shape}")
+        present = [] if x.is_meta or index.numel() == 0 else torch.unique(index).tolist()
+    else:
+        raise TypeError(f"row_adapter must be an integer tensor or a list of ints; got {type(row_adapter).__name__}")
+    bad = [a for a in present if not -1 <= a < num_adapters]
+    if bad:
+        raise ValueError(f"row_adapter names adapters {bad}, outside -1..{num_adapters - 1} ({num_adapters} adapters)")
+    return index, [a for a in present if a >= 0]
+
+
+def _concatenated(adapters, index, present):
+    """(lora_A, lora_B, `Segments`) of the adapters with rows, concatenated along the rank (autograd
+    flows back to each), with the rows renumbered to their positions; without any, the first
+    adapter detached (no gradient) and every row masked to the base layer alone."""
+    chosen = present or [0]
+    ranks = [adapters[a][0].shape[0] for a in chosen]
+    if sum(ranks) > MAX_RANK:
+        raise ValueError(f"the adapters with rows in this batch have ranks {dict(zip(chosen, ranks))}, summing to "
+                         f"{sum(ranks)} > {MAX_RANK}: split the batch")
+    device = index.device
+    position = torch.full((len(adapters) + 1,), -1, dtype=torch.int32)
+    for i, a in enumerate(present):
+        position[a + 1] = i
+    row_segment = position.to(device)[index + 1]
+    column_segment = torch.repeat_interleave(torch.arange(len(chosen), dtype=torch.int32), torch.tensor(ranks))
+    column_scale = torch.repeat_interleave(torch.tensor([float(adapters[a][2]) for a in chosen]), torch.tensor(ranks))
+    factors = [adapters[a][:2] for a in chosen]
+    if not present:
+        factors = [(A.detach(), B.detach()) for A, B in factors]
+    lora_A = factors[0][0] if len(factors) == 1 else torch.cat([A for A, _ in factors])
+    lora_B = factors[0][1] if len(factors) == 1 else torch.cat([B for _, B in factors], dim=1)
+    segments = Segments(row_segment.contiguous(), column_segment.to(device), column_scale.to(device))
+    return lora_A, lora_B.contiguous(), segments

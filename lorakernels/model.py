@@ -120,10 +120,76 @@ def apply_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_r
 
 def mark_only_lora_as_trainable(model):
     """requires_grad = True for lora_A/lora_B of every LoRALinear, False for every other parameter."""
-    lora_params = {id(p) for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)}
+    lora_params = {id(p) for _, m in lora_modules(model)
+                   for p in (m.lora_A, m.lora_B, *m.extra_adapters.parameters())}
     for p in model.parameters():
         p.requires_grad_(id(p) in lora_params)
     return model
+
+
+def _lora_layers_or_error(model, action):
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError(f"{action}: {type(model).__name__} holds no LoRALinear layer (apply_lora first)")
+    return layers
+
+
+def add_adapter(model, adapter_name, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False):
+    """Add adapter `adapter_name` to every LoRALinear layer of `model` (trainable, lora_B zeros), as
+    PEFT's `add_adapter`; the active adapter stays. Checked on every layer before any changes."""
+    layers = _lora_layers_or_error(model, "add_adapter")
+    for name, layer in layers:
+        if adapter_name in layer.adapter_names:
+            raise ValueError(f"{name} has an adapter {adapter_name!r} already; nothing was changed")
+        if layer.merged:
+            raise RuntimeError(f"{name} is merged: unmerge_lora(model) before adding an adapter; nothing was changed")
+    for _, layer in layers:
+        layer.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
+    mark_only_lora_as_trainable(model)
+    return model
+
+
+def set_adapter(model, adapter_name):
+    """Make `adapter_name` the adapter every LoRALinear layer's forward, merge and unmerge use."""
+    layers = _lora_layers_or_error(model, "set_adapter")
+    missing = [name for name, layer in layers if adapter_name not in layer.adapter_names]
+    if missing:
+        raise ValueError(f"no adapter {adapter_name!r} on {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
+                         f"nothing was changed")
+    for _, layer in layers:
+        layer.set_adapter(adapter_name)
+    return model
+
+
+def delete_adapter(model, adapter_name):
+    """Remove added adapter `adapter_name` from every LoRALinear layer that holds it."""
+    layers = [(n, m) for n, m in _lora_layers_or_error(model, "delete_adapter") if adapter_name in m.adapter_names]
+    if not layers:
+        raise ValueError(f"no layer of the model has an adapter {adapter_name!r}")
+    for _, layer in layers:
+        layer.delete_adapter(adapter_name)
+    return model
+
+
+@contextlib.contextmanager
+def mixed_batch(model, adapter_names):
+    """Within the block, every LoRALinear layer of `model` runs PEFT-style mixed batches: sequence i
+    (x.shape[0] of each layer's input) through adapter `adapter_names[i]` ("__base__": none), all
+    in one fused pass per layer. PEFT passes `adapter_names=` to the model's forward; a
+    transformers model does not forward that argument to its layers, hence the block:
+
+        with lorakernels.mixed_batch(model, ["math", "__base__", "code"]):
+            logits = model(input_ids).logits
+    """
+    layers = _lora_layers_or_error(model, "mixed_batch")
+    names = list(adapter_names)
+    for _, layer in layers:
+        layer.batch_adapter_names = names
+    try:
+        yield model
+    finally:
+        for _, layer in layers:
+            layer.batch_adapter_names = None
 
 
 def lora_state_dict(model):

@@ -9,7 +9,7 @@ from torch import nn
 from lorakernels import ops
 from lorakernels._validation import FLOAT_DTYPES, check_lora_hyperparameters, check_scaling_fits, shares_memory
 from lorakernels.four_bit import four_bit_weight, is_linear4bit, original_dtype
-from lorakernels.functional import lora_linear
+from lorakernels.functional import lora_linear, lora_linear_segmented
 from lorakernels.plan import resolve_backend, resolve_base_gemm
 
 
@@ -62,6 +62,25 @@ def _check_four_bit(linear, adapter_dtype):
                         f"({compute}); got {adapter_dtype}")
 
 
+BASE_ONLY = "__base__"  # PEFT's name, in `adapter_names`, for rows that take no adapter
+
+
+class NamedAdapter(nn.Module):
+    """A further adapter of a `LoRALinear` (`add_adapter`): lora_A [r, in], lora_B [out, r] and its
+    hyperparameters, initialised as the layer's own (A kaiming-uniform, B zeros)."""
+
+    def __init__(self, in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, device, dtype):
+        super().__init__()
+        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, lora_alpha, float(lora_dropout), use_rslora
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def extra_repr(self):
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}"
+
+
 class LoRALinear(nn.Module):
     """y = x W^T + b + scaling * dropout(x) A^T B^T, with W and b frozen.
 
@@ -83,6 +102,14 @@ class LoRALinear(nn.Module):
     dtype, as Linear4bit does. The adapters are fp32 unless adapter_dtype says the compute dtype.
     Such a layer is not merged in place (`merge()` raises TypeError); `merged_linear()` (used by
     `merge_and_unload`) builds the merged 16-bit nn.Linear.
+
+    Several adapters, with PEFT's vocabulary: the layer's own adapter is named `adapter_name`
+    ("default"); `add_adapter(name, r, ...)` adds another (`extra_adapters[name]`, its own rank,
+    alpha, dropout), `set_adapter(name)` chooses the one forward, merge and unmerge use,
+    `delete_adapter(name)` removes one. `forward(x, adapter_names=[...])` takes one adapter name
+    per sequence (x.shape[0]; "__base__" for none), as PEFT's mixed batches, and runs them all in
+    one fused pass (`lora_linear_segmented`): the base GEMM once, each row's LoRA term in the
+    same accumulator; in training, the adapters named get gradients from their rows only.
 
     `merge()` folds the adapter into `weight` (one pass of the merge kernel) so that forward is
     the plain GEMM; `unmerge()` restores the base weight bit for bit from a copy kept while
@@ -152,24 +179,127 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
         self.reset_lora_parameters()
+        self.adapter_name = "default"
+        self.active_adapter = self.adapter_name
+        self.extra_adapters = nn.ModuleDict()
+        # adapter_names for every call, set by `lorakernels.mixed_batch` around a whole model's call.
+        self.batch_adapter_names = None
 
     def reset_lora_parameters(self):
         """A kaiming-uniform(a=sqrt(5)) as nn.Linear and PEFT, B zeros: the adapter starts as the identity."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    def forward(self, x):
+    # --- several adapters ---------------------------------------------------------------------------
+
+    @property
+    def adapter_names(self):
+        """Names of this layer's adapters: its own first, then those added."""
+        return [self.adapter_name, *self.extra_adapters.keys()]
+
+    def adapter_operands(self, name):
+        """(lora_A, lora_B, scaling, lora_dropout) of adapter `name`."""
+        if name == self.adapter_name:
+            return self.lora_A, self.lora_B, self.scaling, self.lora_dropout
+        if name not in self.extra_adapters:
+            raise ValueError(f"no adapter {name!r} on this layer; its adapters: {self.adapter_names}")
+        extra = self.extra_adapters[name]
+        return extra.lora_A, extra.lora_B, extra.scaling, extra.lora_dropout
+
+    def adapter_config(self, name):
+        """(r, lora_alpha, lora_dropout, use_rslora) of adapter `name`."""
+        self.adapter_operands(name)  # ValueError for an unknown name
+        owner = self if name == self.adapter_name else self.extra_adapters[name]
+        return owner.r, owner.lora_alpha, owner.lora_dropout, owner.use_rslora
+
+    def set_adapter_config(self, name, lora_alpha, lora_dropout, use_rslora):
+        """Set adapter `name`'s alpha, dropout and rsLoRA flag (its rank is its factors'), and its scaling."""
+        self.adapter_operands(name)
+        owner = self if name == self.adapter_name else self.extra_adapters[name]
+        owner.lora_alpha, owner.lora_dropout, owner.use_rslora = lora_alpha, float(lora_dropout), use_rslora
+        owner.scaling = lora_scaling(owner.r, lora_alpha, use_rslora)
+
+    def add_adapter(self, name, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False):
+        """Add adapter `name` (trainable, lora_B zeros: it starts as the identity), in the dtype and
+        on the device of the layer's own adapter. The active adapter stays as it was."""
+        if not isinstance(name, str) or not name.isidentifier() or name == BASE_ONLY:
+            raise ValueError(f"adapter names must be Python identifiers other than {BASE_ONLY!r}; got {name!r}")
+        if name in self.adapter_names:
+            raise ValueError(f"this layer has an adapter {name!r} already (its adapters: {self.adapter_names})")
+        if self.merged:
+            raise RuntimeError("LoRALinear is merged: unmerge() before adding an adapter")
+        _check_arguments(self.in_features, self.out_features, r, lora_alpha, lora_dropout, use_rslora,
+                         self.lora_A.dtype, None)
+        self.extra_adapters[name] = NamedAdapter(self.in_features, self.out_features, r, lora_alpha, lora_dropout,
+                                                 use_rslora, self.lora_A.device, self.lora_A.dtype)
+
+    def set_adapter(self, name):
+        """Make `name` the adapter forward (without adapter_names), merge and unmerge use."""
+        if self.merged:
+            raise RuntimeError("LoRALinear is merged: unmerge() before switching adapters")
+        self.adapter_operands(name)  # ValueError for an unknown name
+        self.active_adapter = name
+
+    def delete_adapter(self, name):
+        """Remove an added adapter (the layer's own one stays); the active adapter falls back to the
+        layer's own if it was `name`."""
+        if name == self.adapter_name:
+            raise ValueError(f"{name!r} is this layer's own adapter and cannot be deleted; delete added ones only "
+                             f"({list(self.extra_adapters.keys())})")
+        if name not in self.extra_adapters:
+            raise ValueError(f"no added adapter {name!r} on this layer; its adapters: {self.adapter_names}")
+        if self.merged and self.active_adapter == name:
+            raise RuntimeError(f"adapter {name!r} is merged into the weight: unmerge() first")
+        del self.extra_adapters[name]
+        if self.active_adapter == name:
+            self.active_adapter = self.adapter_name
+
+    def _mixed_batch_forward(self, x, adapter_names):
+        """One fused pass over a batch whose sequences use different adapters (PEFT's adapter_names)."""
+        if self.merged:
+            raise RuntimeError("LoRALinear is merged: adapter_names batches need unmerged adapters (unmerge() first)")
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"adapter_names must be a list of adapter names (one per sequence); got {adapter_names!r}")
+        unknown = sorted(set(adapter_names) - set(self.adapter_names) - {BASE_ONLY})
+        if unknown:
+            raise ValueError(f"adapter_names names {unknown}, not adapters of this layer ({self.adapter_names}, or "
+                             f"{BASE_ONLY!r} for the base alone)")
+        used = [n for n in self.adapter_names if n in adapter_names]
+        operands = [self.adapter_operands(n) for n in used]
+        dropouts = {p for *_, p in operands} if self.training else {0.0}
+        if len(dropouts) > 1:
+            raise ValueError("the adapters of one mixed batch share one dropout p in training; got "
+                             + ", ".join(f"{n}: {p}" for n, (*_, p) in zip(used, operands)))
+        position = {n: i for i, n in enumerate(used)}
+        rows = [position.get(n, -1) for n in adapter_names]
+        adapters = [(A, B, s) for A, B, s, _ in operands] or [(self.lora_A.detach(), self.lora_B.detach(), 1.0)]
+        dropout = dropouts.pop() if dropouts else 0.0
+        if self.four_bit:
+            dtype = self.compute_dtype or x.dtype
+            y = lora_linear_segmented(x.to(dtype), self.four_bit_base(), None if self.bias is None else
+                                      self.bias.to(dtype), adapters, rows, dropout, self.training, self.backend,
+                                      self.base_gemm)
+            return y.to(x.dtype)
+        return lora_linear_segmented(x, self.weight, self.bias, adapters, rows, dropout, self.training,
+                                     backend=self.backend, base_gemm=self.base_gemm)
+
+    def forward(self, x, adapter_names=None):
+        adapter_names = adapter_names if adapter_names is not None else self.batch_adapter_names
+        if adapter_names is not None and not self.adapters_disabled:
+            return self._mixed_batch_forward(x, adapter_names)
         if self.four_bit:
             return self._forward_four_bit(x)
         if self.merged:
-            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+            lora_A, lora_B, _, _ = self.adapter_operands(self.active_adapter)
+            if self.training and torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad):
                 raise RuntimeError("LoRALinear is merged: its adapter is folded into weight and cannot be trained. "
                                    "Call unmerge() first, or eval() / torch.no_grad() for inference.")
             return F.linear(x, self.weight, self.bias)
         if self.adapters_disabled:
             return F.linear(x, self.weight, self.bias)
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                           self.lora_dropout, self.training, backend=self.backend, base_gemm=self.base_gemm)
+        lora_A, lora_B, scaling, dropout = self.adapter_operands(self.active_adapter)
+        return lora_linear(x, self.weight, self.bias, lora_A, lora_B, scaling, dropout, self.training,
+                           backend=self.backend, base_gemm=self.base_gemm)
 
     def four_bit_base(self):
         """The `operands.FourBitWeight` of the 4-bit base (codes shared; see `lorakernels.four_bit`)."""
@@ -184,8 +314,9 @@ class LoRALinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(dtype)
         if self.adapters_disabled:
             return F.linear(x.to(dtype), base.dequantize(dtype), bias).to(x.dtype)
-        y = lora_linear(x.to(dtype), base, bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout,
-                        self.training, backend=self.backend, base_gemm=self.base_gemm)
+        lora_A, lora_B, scaling, dropout = self.adapter_operands(self.active_adapter)
+        y = lora_linear(x.to(dtype), base, bias, lora_A, lora_B, scaling, dropout, self.training,
+                        backend=self.backend, base_gemm=self.base_gemm)
         return y.to(x.dtype)
 
     @torch.no_grad()
@@ -204,7 +335,8 @@ class LoRALinear(nn.Module):
             dense = self.four_bit_base().dequantize(dtype)
         else:
             dtype, dense = self.weight.dtype, self.weight.detach().clone()
-        merged = ops.lora_merge(dense, self.lora_A.detach(), self.lora_B.detach(), self.scaling, out=dense,
+        lora_A, lora_B, scaling, _ = self.adapter_operands(self.active_adapter)
+        merged = ops.lora_merge(dense, lora_A.detach(), lora_B.detach(), scaling, out=dense,
                                 backend=self._merge_backend())
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
                            dtype=dtype)
@@ -231,8 +363,8 @@ class LoRALinear(nn.Module):
         if tied:
             raise tied_weight_error(f"this layer's weight with {tied}", "layer")
         self._original_weight = self.weight.detach().clone() if keep_original else None
-        ops.lora_merge(self.weight, self.lora_A, self.lora_B, self.scaling, out=self.weight,
-                       backend=self._merge_backend())
+        lora_A, lora_B, scaling, _ = self.adapter_operands(self.active_adapter)
+        ops.lora_merge(self.weight, lora_A, lora_B, scaling, out=self.weight, backend=self._merge_backend())
         self.merged = True
 
     @torch.no_grad()
@@ -243,7 +375,8 @@ class LoRALinear(nn.Module):
         if self._original_weight is not None:
             self.weight.copy_(self._original_weight)
         else:
-            ops.lora_merge(self.weight, self.lora_A, self.lora_B, self.scaling, subtract=True, out=self.weight,
+            lora_A, lora_B, scaling, _ = self.adapter_operands(self.active_adapter)
+            ops.lora_merge(self.weight, lora_A, lora_B, scaling, subtract=True, out=self.weight,
                            backend=self._merge_backend())
         self._original_weight = None
         self.merged = False
@@ -253,5 +386,7 @@ class LoRALinear(nn.Module):
                 f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
                 f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}, "
                 f"adapter_dtype={self.lora_A.dtype}, base_gemm={self.base_gemm}, merged={self.merged}"
+                + (f", adapters={self.adapter_names}, active_adapter={self.active_adapter!r}"
+                   if self.extra_adapters else "")
                 + (f", base=4-bit {self.weight.quant_type}, compute_dtype={self.compute_dtype}"
                    if self.four_bit else ""))

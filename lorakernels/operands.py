@@ -7,9 +7,10 @@ math:
   what validation accepts (`_validation.check_dense_weight`) and, in the kernels, how a weight
   tile is loaded (`lorakernels.kernels.gemm_core.load_weight_tile`). A quantized base (4-bit
   codes with per-block scales) is another description with the same two jobs.
-- the adapter description (`Adapter` today: one adapter for every row): the rank-R operands,
-  scaling, dropout and its seed, checked by `_validation.check_adapter`. Several adapters in
-  one batch become a description with per-segment operands and a row-to-segment table.
+- the adapter description (`Adapter`): the rank-R operands, scaling, dropout and its seed,
+  checked by `_validation.check_adapter`; one adapter for every row, or several adapters in one
+  batch (`Segments`: their factors concatenated along the rank, a row-to-adapter table and the
+  per-adapter scalings, which mask the rank-R intermediates row by row).
 
 The autograd layer builds them from its tensors; the launchers of both backends take them.
 """
@@ -36,16 +37,49 @@ class DenseWeight:
         return self.weight.shape[1]
 
 
+class Segments(NamedTuple):
+    """Several adapters in one batch, as one adapter of their summed rank.
+
+    The adapters' lora_A are concatenated along the rank ([R, K], R = sum of ranks) and so are
+    their lora_B ([N, R]); column j of U = dropout(X) A^T belongs to adapter column_segment[j]
+    and row m of X to adapter row_segment[m] (-1: the base layer alone). Masking U and
+    V = dY B row by row with `mask()` (column j of row m kept, times its adapter's scaling, only
+    where the two agree) turns the one-adapter passes into every row's own adapter:
+    y_m = x_m W^T + b + s_a dropout(x_m) A_a^T B_a^T, and each adapter's gradients gather its
+    own rows only. The kernels then run with scaling 1.
+
+    row_segment: int32 [M]. column_segment: int32 [R]. column_scale: fp32 [R].
+    """
+
+    row_segment: torch.Tensor
+    column_segment: torch.Tensor
+    column_scale: torch.Tensor
+
+    def mask(self):
+        """fp32 [M, R]: column_scale[j] where row m's adapter owns column j, else 0."""
+        owned = self.row_segment[:, None] == self.column_segment[None, :]
+        return torch.where(owned, self.column_scale[None, :], 0.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Adapter:
     """One LoRA adapter applied to every row: lora_A [R, K], lora_B [N, R] (x's dtype or fp32),
-    y += scaling * (dropout(x) A^T) B^T, the dropout mask drawn from `seed` (p = 0: no mask)."""
+    y += scaling * (dropout(x) A^T) B^T, the dropout mask drawn from `seed` (p = 0: no mask).
+
+    With `segments`, several adapters concatenated along the rank, each row using its own
+    (`Segments`); `scaling` is then 1 and the adapters' scalings are the segments'.
+    """
 
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     scaling: float
     dropout_p: float = 0.0
     seed: int = 0
+    segments: Optional[Segments] = None
+
+    def mask_rank_rows(self, t):
+        """Multiply U or V ([M, R] fp32, in place) by the segments' mask; unchanged without segments."""
+        return t if self.segments is None else t.mul_(self.segments.mask())
 
     @property
     def rank(self):

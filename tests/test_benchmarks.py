@@ -71,7 +71,8 @@ def test_suite_writes_parseable_results(tmp_path):
     tiny = dict(vocab=50, hidden=64, intermediate=64, layers=1, heads=2, kv_heads=1)
     protocol = dict(suite.PROTOCOLS["cpu"], layer_shapes=[(16, 32, 24, 4, 0.1)], merge=[(32, 24, 4)],
                     model=dict(size=tiny, batch=1, seq=8, inference=[(1, 8)]), budget=Budget(rounds=3),
-                    qlora=dict(layer_shapes=[(8, 64, 32, 4, 0.0)], model=dict(size=tiny, batch=1, seq=8)))
+                    qlora=dict(layer_shapes=[(8, 64, 32, 4, 0.0)], model=dict(size=tiny, batch=1, seq=8)),
+                    segmented=dict(sequences=4, seq_len=3, K=32, N=24, r=4, adapters=(1, 4)))
     suite.PROTOCOLS["test"] = protocol
     try:
         assert suite.main(["--device", DEVICE.type, "--protocol", "test", "--output-dir", str(tmp_path),
@@ -92,6 +93,10 @@ def test_suite_writes_parseable_results(tmp_path):
     assert {"floor", "lorakernels", "unfused", "full-ft", "adapter"} <= providers
     text = (tmp_path / "results.md").read_text()
     assert "x floor" in text and "## Host overhead" in text
+    segmented = [r for r in rows if r["benchmark"] == "segmented" and r["metric"] == "tokens_per_s"]
+    assert {(r["adapters"], r["provider"]) for r in segmented} >= {(n, p) for n in ("1", "4")
+                                                                  for p in ("lorakernels", "one-at-a-time")}
+    assert "## Several adapters in one batch" in text
     if _have("bitsandbytes"):  # the QLoRA section runs when bitsandbytes is installed
         assert {"qlora-layer", "qlora-model"} <= {r["benchmark"] for r in rows}
         assert "## QLoRA layer, full" in text and "## QLoRA layer memory" in text and "## QLoRA model" in text
@@ -188,7 +193,8 @@ def test_a_failing_provider_is_reported_and_the_run_goes_on(tmp_path, monkeypatc
         return {**make_providers(*args, **kwargs), "broken": Provider("broken", _Broken(), lora=False)}
 
     monkeypatch.setattr(bench_layer, "make_providers", with_broken)
-    status = suite.main(["--device", DEVICE.type, "--skip-model", "--skip-qlora", "--no-progress", "--output-dir",
+    status = suite.main(["--device", DEVICE.type, "--skip-model", "--skip-qlora", "--skip-segmented", "--no-progress",
+                         "--output-dir",
                          str(tmp_path), "--providers", "floor", "lorakernels", "--layer-shapes", "16,32,24,4,0.1",
                          "--repeats", "1", "--seconds", "0"])
     assert status == 1
@@ -406,3 +412,22 @@ def test_triton_requirement_is_the_tested_range():
     triton = next(d for d in deps if d.name == "triton")
     assert triton.specifier.contains("3.6.0") and triton.specifier.contains("3.9.0")
     assert not triton.specifier.contains("3.10.0")
+
+
+def test_mixed_batch_providers_compute_the_same_function():
+    """The three mixed-batch providers (fused, PEFT's adapter_names loop, one adapter at a time) give
+    the reference's outputs: each sequence through its own adapter. Would catch a baseline timed on
+    the wrong adapters or in the wrong row order."""
+    from benchmarks.bench_segmented import make_segmented_providers
+    from lorakernels import lora_linear_segmented_ref
+
+    providers, names = make_segmented_providers(32, 24, 4, 3, torch.float32, DEVICE, sequences=5)
+    assert names == ["default", "a1", "a2", "default", "a1"]
+    layer = providers["lorakernels"].module.layer
+    adapters = [layer.adapter_operands(n)[:3] for n in layer.adapter_names]
+    x = torch.randn(5, 3, 32)
+    index = torch.tensor([layer.adapter_names.index(n) for n in names]).repeat_interleave(3).reshape(5, 3)
+    expected = lora_linear_segmented_ref(x, layer.weight, layer.bias, adapters, index)
+    assert (expected - torch.nn.functional.linear(x, layer.weight, layer.bias)).abs().max() > 1e-3
+    for name, provider in providers.items():
+        torch.testing.assert_close(provider.module(x), expected, rtol=1e-5, atol=1e-5, msg=name)

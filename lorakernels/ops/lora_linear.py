@@ -116,6 +116,7 @@ def lora_forward(x, base, adapter, plan):
     specs.F1.launch(lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),), x=x, a=adapter.lora_A, u=u, M=M, K=K, R=R,
                     seed=adapter.seed, p=adapter.dropout_p, HAS_DROPOUT=adapter.has_dropout,
                     R_PAD=configs.padded_rank(R), **plan.low_rank(x.dtype, adapter.lora_A.dtype))
+    adapter.mask_rank_rows(u)  # several adapters: each row keeps its own adapter's columns, scaled
     _f2(x, base, u, adapter.lora_B, y, adapter.scaling, plan)
     if not plan.fused_base_gemm and not isinstance(base, FourBitWeight):
         y.addmm_(x, base.weight.t())  # cuBLAS adds X W^T to b + s U B^T in its epilogue (beta = 1).
@@ -211,6 +212,8 @@ def lora_backward(dy, x, u, base, adapter, plan, needs=GradsNeeded()):
         dx = dy.new_zeros((0, base.in_features)) if needs.dx else None
         return dx, da.zero_() if needs.da else None, db.zero_() if needs.db else None
     v = pass_over_dy(dy, u, adapter, db, passes, rank_math) if passes.v or passes.db_in_dy_pass else None
+    if v is not None:
+        adapter.mask_rank_rows(v)  # several adapters: V's row m flows to row m's adapter only
     if passes.db_by_adapter_pass:
         adapter_grad_pass(u, dy, db.t(), adapter.scaling, 0, 0.0, rank_math)
     dx = dx_gemm_pass(dy, base, v, adapter, plan) if passes.dx else None

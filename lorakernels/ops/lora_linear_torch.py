@@ -40,6 +40,7 @@ def _dense(base, dtype):
 def lora_forward(x, base, adapter, plan):
     """Torch forward: returns (y [M, N] in x's dtype, u = Xd A^T [M, R] fp32)."""
     u = _dropped(x, _keep_scale(adapter, x.shape[0], x.shape[1], x.device)) @ adapter.lora_A.float().t()
+    adapter.mask_rank_rows(u)
     y = torch.nn.functional.linear(x, _dense(base, x.dtype), base.bias)
     y = y.addmm_((u * adapter.scaling).to(x.dtype), adapter.lora_B.to(x.dtype).t())
     return y, u
@@ -50,6 +51,8 @@ def lora_backward(dy, x, u, base, adapter, plan, needs=GradsNeeded()):
     M, K = dy.shape[0], base.in_features
     dy32 = dy.float()
     v = adapter.scaling * (dy32 @ adapter.lora_B.float()) if (needs.dx or needs.da) else None
+    if v is not None:
+        adapter.mask_rank_rows(v)
     db = (adapter.scaling * (dy32.t() @ u)).to(adapter.lora_B.dtype) if needs.db else None
     # The mask is regenerated once and serves both dA and dX.
     keep_scale = _keep_scale(adapter, M, K, dy.device) if (needs.da or needs.dx) else None

@@ -1,0 +1,156 @@
+"""Several adapters in one batch (`lora_linear_segmented`): every row through its own adapter.
+
+Each output and gradient is checked against the fp64 reference computed adapter by adapter
+(`lora_linear_segmented_ref`) with the suite's error rule, on both backends (the Triton kernels
+through the interpreter on CPU). Would catch a row reaching another adapter's columns, a scaling
+applied to the wrong adapter, gradients leaking between adapters, an adapter without rows
+receiving a (zero) gradient, and bad row tables accepted.
+"""
+
+import pytest
+import torch
+
+from lorakernels import lora_linear, lora_linear_segmented, lora_linear_segmented_ref
+from lorakernels.operands import FourBitWeight
+from tests.utils import DEVICE, assert_close_to_reference, replay_keep_mask
+
+BACKENDS = ["torch", "triton"]
+
+
+def _adapters(K, N, ranks, scalings, dtype):
+    return [((torch.randn(r, K) / K**0.5).to(dtype).requires_grad_(),
+             (torch.randn(N, r) * 0.5).to(dtype).requires_grad_(), s) for r, s in zip(ranks, scalings)]
+
+
+def _check_against_reference(x, weight, bias, adapters, row_adapter, p, backend, dtype, index=None):
+    """Run the fused call and check y, dx and every adapter's gradients against fp64; return the
+    adapters' gradients."""
+    M, K = x.numel() // x.shape[-1], x.shape[-1]
+    rng_state = torch.get_rng_state()
+    xg = x.detach().clone().requires_grad_()
+    y = lora_linear_segmented(xg, weight, bias, adapters, row_adapter, dropout_p=p, backend=backend)
+    keep = replay_keep_mask(rng_state, M, K, p, backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    index = row_adapter if index is None else index
+    dense = weight.dequantize(dtype) if isinstance(weight, FourBitWeight) else weight
+    results = {}
+    for upcast in (True, False):
+        leaves = [t.detach().double() if upcast else t.detach().to(dtype, copy=True) for t in (x,)]
+        leaves = [t.requires_grad_() for t in leaves]
+        ad = [((A.detach().double() if upcast else A.detach().to(dtype, copy=True)).requires_grad_(),
+               (B.detach().double() if upcast else B.detach().to(dtype, copy=True)).requires_grad_(), s)
+              for A, B, s in adapters]
+        ref = lora_linear_segmented_ref(leaves[0], dense, bias, ad, index, keep, p, upcast=upcast)
+        ref.backward(dy.to(ref.dtype))
+        results[upcast] = (ref.detach(), leaves[0].grad, ad)
+    (y64, dx64, ad64), (ylp, dxlp, adlp) = results[True], results[False]
+    assert_close_to_reference("y", y.detach(), y64, ylp, dtype)
+    assert_close_to_reference("dx", xg.grad, dx64, dxlp, dtype)
+    for a, ((A, B, _), (A64, B64, _), (Alp, Blp, _)) in enumerate(zip(adapters, ad64, adlp)):
+        if A64.grad is None:  # no rows: the reference never touched it
+            assert A.grad is None and B.grad is None, f"adapter {a} has no rows but got a gradient"
+            continue
+        assert_close_to_reference(f"dA[{a}]", A.grad, A64.grad, Alp.grad, dtype)
+        assert_close_to_reference(f"dB[{a}]", B.grad, B64.grad, Blp.grad, dtype)
+    return [(A.grad, B.grad) for A, B, _ in adapters]
+
+
+CASES = {  # ranks, scalings, per-row adapters (unsorted, -1 = base only), dropout
+    "three_adapters_unsorted": ([4, 8, 3], [0.5, 2.0, 1.0], [2, 0, -1, 2, 2, 0, -1, 2, 0, 2, 1, 0, 2], 0.0),
+    "dropout": ([4, 8, 3], [0.5, 2.0, 1.0], [2, 0, -1, 2, 2, 0, -1, 2, 0, 2, 1, 0, 2], 0.2),
+    "an_adapter_without_rows": ([2, 16, 5], [1.0, 0.25, 3.0], [0, 2, 2, 0, 0, 2, -1, 0, 2, 2, 0, 0, 2], 0.1),
+    "one_row_adapter": ([8, 8], [1.0, 4.0], [0] * 12 + [1], 0.0),
+    "every_row_base_only": ([4], [2.0], [-1] * 13, 0.0),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_fp64_reference_per_segment(backend, case):
+    ranks, scalings, rows, p = CASES[case]
+    torch.manual_seed(0)
+    M, K, N = len(rows), 40, 24
+    x = torch.randn(M, K)
+    weight, bias = torch.randn(N, K) / K**0.5, torch.randn(N)
+    adapters = _adapters(K, N, ranks, scalings, torch.float32)
+    grads = _check_against_reference(x, weight, bias, adapters, torch.tensor(rows), p, backend, torch.float32)
+    for a, (dA, dB) in enumerate(grads):  # exactly the adapters with rows get gradients
+        assert (dA is not None and dB is not None) == (a in rows), a
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_activations_fp32_adapters_per_sequence_list(backend):
+    """PEFT's convention: 3-D x and one adapter per sequence as a list; bf16 x and base, fp32
+    adapters (PEFT's default), different ranks."""
+    torch.manual_seed(1)
+    B, S, K, N = 4, 5, 48, 32
+    x = torch.randn(B, S, K).bfloat16()
+    weight, bias = (torch.randn(N, K) / K**0.5).bfloat16(), torch.randn(N).bfloat16()
+    adapters = _adapters(K, N, [4, 12, 8], [1.0, 0.5, 2.0], torch.float32)
+    names = [1, -1, 0, 1]
+    index = torch.tensor(names).repeat_interleave(S).reshape(B, S)
+    _check_against_reference(x, weight, bias, adapters, names, 0.1, backend, torch.bfloat16, index=index)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_four_bit_base(backend):
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(2)
+    M, K, N = 11, 64, 40
+    codes, state = bnb_functional.quantize_4bit(torch.randn(N, K) / K**0.5, blocksize=64, quant_type="nf4")
+    base = FourBitWeight.from_bitsandbytes(codes.to(DEVICE), state)
+    x = torch.randn(M, K)
+    adapters = _adapters(K, N, [4, 4], [1.0, 2.0], torch.float32)
+    rows = torch.tensor([1, 0, 0, 1, -1, 1, 0, 1, 1, 0, 0])
+    _check_against_reference(x, base, None, adapters, rows, 0.0, backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_adapter_for_every_row_is_lora_linear(backend):
+    """The segmented path with one adapter on every row computes lora_linear's function (dropout 0)."""
+    torch.manual_seed(3)
+    x, weight, bias = torch.randn(9, 32), torch.randn(20, 32) / 32**0.5, torch.randn(20)
+    A, B = torch.randn(6, 32) / 32**0.5, torch.randn(20, 6)
+    y = lora_linear_segmented(x, weight, bias, [(A, B, 0.75)], torch.zeros(9, dtype=torch.long), backend=backend)
+    torch.testing.assert_close(y, lora_linear(x, weight, bias, A, B, 0.75, backend=backend), rtol=1e-5, atol=1e-5)
+
+
+def test_fullgraph_compile_with_a_per_sequence_list():
+    torch.manual_seed(4)
+    x, weight = torch.randn(3, 4, 32), torch.randn(16, 32) / 32**0.5
+    adapters = _adapters(32, 16, [4, 8], [1.0, 2.0], torch.float32)
+
+    def f(x):
+        return lora_linear_segmented(x, weight, None, adapters, [1, 0, 1], backend="torch")
+
+    expected = f(x)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), expected)
+
+
+BAD = {
+    "index_out_of_range": (lambda a: (a, torch.tensor([0, 3, 1])), ValueError, "outside -1..1"),
+    "float_index": (lambda a: (a, torch.tensor([0.0, 1.0, 1.0])), TypeError, "integer tensor"),
+    "wrong_index_shape": (lambda a: (a, torch.tensor([0, 1])), ValueError, "leading shape"),
+    "list_on_2d_rows": (lambda a: (a, [0, 1]), ValueError, "one adapter per sequence"),
+    "mixed_adapter_dtypes": (lambda a: ([a[0], (a[1][0].double(), a[1][1].double(), 1.0)], torch.tensor([0, 1, 1])),
+                             TypeError, None),
+    "not_triples": (lambda a: ([(a[0][0], a[0][1])], torch.tensor([0, 0, 0])), TypeError, "triple"),
+    "empty": (lambda a: ([], torch.tensor([0, 0, 0])), ValueError, "empty"),
+    "ranks_over_256": (lambda a: ([(torch.randn(200, 16), torch.randn(8, 200), 1.0)] * 2, torch.tensor([0, 1, 1])),
+                       ValueError, "summing to 400 > 256"),
+    "adapter_shape": (lambda a: ([a[0], (torch.randn(4, 15), torch.randn(8, 4), 1.0)], torch.tensor([0, 1, 1])),
+                      ValueError, "lora_A"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_inputs_are_refused(case):
+    make, error, message = BAD[case]
+    adapters = [(torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True), 1.0),
+                (torch.randn(2, 16, requires_grad=True), torch.randn(8, 2, requires_grad=True), 2.0)]
+    before = [t.detach().clone() for A, B, _ in adapters for t in (A, B)]
+    args, row_adapter = make(adapters)
+    with pytest.raises(error, match=message):
+        lora_linear_segmented(torch.randn(3, 16), torch.randn(8, 16), None, args, row_adapter, backend="torch")
+    assert all(torch.equal(b, t) for b, t in zip(before, (t for A, B, _ in adapters for t in (A, B))))
