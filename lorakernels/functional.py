@@ -43,7 +43,8 @@ def _autocast_operands(x, weight, bias, lora_A, lora_B):
     x, bias = (t.to(dtype) if t is not None else None for t in (x, bias))
     if isinstance(weight, torch.Tensor):
         weight = weight.to(dtype)
-    adapters = [a if a.dtype == torch.float32 else a.to(dtype) for a in (lora_A, lora_B)]
+    adapters = [a.to(dtype) if isinstance(a, torch.Tensor) and a.dtype != torch.float32 else a
+                for a in (lora_A, lora_B)]
     return (x, weight, bias, *adapters)
 
 
@@ -139,9 +140,8 @@ def lora_linear_segmented(x, weight, bias, adapters, row_adapter, dropout_p=0.0,
     weight = _base_description(weight)
     adapters = _check_adapter_list(adapters)
     if isinstance(x, torch.Tensor) and x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
-        operands = [_autocast_operands(x, weight, bias, A, B) for A, B, _ in adapters]
-        x, weight, bias = operands[0][:3]
-        adapters = [(ops[3], ops[4], s) for ops, (_, _, s) in zip(operands, adapters)]
+        x, weight, bias, *_ = _autocast_operands(x, weight, bias, *adapters[0][:2])
+        adapters = [(*_autocast_operands(x, weight, bias, A, B)[3:], s) for A, B, s in adapters]  # x is cast once
     for lora_A, lora_B, scaling in adapters:
         check_lora_linear_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     _check_frozen(weight)
@@ -183,7 +183,7 @@ def _row_adapter_index(row_adapter, x, num_adapters):
             raise TypeError(f"row_adapter entries must be ints (-1: no adapter); got {list(row_adapter)[:8]}")
         present = sorted(set(row_adapter))
         per_sequence = torch.tensor(row_adapter, dtype=torch.int64)
-        index = per_sequence.repeat_interleave(rows // x.shape[0]).to(x.device)
+        index = per_sequence.repeat_interleave(rows // max(x.shape[0], 1)).to(x.device)
     elif isinstance(row_adapter, torch.Tensor):
         if row_adapter.dtype.is_floating_point or row_adapter.dtype == torch.bool or row_adapter.is_complex():
             raise TypeError(f"row_adapter must be an integer tensor; got {row_adapter.dtype}")

@@ -154,3 +154,20 @@ def test_bad_inputs_are_refused(case):
     with pytest.raises(error, match=message):
         lora_linear_segmented(torch.randn(3, 16), torch.randn(8, 16), None, args, row_adapter, backend="torch")
     assert all(torch.equal(b, t) for b, t in zip(before, (t for A, B, _ in adapters for t in (A, B))))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_and_empty_batches(backend):
+    """Under autocast the segmented call computes in the autocast dtype as lora_linear does (fp32
+    adapters stay fp32); a batch without rows returns an empty output."""
+    torch.manual_seed(6)
+    x, weight = torch.randn(2, 3, 32), torch.randn(16, 32) / 32**0.5
+    adapters = _adapters(32, 16, [4, 2], [1.0, 0.5], torch.float32)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y = lora_linear_segmented(x, weight, None, adapters, [1, 0], backend=backend)
+        expected = torch.cat([lora_linear(x[i:i + 1], weight, None, A.detach(), B.detach(), s, backend=backend)
+                              for i, (A, B, s) in enumerate([adapters[1], adapters[0]])])
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected, rtol=0, atol=2 * 2**-8 * expected.abs().max().item())
+    empty = lora_linear_segmented(torch.randn(0, 3, 32), weight, None, adapters, [], backend=backend)
+    assert empty.shape == (0, 3, 16)
