@@ -134,6 +134,13 @@ def _lora_layers_or_error(model, action):
     return layers
 
 
+def _check_none_merged(layers, action):
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise RuntimeError(f"{action}: {merged[:4]} {'are' if len(merged) > 1 else 'is'} merged; unmerge_lora(model) "
+                           f"first; nothing was changed")
+
+
 def add_adapter(model, adapter_name, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False):
     """Add adapter `adapter_name` to every LoRALinear layer of `model` (trainable, lora_B zeros), as
     PEFT's `add_adapter`; the active adapter stays. Checked on every layer before any changes."""
@@ -141,8 +148,8 @@ def add_adapter(model, adapter_name, r=8, lora_alpha=8, lora_dropout=0.0, use_rs
     for name, layer in layers:
         if adapter_name in layer.adapter_names:
             raise ValueError(f"{name} has an adapter {adapter_name!r} already; nothing was changed")
-        if layer.merged:
-            raise RuntimeError(f"{name} is merged: unmerge_lora(model) before adding an adapter; nothing was changed")
+    _check_none_merged(layers, "add_adapter")
+    layers[0][1]._check_new_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)  # same on every layer
     for _, layer in layers:
         layer.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
     mark_only_lora_as_trainable(model)
@@ -156,6 +163,7 @@ def set_adapter(model, adapter_name):
     if missing:
         raise ValueError(f"no adapter {adapter_name!r} on {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
                          f"nothing was changed")
+    _check_none_merged(layers, "set_adapter")
     for _, layer in layers:
         layer.set_adapter(adapter_name)
     return model
@@ -166,6 +174,10 @@ def delete_adapter(model, adapter_name):
     layers = [(n, m) for n, m in _lora_layers_or_error(model, "delete_adapter") if adapter_name in m.adapter_names]
     if not layers:
         raise ValueError(f"no layer of the model has an adapter {adapter_name!r}")
+    own = [name for name, layer in layers if layer.adapter_name == adapter_name]
+    if own:
+        raise ValueError(f"{adapter_name!r} is the own adapter of {own[:4]} and cannot be deleted; nothing was changed")
+    _check_none_merged([(n, m) for n, m in layers if m.active_adapter == adapter_name], "delete_adapter")
     for _, layer in layers:
         layer.delete_adapter(adapter_name)
     return model

@@ -222,6 +222,12 @@ class LoRALinear(nn.Module):
     def add_adapter(self, name, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False):
         """Add adapter `name` (trainable, lora_B zeros: it starts as the identity), in the dtype and
         on the device of the layer's own adapter. The active adapter stays as it was."""
+        self._check_new_adapter(name, r, lora_alpha, lora_dropout, use_rslora)
+        self.extra_adapters[name] = NamedAdapter(self.in_features, self.out_features, r, lora_alpha, lora_dropout,
+                                                 use_rslora, self.lora_A.device, self.lora_A.dtype)
+
+    def _check_new_adapter(self, name, r, lora_alpha, lora_dropout, use_rslora):
+        """The checks of `add_adapter`: a new identifier, an unmerged layer, valid hyperparameters."""
         if not isinstance(name, str) or not name.isidentifier() or name == BASE_ONLY:
             raise ValueError(f"adapter names must be Python identifiers other than {BASE_ONLY!r}; got {name!r}")
         if name in self.adapter_names:
@@ -230,8 +236,6 @@ class LoRALinear(nn.Module):
             raise RuntimeError("LoRALinear is merged: unmerge() before adding an adapter")
         _check_arguments(self.in_features, self.out_features, r, lora_alpha, lora_dropout, use_rslora,
                          self.lora_A.dtype, None)
-        self.extra_adapters[name] = NamedAdapter(self.in_features, self.out_features, r, lora_alpha, lora_dropout,
-                                                 use_rslora, self.lora_A.device, self.lora_A.dtype)
 
     def set_adapter(self, name):
         """Make `name` the adapter forward (without adapter_names), merge and unmerge use."""

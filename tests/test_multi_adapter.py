@@ -132,7 +132,16 @@ def test_adapter_bookkeeping_errors_change_nothing():
         layer.delete_adapter("default")
     with pytest.raises(ValueError, match=r"not adapters of this layer"):
         layer(torch.randn(2, 3, 48), adapter_names=["b", "nope"])
+    with pytest.raises(ValueError, match="r must be"):
+        add_adapter(model, "d", r=0)
+    model.model.layers[1].mlp.down_proj.merge()
+    with pytest.raises(RuntimeError, match="merged"):
+        set_adapter(model, "b")
+    with pytest.raises(RuntimeError, match="merged"):
+        add_adapter(model, "d")
+    model.model.layers[1].mlp.down_proj.unmerge()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert all("d" not in layer.adapter_names for _, layer in lora_modules(model))
     assert all(layer.active_adapter == "default" for _, layer in lora_modules(model))
     delete_adapter(model, "c")
     assert layer.adapter_names == ["default", "b"]
