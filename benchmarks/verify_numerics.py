@@ -89,6 +89,41 @@ def _saved_bytes(torch, testing, lorakernels, shape, dtype, adapter_dtype, p, de
                 peft_style_bytes=unfused, x_bytes=x.numel() * x.element_size())
 
 
+def _segmented_error_rows(torch, testing, lorakernels, shape, dtype, p, device):
+    """Several adapters in one batch (ranks 4, 8, 16, scalings 0.5, 2, 1; rows unsorted, some on the
+    base alone): relative errors of y, dx and each adapter's dA, dB against the fp64 reference."""
+    M, K, N, _ = shape
+    x, weight, bias, _, _ = testing.make_inputs(M, K, N, 4, dtype, torch.float32, device=device)
+    adapters = [((torch.randn(r, K, device=device) / K**0.5).requires_grad_(),
+                 (torch.randn(N, r, device=device) * 0.5).requires_grad_(), s)
+                for r, s in ((4, 0.5), (8, 2.0), (16, 1.0))]
+    index = torch.randint(-1, 3, (M,), device=device)
+    leaf = x.clone().requires_grad_()
+    rng_state = torch.get_rng_state()
+    y = lorakernels.lora_linear_segmented(leaf, weight, bias, adapters, index, p, backend="triton")
+    keep = testing.replay_keep_mask(rng_state, M, K, p, "triton", device)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    refs = {}
+    for upcast in (True, False):
+        xr = (x.double() if upcast else x.clone()).requires_grad_()
+        ad = [((A.detach().double() if upcast else A.detach().to(dtype)).requires_grad_(),
+               (B.detach().double() if upcast else B.detach().to(dtype)).requires_grad_(), s) for A, B, s in adapters]
+        out = lorakernels.lora_linear_segmented_ref(xr, weight, bias, ad, index, keep, p, upcast=upcast)
+        out.backward(dy.to(out.dtype))
+        refs[upcast] = [("y", out.detach()), ("dx", xr.grad)] + [
+            (f"{part}[{a}]", t.grad) for a, (A, B, _) in enumerate(ad) for part, t in (("dA", A), ("dB", B))]
+    got = [y.detach(), leaf.grad] + [t.grad for A, B, _ in adapters for t in (A, B)]
+    rows = []
+    for actual, (name, exp64), (_, lowp) in zip(got, refs[True], refs[False]):
+        scale = exp64.abs().max().item()
+        err = testing.max_error(actual, exp64)
+        rows.append(dict(base="segmented", dtype=_dtype_name(dtype), adapter_dtype="float32", dropout=p, tensor=name,
+                         rel_err=err / scale, torch_rel_err=testing.max_error(lowp, exp64) / scale,
+                         ok=err <= testing.error_bound(exp64, lowp, dtype)))
+    return rows
+
+
 def _error_table(rows):
     lines = ["| x dtype | adapters | p | tensor | lorakernels rel. err | "
              "PyTorch rel. err, x's dtype (autocast-style) | ok |",
@@ -107,6 +142,10 @@ def _markdown(env, shape, rows, saved):
               "reference uses the same dequantized W (in x's dtype, as the kernels), so the errors are the "
               "kernels' alone, not the quantization's.", ""]
     lines += _error_table(four_bit) if four_bit else ["(bitsandbytes is not installed: not measured)"]
+    lines += ["", "Several adapters in one batch (`lora_linear_segmented`): ranks 4, 8 and 16 with scalings 0.5, 2 "
+              "and 1, fp32 adapters, each row's adapter drawn at random from the three or none; dA[i] and dB[i] are "
+              "adapter i's gradients.", ""]
+    lines += _error_table([r for r in rows if r["base"] == "segmented"])
     lines += ["", "Activation bytes saved for backward (parameters excluded), M x K x-bytes = "
               f"{saved[0]['x_bytes']}:", "", "| x dtype | adapters | p | lorakernels | PEFT-style | ratio |",
               "|---|---|---|---|---|---|"]
@@ -141,6 +180,8 @@ def main(argv=None):
         rows += [row for dtype in (torch.float32, torch.float16, torch.bfloat16) for p in (0.0, 0.1)
                  for row in _error_rows(torch, testing, lorakernels.lora_linear, shape, dtype, torch.float32, p,
                                         device, four_bit=True)]
+    rows += [row for dtype in (torch.float32, torch.bfloat16) for p in (0.0, 0.1)
+             for row in _segmented_error_rows(torch, testing, lorakernels, shape, dtype, p, device)]
     saved = [_saved_bytes(torch, testing, lorakernels, shape, dtype, adapter_dtype, p, device)
              for dtype, adapter_dtype, p in ((torch.bfloat16, torch.float32, 0.0), (torch.bfloat16, torch.float32, 0.1),
                                              (torch.bfloat16, torch.bfloat16, 0.1))]
