@@ -21,6 +21,26 @@ def counting_batch(batch, seq, vocab, device):
     return (start + torch.arange(seq, device=device)) % vocab
 
 
+def train_on_counting(model, steps, vocab, device, lr=3e-3):
+    """AdamW on the model's trainable parameters over `steps` counting batches (16 x 24 tokens),
+    printing the loss every 10 steps; returns the losses."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    start = time.perf_counter()
+    model.train()
+    losses = []
+    for step in range(steps):
+        ids = counting_batch(16, 24, vocab, device)
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 10 == 0 or step == steps - 1:
+            print(f"step {step:3d}  loss {loss.item():.3f}")
+    print(f"trained in {time.perf_counter() - start:.1f} s")
+    return losses
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60)
@@ -40,18 +60,7 @@ def main(argv=None):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"{device}: trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%)")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    start = time.perf_counter()
-    model.train()
-    for step in range(args.steps):
-        ids = counting_batch(16, 24, vocab, device)
-        loss = model(ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 10 == 0 or step == args.steps - 1:
-            print(f"step {step:3d}  loss {loss.item():.3f}")
-    print(f"trained in {time.perf_counter() - start:.1f} s")
+    losses = train_on_counting(model, args.steps, vocab, device)
     save_adapter(model, args.output_dir)
     model.eval()
     merge_and_unload(model)
@@ -59,7 +68,7 @@ def main(argv=None):
     out = model.generate(prompt, max_new_tokens=6, do_sample=False)
     print("prompt", prompt.tolist()[0], "-> generated", out[0, 6:].tolist())
     print(f"adapter saved to {args.output_dir}/")
-    return loss.item()
+    return losses[-1]
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ quantization, bf16 compute))`. The adapters train on the counting task of
 
 import argparse
 import tempfile
-import time
 
 import torch
 
 from lorakernels import apply_lora, four_bit, merge_and_unload, save_adapter
-from lorakernels.examples.finetune import counting_batch
+from lorakernels.examples.finetune import counting_batch, train_on_counting
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 64
@@ -69,20 +68,7 @@ def main(argv=None):
     apply_lora(model, TARGETS, r=8, lora_alpha=16, lora_dropout=0.05)  # fp32 adapters, as PEFT's QLoRA
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable {trainable:,} parameters (the 4-bit weights stay frozen and packed)")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    start = time.perf_counter()
-    model.train()
-    losses = []
-    for step in range(args.steps):
-        ids = counting_batch(16, 24, VOCAB, device)
-        loss = model(ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if step % 10 == 0 or step == args.steps - 1:
-            print(f"step {step:3d}  loss {loss.item():.3f}")
-    print(f"trained in {time.perf_counter() - start:.1f} s")
+    losses = train_on_counting(model, args.steps, VOCAB, device)
     save_adapter(model, args.output_dir)
     print(f"adapter saved to {args.output_dir}/ (PEFT's files and keys)")
 
