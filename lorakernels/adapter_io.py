@@ -24,7 +24,7 @@ import torch
 
 from lorakernels._validation import MAX_RANK
 from lorakernels.model import apply_lora, find_target_modules, lora_modules, mark_only_lora_as_trainable
-from lorakernels.modules import LoRALinear
+from lorakernels.modules import BASE_ONLY, LoRALinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -263,9 +263,8 @@ def save_adapters(model, path, base_model_name_or_path=None):
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRALinear layers to save")
     names = list(dict.fromkeys(adapter for _, m in layers for adapter in m.adapter_names))
-    own = {m.adapter_name for _, m in layers}
     for adapter in names:
-        where = path if adapter in own and adapter == "default" else os.path.join(os.fspath(path), adapter)
+        where = path if adapter == "default" else os.path.join(os.fspath(path), adapter)
         save_adapter(model, where, base_model_name_or_path, adapter_name=adapter)
     return names
 
@@ -378,8 +377,9 @@ def load_adapter(model, path, adapter_dtype=None, backend=None, adapter_name=Non
         raise ValueError(f"{path}: target_modules {config['target_modules']!r} match no Linear layer of "
                          f"{type(model).__name__}")
     _check_tensors(model, path, targets, tensors, r, adapter_name)
-    if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name.isidentifier()):
-        raise ValueError(f"adapter_name must be a Python identifier; got {adapter_name!r}")
+    if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name.isidentifier()
+                                     or adapter_name == BASE_ONLY):
+        raise ValueError(f"adapter_name must be a Python identifier other than {BASE_ONLY!r}; got {adapter_name!r}")
 
     # Checked: now change the model.
     to_wrap = [name for name in targets if not isinstance(model.get_submodule(name), LoRALinear)]
