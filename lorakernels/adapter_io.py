@@ -23,7 +23,7 @@ import uuid
 import torch
 
 from lorakernels._validation import MAX_RANK
-from lorakernels.model import apply_lora, find_target_modules, lora_modules, mark_only_lora_as_trainable
+from lorakernels.model import apply_lora, find_target_modules, lora_modules
 from lorakernels.modules import BASE_ONLY, LoRALinear
 
 CONFIG_NAME = "adapter_config.json"
@@ -390,18 +390,14 @@ def load_adapter(model, path, adapter_dtype=None, backend=None, adapter_name=Non
             module = model.get_submodule(name)
             if adapter_name is not None:
                 module.adapter_name = module.active_adapter = adapter_name
-    added = False
     with torch.no_grad():
         for name in targets:
             module = model.get_submodule(name)
             adapter = module.adapter_name if adapter_name is None else adapter_name
             if adapter not in module.adapter_names:
-                module.add_adapter(adapter, **hyper)
-                added = True
+                module.add_adapter(adapter, **hyper)  # trainable, as apply_lora's adapters
             module.set_adapter_config(adapter, hyper["lora_alpha"], hyper["lora_dropout"], hyper["use_rslora"])
             lora_A, lora_B, _, _ = module.adapter_operands(adapter)
             lora_A.copy_(tensors[f"{name}.lora_A"])
             lora_B.copy_(tensors[f"{name}.lora_B"])
-    if added:
-        mark_only_lora_as_trainable(model)  # the added adapters train, as apply_lora's
     return model

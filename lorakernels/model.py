@@ -152,7 +152,6 @@ def add_adapter(model, adapter_name, r=8, lora_alpha=8, lora_dropout=0.0, use_rs
     layers[0][1]._check_new_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)  # same on every layer
     for _, layer in layers:
         layer.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
-    mark_only_lora_as_trainable(model)
     return model
 
 
