@@ -130,9 +130,12 @@ def lora_linear_segmented(x, weight, bias, adapters, row_adapter, dropout_p=0.0,
             with one per sequence (x.shape[0]), as PEFT's `adapter_names`. A tensor is read once on
             the host to find the adapters with rows (a device synchronization on a GPU; a list
             costs none).
-        dropout_p: dropout on the input of A, one p for the batch, in [0, 1). Every row's mask is
-            regenerated from one seed; rows are disjoint between adapters, so their masks are
-            independent draws. training: False disables dropout.
+        dropout_p: dropout on the input of A, in [0, 1): one p for every adapter, or a sequence with
+            one p per adapter. Every row's mask is regenerated from one seed per call; rows are
+            disjoint between adapters, so their masks are independent draws. Where the adapters with
+            rows have different p, the rows are grouped by p and each group is one fused call (each
+            row still goes through the base GEMM once; the groups cost a gather of their rows of x
+            and a scatter of their outputs). training: False disables dropout.
         backend, base_gemm: as `lora_linear`.
     Returns:
         y: [*, out_features] in x's dtype.
@@ -142,8 +145,9 @@ def lora_linear_segmented(x, weight, bias, adapters, row_adapter, dropout_p=0.0,
     if isinstance(x, torch.Tensor) and x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
         x, weight, bias, *_ = _autocast_operands(x, weight, bias, *adapters[0][:2])
         adapters = [(*_autocast_operands(x, weight, bias, A, B)[3:], s) for A, B, s in adapters]  # x is cast once
-    for lora_A, lora_B, scaling in adapters:
-        check_lora_linear_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    rates = _dropout_per_adapter(dropout_p, len(adapters))
+    for (lora_A, lora_B, scaling), p in zip(adapters, rates):
+        check_lora_linear_inputs(x, weight, bias, lora_A, lora_B, scaling, p)
     _check_frozen(weight)
     if len({A.dtype for A, B, _ in adapters} | {B.dtype for A, B, _ in adapters}) > 1:
         raise TypeError("lora_linear_segmented: every adapter's lora_A and lora_B must share one dtype; got "
@@ -153,8 +157,38 @@ def lora_linear_segmented(x, weight, bias, adapters, row_adapter, dropout_p=0.0,
         resolve_plan(torch.device("cuda"), backend, base_gemm)
         dense = x.new_empty(weight.shape) if isinstance(weight, FourBitWeight) else weight
         return lora_linear_segmented_ref(x, dense, bias, adapters, index)
+    group_rates = sorted({rates[a] for a in present}) if training else [0.0]
+    if len(group_rates) > 1:
+        return _by_dropout_rate(x, weight, bias, adapters, index, rates, group_rates, backend, base_gemm)
     lora_A, lora_B, segments = _concatenated(adapters, index, present)
-    return _fused(x, weight, bias, lora_A, lora_B, 1.0, dropout_p if training else 0.0, backend, base_gemm, segments)
+    p = group_rates[0] if group_rates else 0.0
+    return _fused(x, weight, bias, lora_A, lora_B, 1.0, p, backend, base_gemm, segments)
+
+
+def _dropout_per_adapter(dropout_p, num_adapters):
+    """One dropout rate per adapter from a number or a sequence of them (validated later)."""
+    if isinstance(dropout_p, (list, tuple)):
+        if len(dropout_p) != num_adapters:
+            raise ValueError(f"dropout_p as a sequence has one p per adapter ({num_adapters}); got {len(dropout_p)}")
+        return list(dropout_p)
+    return [dropout_p] * num_adapters
+
+
+def _by_dropout_rate(x, weight, bias, adapters, index, rates, group_rates, backend, base_gemm):
+    """Rows grouped by their adapter's dropout rate, one fused call per group (rows on the base alone
+    join the first); outputs scattered back into row order. Differentiable through the gather and
+    the scatter."""
+    rows = _as_rows(x)
+    group_of = {p: g for g, p in enumerate(group_rates)}  # rates of adapters without rows: never selected
+    group_of_row = torch.tensor([0] + [group_of.get(p, -1) for p in rates], device=index.device)[index + 1]
+    y = None
+    for group, p in enumerate(group_rates):
+        selected = (group_of_row == group).nonzero().squeeze(1)
+        part = lora_linear_segmented(rows.index_select(0, selected), weight, bias, adapters, index[selected], p,
+                                     True, backend, base_gemm)
+        y = part.new_zeros((rows.shape[0], part.shape[1])) if y is None else y
+        y = y.index_copy(0, selected, part)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _check_adapter_list(adapters):

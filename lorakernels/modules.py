@@ -270,14 +270,10 @@ class LoRALinear(nn.Module):
                              f"{BASE_ONLY!r} for the base alone)")
         used = [n for n in self.adapter_names if n in adapter_names]
         operands = [self.adapter_operands(n) for n in used]
-        dropouts = {p for *_, p in operands} if self.training else {0.0}
-        if len(dropouts) > 1:
-            raise ValueError("the adapters of one mixed batch share one dropout p in training; got "
-                             + ", ".join(f"{n}: {p}" for n, (*_, p) in zip(used, operands)))
         position = {n: i for i, n in enumerate(used)}
         rows = [position.get(n, -1) for n in adapter_names]
         adapters = [(A, B, s) for A, B, s, _ in operands] or [(self.lora_A.detach(), self.lora_B.detach(), 1.0)]
-        dropout = dropouts.pop() if dropouts else 0.0
+        dropout = [p for *_, p in operands] or 0.0  # each adapter's own p
         if self.four_bit:
             dtype = self.compute_dtype or x.dtype
             y = lora_linear_segmented(x.to(dtype), self.four_bit_base(), None if self.bias is None else

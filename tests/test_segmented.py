@@ -171,3 +171,43 @@ def test_autocast_and_empty_batches(backend):
     torch.testing.assert_close(y, expected, rtol=0, atol=2 * 2**-8 * expected.abs().max().item())
     empty = lora_linear_segmented(torch.randn(0, 3, 32), weight, None, adapters, [], backend=backend)
     assert empty.shape == (0, 3, 16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adapters_with_different_dropout_rates(backend):
+    """Per-adapter p: the rows are grouped by rate and each group is the one-rate call on its rows
+    (replayed here from the same random state, group by group in rate order); outputs and gradients
+    match, and in eval mode there is no dropout at all. Would catch a row dropped at another
+    adapter's rate or gradients lost in the gather/scatter."""
+    torch.manual_seed(7)
+    M, K, N = 12, 32, 20
+    x, weight, bias = torch.randn(M, K), torch.randn(N, K) / K**0.5, torch.randn(N)
+    adapters = _adapters(K, N, [4, 8, 2], [1.0, 0.5, 2.0], torch.float32)
+    rates = [0.3, 0.0, 0.3]
+    index = torch.tensor([0, 1, -1, 2, 1, 0, 2, 2, 1, -1, 0, 1])
+    xg = x.clone().requires_grad_()
+    state = torch.get_rng_state()
+    y = lora_linear_segmented(xg, weight, bias, adapters, index, rates, backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    got = [xg.grad] + [t.grad.clone() for A, B, _ in adapters for t in (A, B)]
+    for A, B, _ in adapters:
+        A.grad = B.grad = None
+
+    torch.set_rng_state(state)
+    xr = x.clone().requires_grad_()
+    expected = torch.zeros(M, N)
+    groups = {0.0: torch.tensor([1, 2, 4, 8, 9, 11]), 0.3: torch.tensor([0, 3, 5, 6, 7, 10])}  # base rows: first rate
+    for p in sorted(groups):
+        rows = groups[p]
+        part = lora_linear_segmented(xr[rows], weight, bias, adapters, index[rows], p, backend=backend)
+        expected = expected.index_copy(0, rows, part)
+    expected.backward(dy)
+    want = [xr.grad] + [t.grad for A, B, _ in adapters for t in (A, B)]
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        eval_y = lora_linear_segmented(x, weight, bias, adapters, index, rates, training=False, backend=backend)
+        no_dropout = lora_linear_segmented(x, weight, bias, adapters, index, 0.0, backend=backend)
+    torch.testing.assert_close(eval_y, no_dropout, rtol=0, atol=0)
