@@ -33,16 +33,12 @@ def _dtype_name(dtype):
 def _nf4(torch, weight, device):
     """(W quantized to NF4 by bitsandbytes, blocksize 64, double quantization, as an
     `operands.FourBitWeight` on `device`; W dequantized in W's dtype: the weight the kernels use)."""
-    import dataclasses
-
     import bitsandbytes.functional as bnbf
 
     from lorakernels.operands import FourBitWeight
 
     codes, state = bnbf.quantize_4bit(weight.cpu(), blocksize=64, quant_type="nf4", compress_statistics=True)
-    base = FourBitWeight.from_bitsandbytes(codes, state)
-    base = dataclasses.replace(base, codes=base.codes.to(device), absmax=base.absmax.to(device),
-                               table=base.table.to(device))
+    base = FourBitWeight.from_bitsandbytes(codes, state).to(device)
     return base, base.dequantize(weight.dtype)
 
 

@@ -17,7 +17,10 @@ def _describe(name, t):
 def _base_operands(weight):
     """(name, tensor) of the base weight's tensors: W, or a 4-bit W's codes, absmax and code table."""
     if isinstance(weight, FourBitWeight):
-        return [("weight codes", weight.codes), ("weight absmax", weight.absmax), ("weight code table", weight.table)]
+        scales = (("weight absmax", weight.absmax),) if weight.absmax is not None else (
+            ("weight nested absmax codes", weight.nested.codes), ("weight nested scales", weight.nested.scales),
+            ("weight nested table", weight.nested.table))
+        return [("weight codes", weight.codes), *scales, ("weight code table", weight.table)]
     return [("weight", weight)]
 
 

@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from lorakernels import ops
-from lorakernels.operands import Adapter, DenseWeight, FourBitWeight, GradsNeeded, Segments
+from lorakernels.operands import Adapter, DenseWeight, FourBitWeight, GradsNeeded, NestedScales, Segments
 from lorakernels.plan import LaunchPlan
 
 
@@ -67,19 +67,25 @@ class BaseOpArgs(NamedTuple):
 
     weight: a dense W [N, K]; or, for a 4-bit W (`FourBitWeight`), its packed codes viewed as uint8
     [N, K / 2] (a view: the shape carries N and K). absmax, table, blocksize: the 4-bit scales, code
-    table and block size; None, None, 0 for a dense W.
+    table and block size; None, None, 0 for a dense W. nested: under double quantization, absmax
+    is the scales' uint8 codes and `nested` the rest of their `NestedScales` (`pack()`): what
+    crosses the ops and what backward keeps, the fp32 scales being expanded for each launch.
     """
 
     weight: torch.Tensor
     absmax: Optional[torch.Tensor] = None
     table: Optional[torch.Tensor] = None
     blocksize: int = 0
+    nested: Optional[torch.Tensor] = None
 
     @classmethod
     def of(cls, base):
         """From a dense W (a tensor) or a `FourBitWeight` (its own bias is not carried: see `description`)."""
         if isinstance(base, FourBitWeight):
             N, K = base.shape
+            if base.nested is not None:
+                return cls(base.codes.view(N, K // 2), base.nested.codes, base.table, base.blocksize,
+                           base.nested.pack())
             return cls(base.codes.view(N, K // 2), base.absmax, base.table, base.blocksize)
         return cls(base)
 
@@ -95,6 +101,9 @@ class BaseOpArgs(NamedTuple):
 
     def description(self, bias=None):
         """The `DenseWeight` or `FourBitWeight` the launchers take, with `bias`."""
+        if self.four_bit and self.nested is not None:
+            return FourBitWeight(self.weight.reshape(-1), None, self.table, self.blocksize, self.shape, bias,
+                                 NestedScales.unpack(self.absmax, self.nested))
         if self.four_bit:
             return FourBitWeight(self.weight.reshape(-1), self.absmax, self.table, self.blocksize, self.shape, bias)
         return DenseWeight(self.weight, bias)
@@ -136,16 +145,16 @@ class SavedState(NamedTuple):
                    u if lora_B.requires_grad else None, scalars, segments)
 
     def save(self, ctx, plan, has_bias):
-        ctx.save_for_backward(self.x, self.base.weight, self.base.absmax, self.base.table, self.lora_A, self.lora_B,
-                              self.u, self.scalars, *segment_args(self.segments))
+        ctx.save_for_backward(self.x, self.base.weight, self.base.absmax, self.base.table, self.base.nested,
+                              self.lora_A, self.lora_B, self.u, self.scalars, *segment_args(self.segments))
         ctx.blocksize = self.base.blocksize
         ctx.plan = plan
         ctx.has_bias = has_bias
 
     @classmethod
     def load(cls, ctx):
-        x, weight, absmax, table, lora_A, lora_B, u, scalars, *segments = ctx.saved_tensors
-        return cls(x, BaseOpArgs(weight, absmax, table, ctx.blocksize), lora_A, lora_B, u, scalars,
+        x, weight, absmax, table, nested, lora_A, lora_B, u, scalars, *segments = ctx.saved_tensors
+        return cls(x, BaseOpArgs(weight, absmax, table, ctx.blocksize, nested), lora_A, lora_B, u, scalars,
                    segments_of(*segments))
 
 
@@ -180,23 +189,26 @@ def lora_linear_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional
                            lora_A: torch.Tensor, lora_B: torch.Tensor, scalars: torch.Tensor, backend: str,
                            base_gemm: str, tf32: bool, weight_absmax: Optional[torch.Tensor] = None,
                            weight_table: Optional[torch.Tensor] = None, weight_blocksize: int = 0,
-                           row_segment: Optional[torch.Tensor] = None, column_segment: Optional[torch.Tensor] = None,
+                           weight_nested: Optional[torch.Tensor] = None, row_segment: Optional[torch.Tensor] = None,
+                           column_segment: Optional[torch.Tensor] = None,
                            column_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y [M, N], u [M, R] fp32) for 2-D x with a unit last-dim stride (see `lora_linear`).
 
     scalars: `pack_scalars`'s tensor; backend, base_gemm, tf32: `LaunchPlan.to_op_args()`.
-    weight, weight_absmax, weight_table, weight_blocksize: a `BaseOpArgs` (a dense W [N, K] and the
-    defaults, or a 4-bit W's codes [N, K / 2] with its absmax, code table and blocksize).
+    weight, weight_absmax, weight_table, weight_blocksize, weight_nested: a `BaseOpArgs` (a dense W
+    [N, K] and the defaults, or a 4-bit W's codes [N, K / 2] with its absmax, code table, blocksize
+    and, under double quantization, its packed nested scales).
     row_segment, column_segment, column_scale: several adapters in one batch (`Segments`), or None.
     """
-    base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize)
+    base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize, weight_nested)
     return _forward(x, base, bias, lora_A, lora_B, scalars, LaunchPlan.from_op_args(backend, base_gemm, tf32),
                     segments_of(row_segment, column_segment, column_scale))
 
 
 @lora_linear_forward_op.register_fake
 def _forward_fake(x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm, tf32, weight_absmax=None,
-                  weight_table=None, weight_blocksize=0, row_segment=None, column_segment=None, column_scale=None):
+                  weight_table=None, weight_blocksize=0, weight_nested=None, row_segment=None, column_segment=None,
+                  column_scale=None):
     return (x.new_empty((x.shape[0], weight.shape[0])),
             x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32))
 
@@ -207,15 +219,16 @@ def lora_linear_backward_op(dy: torch.Tensor, x: Optional[torch.Tensor], weight:
                             scalars: torch.Tensor, backend: str, base_gemm: str, tf32: bool, needs_dx: bool,
                             needs_da: bool, needs_db: bool, weight_absmax: Optional[torch.Tensor] = None,
                             weight_table: Optional[torch.Tensor] = None, weight_blocksize: int = 0,
-                            row_segment: Optional[torch.Tensor] = None, column_segment: Optional[torch.Tensor] = None,
+                            weight_nested: Optional[torch.Tensor] = None, row_segment: Optional[torch.Tensor] = None,
+                            column_segment: Optional[torch.Tensor] = None,
                             column_scale: Optional[torch.Tensor] = None
                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dA, dB); a gradient that is not needed comes back as an empty tensor.
 
-    x, weight (with weight_absmax, weight_table, weight_blocksize), lora_A, lora_B, u, scalars and
-    the segments: a `SavedState`; backend, base_gemm, tf32 as the forward's.
+    x, weight (with weight_absmax, weight_table, weight_blocksize, weight_nested), lora_A, lora_B, u,
+    scalars and the segments: a `SavedState`; backend, base_gemm, tf32 as the forward's.
     """
-    base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize)
+    base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize, weight_nested)
     state = SavedState(x, base, lora_A, lora_B, u, scalars, segments_of(row_segment, column_segment, column_scale))
     grads = _backward(dy, state, LaunchPlan.from_op_args(backend, base_gemm, tf32),
                       GradsNeeded(needs_dx, needs_da, needs_db))
@@ -224,8 +237,8 @@ def lora_linear_backward_op(dy: torch.Tensor, x: Optional[torch.Tensor], weight:
 
 @lora_linear_backward_op.register_fake
 def _backward_fake(dy, x, weight, lora_A, lora_B, u, scalars, backend, base_gemm, tf32, needs_dx, needs_da,
-                   needs_db, weight_absmax=None, weight_table=None, weight_blocksize=0, row_segment=None,
-                   column_segment=None, column_scale=None):
+                   needs_db, weight_absmax=None, weight_table=None, weight_blocksize=0, weight_nested=None,
+                   row_segment=None, column_segment=None, column_scale=None):
     in_features = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize).shape[1]
     return (dy.new_empty((dy.shape[0], in_features) if needs_dx else (0,)),
             lora_A.new_empty(lora_A.shape if needs_da else (0,)),
@@ -274,7 +287,7 @@ def _grads_of_inputs(ctx, dy, backward):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm, tf32, *optional = inputs
-    four_bit, segments = optional[:3], optional[3:]
+    four_bit, segments = optional[:4], optional[4:]
     state = SavedState.of_forward(x, BaseOpArgs(weight, *four_bit), lora_A, lora_B, output[1], scalars,
                                   segments_of(*segments) if segments else None)
     state.save(ctx, LaunchPlan.from_op_args(backend, base_gemm, tf32), bias is not None)
@@ -292,8 +305,8 @@ class EagerLoRALinear(torch.autograd.Function):
     """The same forward, backward and saved state as the custom ops, for eager mode.
 
     apply(x, weight, bias, lora_A, lora_B, scalars, plan, weight_absmax=None, weight_table=None,
-    weight_blocksize=0, row_segment=None, column_segment=None, column_scale=None) -> y: the custom
-    op's arguments, with the `LaunchPlan` itself in place of its op arguments.
+    weight_blocksize=0, weight_nested=None, row_segment=None, column_segment=None, column_scale=None)
+    -> y: the custom op's arguments, with the `LaunchPlan` itself in place of its op arguments.
 
     A custom op call goes through the dispatcher, the registered autograd wrapper and a
     torch.compile guard, in both directions: on a 2-core CPU that added about 175 us of Python
@@ -305,8 +318,8 @@ class EagerLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scalars, plan, weight_absmax=None, weight_table=None,
-                weight_blocksize=0, row_segment=None, column_segment=None, column_scale=None):
-        base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize)
+                weight_blocksize=0, weight_nested=None, row_segment=None, column_segment=None, column_scale=None):
+        base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize, weight_nested)
         segments = segments_of(row_segment, column_segment, column_scale)
         y, u = _forward(x, base, bias, lora_A, lora_B, scalars, plan, segments)
         SavedState.of_forward(x, base, lora_A, lora_B, u, scalars, segments).save(ctx, plan, bias is not None)

@@ -98,23 +98,66 @@ class GradsNeeded(NamedTuple):
     db: bool = True
 
 
+class NestedScales(NamedTuple):
+    """A 4-bit weight's block scales under bitsandbytes' double quantization, kept compressed:
+    absmax[i] = table[codes[i]] * scales[i // blocksize] + offset (bitsandbytes' 8-bit
+    `dequantize_blockwise`, one multiply in fp32, then its offset: the same bits).
+
+    codes: uint8 [blocks]. scales: fp32 [ceil(blocks / blocksize)]. table: fp32 [256].
+    blocksize: int (bitsandbytes uses 256). offset: float.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    table: torch.Tensor
+    blocksize: int
+    offset: float
+
+    def expand(self):
+        """The fp32 block scales the kernels read [blocks]."""
+        per_code = self.scales.repeat_interleave(self.blocksize)[:self.codes.numel()]
+        return self.table[self.codes.long()] * per_code + self.offset
+
+    def pack(self):
+        """scales, table, blocksize and offset as one fp32 tensor (what crosses the custom ops with
+        `codes`): [offset, blocksize, table (256), scales]."""
+        head = torch.tensor([self.offset, float(self.blocksize)], dtype=torch.float32, device=self.scales.device)
+        return torch.cat([head, self.table.float(), self.scales.float()])
+
+    @classmethod
+    def unpack(cls, codes, packed):
+        offset, blocksize = packed[:2].tolist()
+        return cls(codes, packed[258:], packed[2:258], int(blocksize), offset)
+
+    @classmethod
+    def from_bitsandbytes(cls, quant_state):
+        """From a nested `QuantState` (its absmax: the 8-bit codes; state2: their scales and table)."""
+        state2 = quant_state.state2
+        offset = quant_state.offset
+        return cls(quant_state.absmax, state2.absmax.float().contiguous(), state2.code.float().contiguous(),
+                   int(state2.blocksize), float(offset.item() if isinstance(offset, torch.Tensor) else offset))
+
+
 @dataclasses.dataclass(frozen=True)
 class FourBitWeight:
     """A frozen base layer whose weight W [N, K] is in bitsandbytes' 4-bit format (QLoRA).
 
     codes: uint8, N * K / 2 bytes, W's elements in row-major order two to a byte, the even one in
     the high nibble (bitsandbytes' `Params4bit` data). absmax: fp32, one scale per block of
-    `blocksize` consecutive elements (double quantization already expanded). table: fp32 [16],
-    the code values (NF4 or FP4). bias: [N] in x's dtype, or None. The kernels dequantize tiles
-    in registers; only the torch backend (`dequantize`) builds a dense W, for the call's duration.
+    `blocksize` consecutive elements; or None under double quantization, with `nested` holding
+    the scales compressed (`NestedScales`), expanded for each launch (`with_scales`) and never
+    kept: autograd saves the compressed form. table: fp32 [16], the code values (NF4 or FP4).
+    bias: [N] in x's dtype, or None. The kernels dequantize tiles in registers; only the torch
+    backend (`dequantize`) builds a dense W, for the call's duration.
     """
 
     codes: torch.Tensor
-    absmax: torch.Tensor
+    absmax: Optional[torch.Tensor]
     table: torch.Tensor
     blocksize: int
     shape: tuple
     bias: Optional[torch.Tensor] = None
+    nested: Optional[NestedScales] = None
 
     @property
     def out_features(self):
@@ -134,9 +177,18 @@ class FourBitWeight:
         if self.codes.dtype != torch.uint8 or self.codes.numel() * 2 != N * K:
             raise ValueError(f"4-bit codes must be uint8 with N * K / 2 = {N * K // 2} bytes for shape "
                              f"{tuple(self.shape)}; got {self.codes.dtype} with {self.codes.numel()}")
-        if self.absmax.dtype != torch.float32 or self.absmax.numel() != -(-N * K // self.blocksize):
+        blocks = -(-N * K // self.blocksize)
+        if self.absmax is None and self.nested is None:
+            raise ValueError("a 4-bit weight needs its block scales: absmax, or nested (double quantization)")
+        if self.absmax is not None and (self.absmax.dtype != torch.float32 or self.absmax.numel() != blocks):
             raise ValueError(f"4-bit absmax must be fp32 with one value per block of {self.blocksize}; got "
                              f"{self.absmax.dtype} with {self.absmax.numel()} for shape {tuple(self.shape)}")
+        if self.absmax is None and (self.nested.codes.dtype != torch.uint8 or self.nested.codes.numel() != blocks
+                                    or self.nested.table.numel() != 256
+                                    or self.nested.scales.numel() != -(-blocks // self.nested.blocksize)):
+            raise ValueError(f"4-bit nested scales must be {blocks} uint8 codes, a 256-entry table and one scale per "
+                             f"{self.nested.blocksize} codes; got {self.nested.codes.dtype} x "
+                             f"{self.nested.codes.numel()}, {self.nested.table.numel()}, {self.nested.scales.numel()}")
         if self.table.dtype != torch.float32 or self.table.numel() != 16:
             raise ValueError(f"4-bit code table must be 16 fp32 values; got {self.table.dtype} "
                              f"{tuple(self.table.shape)}")
@@ -147,17 +199,28 @@ class FourBitWeight:
 
     @classmethod
     def from_bitsandbytes(cls, codes, quant_state, bias=None):
-        """From a `bitsandbytes.nn.Params4bit`'s data and its `QuantState` (nested or not)."""
-        from bitsandbytes.functional import dequantize_blockwise
+        """From a `bitsandbytes.nn.Params4bit`'s data and its `QuantState` (nested or not); the
+        tensors are the state's own (no copy, nothing expanded)."""
+        nested = NestedScales.from_bitsandbytes(quant_state) if quant_state.nested else None
+        absmax = None if nested is not None else quant_state.absmax.float().contiguous()
+        return cls(codes.reshape(-1), absmax, quant_state.code.float().contiguous(), int(quant_state.blocksize),
+                   tuple(quant_state.shape), bias, nested)
 
-        absmax = quant_state.absmax
-        if quant_state.nested:
-            absmax = dequantize_blockwise(absmax, quant_state.state2) + quant_state.offset
-        return cls(codes.reshape(-1), absmax.float().contiguous(), quant_state.code.float().contiguous(),
-                   int(quant_state.blocksize), tuple(quant_state.shape), bias)
+    def to(self, device):
+        """This weight's tensors on `device` (copies where it is another device)."""
+        nested = None if self.nested is None else self.nested._replace(
+            codes=self.nested.codes.to(device), scales=self.nested.scales.to(device),
+            table=self.nested.table.to(device))
+        return dataclasses.replace(self, codes=self.codes.to(device), table=self.table.to(device), nested=nested,
+                                   absmax=None if self.absmax is None else self.absmax.to(device),
+                                   bias=None if self.bias is None else self.bias.to(device))
+
+    def with_scales(self):
+        """This weight with its fp32 block scales expanded (itself when they are already)."""
+        return self if self.absmax is not None else dataclasses.replace(self, absmax=self.nested.expand())
 
     def dequantize(self, dtype):
         """W as a dense [N, K] tensor of `dtype` (the torch backend's and the tests' reference)."""
         nibbles = torch.stack([self.codes >> 4, self.codes & 0xF], dim=-1).reshape(-1).long()
-        scales = self.absmax.repeat_interleave(self.blocksize)[:nibbles.numel()]
+        scales = self.with_scales().absmax.repeat_interleave(self.blocksize)[:nibbles.numel()]
         return (self.table[nibbles] * scales).reshape(self.shape).to(dtype)

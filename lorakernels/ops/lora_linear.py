@@ -58,6 +58,7 @@ def tma_addressable(*tensors):
 
 def _four_bit(base):
     """The 4-bit weight's kernel arguments (see `operands.FourBitWeight`)."""
+    base = base.with_scales()  # double quantization: the fp32 scales for this launch only
     return dict(codes=base.codes, absmax=base.absmax, table=base.table, quant_shift=base.quant_shift)
 
 
