@@ -4,10 +4,11 @@ the kernels dequantize in registers.
 bitsandbytes is optional: nothing here imports it. A `Params4bit` or a `Linear4bit` can only exist
 once bitsandbytes was imported, so the type checks look for it among the loaded modules.
 
-The description shares the packed codes (no copy). Its absmax is the quantization state's, or,
-under double quantization (bitsandbytes' default, `compress_statistics=True`), the fp32 scales
-expanded from it at each call: 4 bytes per block of `blocksize` weights (1/32 of a bf16 weight at
-blocksize 64), kept by autograd until backward, never a dense copy of W.
+The description shares the packed codes and the quantization state's tensors (no copy). Its
+absmax is the state's fp32 scales, or, under double quantization (bitsandbytes' default,
+`compress_statistics=True`), None with the 8-bit scales kept compressed (`operands.NestedScales`):
+each kernel launch expands them to fp32 for its duration, and autograd keeps the compressed form
+(1 byte per block of `blocksize` weights plus ~1 KiB), never the expanded scales nor a dense W.
 """
 
 import sys
