@@ -3,6 +3,7 @@ the same LoRA gradients as PEFT unpatched in one process on the whole batch, wit
 taken. Would catch a patch that DDP's or FSDP2's wrapping bypasses or breaks (FSDP2 swaps the
 layer's class and unshards its parameters around the forward)."""
 
+import faulthandler
 import os
 import time
 
@@ -43,29 +44,58 @@ def _wrap(model, mode):
     return fully_shard(model)
 
 
+TIMEOUT = 180
+
+
 def _worker(rank, init_file, out_dir, mode):
+    # Where a worker is stuck, if it is: its progress and, near the time limit, every thread's stack.
+    log = open(os.path.join(out_dir, f"rank{rank}.log"), "w", buffering=1)
+    faulthandler.dump_traceback_later(TIMEOUT - 15, file=log)
+    start = time.monotonic()
+
+    def step(what):
+        log.write(f"{time.monotonic() - start:7.2f} s  {what}\n")
+
+    step("started")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    step("process group ready")
     try:
         with torch.device("cpu"):
             model = lora_mlp()
             patch_peft(model, backend="torch")
+            step("patched")
             wrapped = _wrap(model, mode)
+            step(f"wrapped ({mode})")
             wrapped(_batch().chunk(WORLD)[rank]).pow(2).mean().backward()
+            step("backward done")
         torch.save({"grads": _grads(model), "fused": peft_patch_stats(model)["fused"]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+        faulthandler.cancel_dump_traceback_later()
+        step("done")
 
 
-def _spawn(fn, args, timeout=180):
-    """Run `fn` in WORLD processes; a stuck rendezvous fails the test instead of hanging the suite."""
+def _spawn(fn, args, out_dir, timeout=TIMEOUT):
+    """Run `fn` in WORLD processes; a stuck rendezvous fails the test, with the workers' logs,
+    instead of hanging the suite."""
     context = mp.spawn(fn, args=args, nprocs=WORLD, join=False)
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail(f"the {WORLD} worker processes did not finish within {timeout} s")
+            logs = "\n".join(f"--- rank {rank} ---\n" + _read(os.path.join(out_dir, f"rank{rank}.log"))
+                             for rank in range(WORLD))
+            pytest.fail(f"the {WORLD} worker processes did not finish within {timeout} s\n{logs}")
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as exc:
+        return f"(no log: {exc})"
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
@@ -76,7 +106,7 @@ def test_patched_peft_model_under_ddp_and_fsdp2(tmp_path, mode):
         model = lora_mlp()
         model(_batch()).pow(2).mean().backward()
     expected = _grads(model)
-    _spawn(_worker, (str(tmp_path / "init"), str(tmp_path), mode))
+    _spawn(_worker, (str(tmp_path / "init"), str(tmp_path), mode), str(tmp_path))
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["fused"] == 2  # both LoRA layers ran the fused path
