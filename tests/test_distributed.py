@@ -56,6 +56,9 @@ def _worker(rank, init_file, out_dir, mode):
                 g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
                 grads[name.replace("module.", "")] = g.detach().clone()
         torch.save(grads, os.path.join(out_dir, f"grads{rank}.pt"))
+        # Both ranks finish before either tears down: a rank exiting while the other still talks to
+        # it can abort gloo ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -70,6 +70,10 @@ def _worker(rank, init_file, out_dir, mode):
             step("backward done")
         torch.save({"grads": _grads(model), "fused": peft_patch_stats(model)["fused"]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks finish before either tears down: a rank exiting while the other still talks to
+        # it can abort or stall gloo.
+        dist.barrier()
+        step("barrier passed")
     finally:
         dist.destroy_process_group()
         faulthandler.cancel_dump_traceback_later()
