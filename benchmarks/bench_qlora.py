@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from benchmarks.bench_layer import _shape_benchmarks, dtype_name, failure
-from benchmarks.bench_model import TARGETS, build_llama, train_steps
+from benchmarks.bench_model import TARGETS, _peft_installed, build_llama, train_steps
 from benchmarks.harness import one_call
 from benchmarks.providers import Provider
 from lorakernels import LoRALinear, apply_lora, four_bit, patch_peft
@@ -175,7 +175,7 @@ def make_qlora_providers(K, N, r, dtype, dropout, device, names=None):
     out = {}
     if "lorakernels" in wanted:
         out["lorakernels"] = Provider("lorakernels", lora, lora=True)
-    have_peft = _have_peft()
+    have_peft = _peft_installed()
     if "peft" in wanted and have_peft:
         out["peft"] = Provider("peft", _peft_qlora(linear4bit, lora), lora=True)
     if "peft-patched" in wanted and have_peft:
@@ -277,7 +277,7 @@ def qlora_model_benchmarks(device, size, batch, seq, dtype, r, budget, failures=
     each variant's weight bytes and the bytes one training forward saves for backward (any
     device), and its peak memory (CUDA)."""
     failures = [] if failures is None else failures
-    names = [n for n in (names or QLORA_MODEL_VARIANTS) if not n.startswith("peft") or _have_peft()]
+    names = [n for n in (names or QLORA_MODEL_VARIANTS) if not n.startswith("peft") or _peft_installed()]
     ids = torch.randint(0, size["vocab"], (batch, seq), device=device)
     base = dict(benchmark="qlora-model", M=batch * seq, K=size["hidden"], N=size["layers"], r=r, dropout=0.0,
                 dtype=dtype_name(dtype), p20=None, p80=None)
@@ -295,11 +295,3 @@ def qlora_model_benchmarks(device, size, batch, seq, dtype, r, budget, failures=
             failures.append(failure("qlora-model", f"{name} memory", error))
         model = None
     return records
-
-
-def _have_peft():
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        return False
-    return True

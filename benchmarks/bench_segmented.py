@@ -18,6 +18,7 @@ from torch import nn
 from benchmarks.bench_layer import _shape_benchmarks, failure
 from benchmarks.harness import one_call
 from benchmarks.providers import Provider
+from benchmarks.providers import _peft_layer as providers_peft_layer
 from lorakernels import LoRALinear
 
 SEGMENTED_PROVIDERS = ("lorakernels", "peft", "one-at-a-time")
@@ -72,23 +73,13 @@ def _peft_layer(layer):
     """PEFT's lora.Linear over `layer`'s frozen base with copies of its adapters (same names)."""
     import peft
 
-    class Wrapper(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = nn.Linear(layer.in_features, layer.out_features, device="meta", dtype=layer.weight.dtype)
-            self.layer.weight, self.layer.bias = layer.weight, layer.bias
-
-        def forward(self, x):
-            return self.layer(x)
-
+    model = providers_peft_layer(layer, layer)  # the layer's own adapter as PEFT's "default"
+    theirs = model.base_model.model.layer
     config = dict(r=layer.r, lora_alpha=layer.lora_alpha, lora_dropout=layer.lora_dropout, target_modules=["layer"])
-    model = peft.get_peft_model(Wrapper(), peft.LoraConfig(**config))
     for name in layer.adapter_names[1:]:
         model.add_adapter(name, peft.LoraConfig(**config))
-    theirs = model.base_model.model.layer
-    with torch.no_grad():
-        for name in layer.adapter_names:
-            A, B, _, _ = layer.adapter_operands(name)
+        A, B, _, _ = layer.adapter_operands(name)
+        with torch.no_grad():
             theirs.lora_A[name].weight.copy_(A)
             theirs.lora_B[name].weight.copy_(B)
     theirs.requires_grad_(True)

@@ -261,5 +261,5 @@ def _concatenated(adapters, index, present):
         factors = [(A.detach(), B.detach()) for A, B in factors]
     lora_A = factors[0][0] if len(factors) == 1 else torch.cat([A for A, _ in factors])
     lora_B = factors[0][1] if len(factors) == 1 else torch.cat([B for _, B in factors], dim=1)
-    segments = Segments(row_segment.contiguous(), column_segment.to(device), column_scale.to(device))
-    return lora_A, lora_B.contiguous(), segments
+    segments = Segments(row_segment, column_segment.to(device), column_scale.to(device))
+    return lora_A, lora_B, segments

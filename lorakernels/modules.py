@@ -275,11 +275,9 @@ class LoRALinear(nn.Module):
         adapters = [(A, B, s) for A, B, s, _ in operands] or [(self.lora_A.detach(), self.lora_B.detach(), 1.0)]
         dropout = [p for *_, p in operands] or 0.0  # each adapter's own p
         if self.four_bit:
-            dtype = self.compute_dtype or x.dtype
-            y = lora_linear_segmented(x.to(dtype), self.four_bit_base(), None if self.bias is None else
-                                      self.bias.to(dtype), adapters, rows, dropout, self.training, self.backend,
-                                      self.base_gemm)
-            return y.to(x.dtype)
+            x_compute, base, bias = self._four_bit_operands(x)
+            return lora_linear_segmented(x_compute, base, bias, adapters, rows, dropout, self.training, self.backend,
+                                         self.base_gemm).to(x.dtype)
         return lora_linear_segmented(x, self.weight, self.bias, adapters, rows, dropout, self.training,
                                      backend=self.backend, base_gemm=self.base_gemm)
 
@@ -305,17 +303,22 @@ class LoRALinear(nn.Module):
         """The `operands.FourBitWeight` of the 4-bit base (codes shared; see `lorakernels.four_bit`)."""
         return four_bit_weight(self.weight)
 
-    def _forward_four_bit(self, x):
+    def _four_bit_operands(self, x):
+        """(x, the 4-bit base as a `FourBitWeight`, the bias) as the fused call takes them: x and the
+        bias in the compute dtype (the Linear4bit's compute_dtype, else x's); the caller returns
+        x's dtype, as Linear4bit does."""
         if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"x must be a float32, float16 or bfloat16 tensor; got "
                             f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
         dtype = self.compute_dtype or x.dtype
-        base = self.four_bit_base()
-        bias = None if self.bias is None else self.bias.to(dtype)
+        return x.to(dtype), self.four_bit_base(), None if self.bias is None else self.bias.to(dtype)
+
+    def _forward_four_bit(self, x):
+        x_compute, base, bias = self._four_bit_operands(x)
         if self.adapters_disabled:
-            return F.linear(x.to(dtype), base.dequantize(dtype), bias).to(x.dtype)
+            return F.linear(x_compute, base.dequantize(x_compute.dtype), bias).to(x.dtype)
         lora_A, lora_B, scaling, dropout = self.adapter_operands(self.active_adapter)
-        y = lora_linear(x.to(dtype), base, bias, lora_A, lora_B, scaling, dropout, self.training,
+        y = lora_linear(x_compute, base, bias, lora_A, lora_B, scaling, dropout, self.training,
                         backend=self.backend, base_gemm=self.base_gemm)
         return y.to(x.dtype)
 
