@@ -109,14 +109,16 @@ class BaseOpArgs(NamedTuple):
         return DenseWeight(self.weight, bias)
 
 
-def segments_of(row_segment, column_segment, column_scale):
+def segments_of(row_segment, segment_rank_start, segment_scale, segment_max_rank):
     """The `Segments` of several adapters in one batch from their op arguments, or None (one adapter)."""
-    return None if row_segment is None else Segments(row_segment, column_segment, column_scale)
+    if row_segment is None:
+        return None
+    return Segments(row_segment, segment_rank_start, segment_scale, segment_max_rank)
 
 
 def segment_args(segments):
-    """A `Segments` (or None) as the custom ops' three optional tensor arguments."""
-    return (None, None, None) if segments is None else tuple(segments)
+    """A `Segments` (or None) as the custom ops' segment arguments: three optional tensors and an int."""
+    return (None, None, None, 0) if segments is None else tuple(segments)
 
 
 class SavedState(NamedTuple):
@@ -127,7 +129,7 @@ class SavedState(NamedTuple):
     base: the `BaseOpArgs` of W, for dX. lora_A, lora_B: the adapter.
     u: U = dropout(X) A^T [M, R] fp32, only when lora_B needs a gradient (dB = s dY^T U).
     scalars: the scalar pack [seed, scaling, p].
-    segments: several adapters in one batch (`Segments`: int32 [M] and [R], fp32 [R]), or None.
+    segments: several adapters in one batch (`Segments`), or None. U is then [M, max_rank].
     """
 
     x: Optional[torch.Tensor]
@@ -145,8 +147,10 @@ class SavedState(NamedTuple):
                    u if lora_B.requires_grad else None, scalars, segments)
 
     def save(self, ctx, plan, has_bias):
+        *segment_tensors, max_rank = segment_args(self.segments)
         ctx.save_for_backward(self.x, self.base.weight, self.base.absmax, self.base.table, self.base.nested,
-                              self.lora_A, self.lora_B, self.u, self.scalars, *segment_args(self.segments))
+                              self.lora_A, self.lora_B, self.u, self.scalars, *segment_tensors)
+        ctx.segment_max_rank = max_rank
         ctx.blocksize = self.base.blocksize
         ctx.plan = plan
         ctx.has_bias = has_bias
@@ -154,8 +158,10 @@ class SavedState(NamedTuple):
     @classmethod
     def load(cls, ctx):
         x, weight, absmax, table, nested, lora_A, lora_B, u, scalars, *segments = ctx.saved_tensors
+        if lora_A is None and getattr(ctx, "parts", None) is not None:  # `EagerLoRALinear`'s parts
+            lora_A, lora_B = ctx.parts.concatenated()
         return cls(x, BaseOpArgs(weight, absmax, table, ctx.blocksize, nested), lora_A, lora_B, u, scalars,
-                   segments_of(*segments))
+                   segments_of(*segments, ctx.segment_max_rank))
 
 
 def _autocast_off(device_type):
@@ -190,27 +196,30 @@ def lora_linear_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional
                            base_gemm: str, tf32: bool, weight_absmax: Optional[torch.Tensor] = None,
                            weight_table: Optional[torch.Tensor] = None, weight_blocksize: int = 0,
                            weight_nested: Optional[torch.Tensor] = None, row_segment: Optional[torch.Tensor] = None,
-                           column_segment: Optional[torch.Tensor] = None,
-                           column_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y [M, N], u [M, R] fp32) for 2-D x with a unit last-dim stride (see `lora_linear`).
+                           segment_rank_start: Optional[torch.Tensor] = None,
+                           segment_scale: Optional[torch.Tensor] = None,
+                           segment_max_rank: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y [M, N], u [M, R] fp32 (R: the segments' max_rank with segments)) for 2-D x with a unit
+    last-dim stride (see `lora_linear`).
 
     scalars: `pack_scalars`'s tensor; backend, base_gemm, tf32: `LaunchPlan.to_op_args()`.
     weight, weight_absmax, weight_table, weight_blocksize, weight_nested: a `BaseOpArgs` (a dense W
     [N, K] and the defaults, or a 4-bit W's codes [N, K / 2] with its absmax, code table, blocksize
     and, under double quantization, its packed nested scales).
-    row_segment, column_segment, column_scale: several adapters in one batch (`Segments`), or None.
+    row_segment, segment_rank_start, segment_scale, segment_max_rank: several adapters in one batch
+    (`Segments`), or None and 0.
     """
     base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize, weight_nested)
     return _forward(x, base, bias, lora_A, lora_B, scalars, LaunchPlan.from_op_args(backend, base_gemm, tf32),
-                    segments_of(row_segment, column_segment, column_scale))
+                    segments_of(row_segment, segment_rank_start, segment_scale, segment_max_rank))
 
 
 @lora_linear_forward_op.register_fake
 def _forward_fake(x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm, tf32, weight_absmax=None,
-                  weight_table=None, weight_blocksize=0, weight_nested=None, row_segment=None, column_segment=None,
-                  column_scale=None):
-    return (x.new_empty((x.shape[0], weight.shape[0])),
-            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32))
+                  weight_table=None, weight_blocksize=0, weight_nested=None, row_segment=None,
+                  segment_rank_start=None, segment_scale=None, segment_max_rank=0):
+    rank_width = lora_A.shape[0] if row_segment is None else segment_max_rank
+    return (x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], rank_width), dtype=torch.float32))
 
 
 @torch.library.custom_op("lorakernels::lora_linear_backward", mutates_args=())
@@ -220,8 +229,8 @@ def lora_linear_backward_op(dy: torch.Tensor, x: Optional[torch.Tensor], weight:
                             needs_da: bool, needs_db: bool, weight_absmax: Optional[torch.Tensor] = None,
                             weight_table: Optional[torch.Tensor] = None, weight_blocksize: int = 0,
                             weight_nested: Optional[torch.Tensor] = None, row_segment: Optional[torch.Tensor] = None,
-                            column_segment: Optional[torch.Tensor] = None,
-                            column_scale: Optional[torch.Tensor] = None
+                            segment_rank_start: Optional[torch.Tensor] = None,
+                            segment_scale: Optional[torch.Tensor] = None, segment_max_rank: int = 0
                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dA, dB); a gradient that is not needed comes back as an empty tensor.
 
@@ -229,7 +238,8 @@ def lora_linear_backward_op(dy: torch.Tensor, x: Optional[torch.Tensor], weight:
     scalars and the segments: a `SavedState`; backend, base_gemm, tf32 as the forward's.
     """
     base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize, weight_nested)
-    state = SavedState(x, base, lora_A, lora_B, u, scalars, segments_of(row_segment, column_segment, column_scale))
+    state = SavedState(x, base, lora_A, lora_B, u, scalars,
+                       segments_of(row_segment, segment_rank_start, segment_scale, segment_max_rank))
     grads = _backward(dy, state, LaunchPlan.from_op_args(backend, base_gemm, tf32),
                       GradsNeeded(needs_dx, needs_da, needs_db))
     return tuple(g if g is not None else dy.new_empty(0) for g in grads)
@@ -238,7 +248,7 @@ def lora_linear_backward_op(dy: torch.Tensor, x: Optional[torch.Tensor], weight:
 @lora_linear_backward_op.register_fake
 def _backward_fake(dy, x, weight, lora_A, lora_B, u, scalars, backend, base_gemm, tf32, needs_dx, needs_da,
                    needs_db, weight_absmax=None, weight_table=None, weight_blocksize=0, weight_nested=None,
-                   row_segment=None, column_segment=None, column_scale=None):
+                   row_segment=None, segment_rank_start=None, segment_scale=None, segment_max_rank=0):
     in_features = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize).shape[1]
     return (dy.new_empty((dy.shape[0], in_features) if needs_dx else (0,)),
             lora_A.new_empty(lora_A.shape if needs_da else (0,)),
@@ -287,9 +297,9 @@ def _grads_of_inputs(ctx, dy, backward):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm, tf32, *optional = inputs
-    four_bit, segments = optional[:4], optional[4:]
+    four_bit, segments = optional[:4], (*optional[4:], None, None, None, 0)[:4]  # defaults when not passed
     state = SavedState.of_forward(x, BaseOpArgs(weight, *four_bit), lora_A, lora_B, output[1], scalars,
-                                  segments_of(*segments) if segments else None)
+                                  segments_of(*segments))
     state.save(ctx, LaunchPlan.from_op_args(backend, base_gemm, tf32), bias is not None)
 
 
@@ -305,8 +315,9 @@ class EagerLoRALinear(torch.autograd.Function):
     """The same forward, backward and saved state as the custom ops, for eager mode.
 
     apply(x, weight, bias, lora_A, lora_B, scalars, plan, weight_absmax=None, weight_table=None,
-    weight_blocksize=0, weight_nested=None, row_segment=None, column_segment=None, column_scale=None)
-    -> y: the custom op's arguments, with the `LaunchPlan` itself in place of its op arguments.
+    weight_blocksize=0, weight_nested=None, row_segment=None, segment_rank_start=None, segment_scale=None,
+    segment_max_rank=0) -> y: the custom op's arguments, with the `LaunchPlan` itself in place of its op
+    arguments.
 
     A custom op call goes through the dispatcher, the registered autograd wrapper and a
     torch.compile guard, in both directions: on a 2-core CPU that added about 175 us of Python
@@ -314,17 +325,44 @@ class EagerLoRALinear(torch.autograd.Function):
     a few thousand tokens, so eager training would wait on the host. torch.compile keeps
     using the custom ops (`lora_linear` switches on `torch.compiler.is_compiling()`), where
     that cost is paid once, at tracing.
+
+    With several adapters (segments), `parts` (after the op's arguments) are the (lora_A, lora_B)
+    pairs that lora_A and lora_B concatenate: backward concatenates them again instead of keeping
+    the concatenation (a copy of every adapter in the batch, per layer) from forward to backward.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scalars, plan, weight_absmax=None, weight_table=None,
-                weight_blocksize=0, weight_nested=None, row_segment=None, column_segment=None, column_scale=None):
+                weight_blocksize=0, weight_nested=None, row_segment=None, segment_rank_start=None, segment_scale=None,
+                segment_max_rank=0, parts=None):
         base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize, weight_nested)
-        segments = segments_of(row_segment, column_segment, column_scale)
+        segments = segments_of(row_segment, segment_rank_start, segment_scale, segment_max_rank)
         y, u = _forward(x, base, bias, lora_A, lora_B, scalars, plan, segments)
-        SavedState.of_forward(x, base, lora_A, lora_B, u, scalars, segments).save(ctx, plan, bias is not None)
+        state = SavedState.of_forward(x, base, lora_A, lora_B, u, scalars, segments)
+        if parts is not None:
+            state = state._replace(lora_A=None, lora_B=None)
+            ctx.parts = _ConcatenatedParts(parts)
+        state.save(ctx, plan, bias is not None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         return _grads_of_inputs(ctx, dy, _backward)
+
+
+class _ConcatenatedParts:
+    """The adapters whose factors a segmented call concatenated, kept by reference (they are
+    parameters: no copy) with their versions, so that backward rebuilds the concatenation and,
+    like autograd's saved tensors, refuses factors modified in place since forward."""
+
+    def __init__(self, parts):
+        self.parts = tuple((A.detach(), B.detach()) for A, B in parts)  # detached views share the version
+        self.versions = [(A._version, B._version) for A, B in self.parts]
+
+    def concatenated(self):
+        for a, ((A, B), versions) in enumerate(zip(self.parts, self.versions)):
+            if (A._version, B._version) != versions:
+                raise RuntimeError(f"adapter {a}'s lora_A or lora_B (of a several-adapter lora_linear call) was "
+                                   f"modified in place between forward and backward: the gradient would use the "
+                                   f"new values")
+        return torch.cat([A for A, _ in self.parts]), torch.cat([B for _, B in self.parts], dim=1)

@@ -5,6 +5,8 @@ rows and hands them to the autograd layer (`lorakernels.autograd`): the custom o
 torch.compile, the eager autograd.Function otherwise.
 """
 
+import itertools
+
 import torch
 
 from lorakernels._validation import MAX_RANK, check_lora_linear_inputs
@@ -94,8 +96,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     return _fused(x, weight, bias, lora_A, lora_B, scaling, dropout_p if training else 0.0, backend, base_gemm)
 
 
-def _fused(x, weight, bias, lora_A, lora_B, scaling, p, backend, base_gemm, segments=None):
-    """The fused call on validated operands: plan, scalars, rows, then the autograd layer."""
+def _fused(x, weight, bias, lora_A, lora_B, scaling, p, backend, base_gemm, segments=None, parts=None):
+    """The fused call on validated operands: plan, scalars, rows, then the autograd layer.
+    parts: the adapters' (lora_A, lora_B) that lora_A and lora_B concatenate, if they do (eager
+    autograd then keeps those instead of the concatenation)."""
     plan = resolve_plan(x.device, backend, base_gemm)
     scalars = pack_scalars(draw_seed() if p > 0 else 0, scaling, p)
     rows = _as_rows(x)
@@ -105,7 +109,7 @@ def _fused(x, weight, bias, lora_A, lora_B, scaling, p, backend, base_gemm, segm
                                       *base[1:], *segment_args(segments))
     else:
         y = EagerLoRALinear.apply(rows, base.weight, bias, lora_A, lora_B, scalars, plan, *base[1:],
-                                  *segment_args(segments))
+                                  *segment_args(segments), parts)
     return y.view(*x.shape[:-1], base.shape[0])
 
 
@@ -115,10 +119,13 @@ def lora_linear_segmented(x, weight, bias, adapters, row_adapter, dropout_p=0.0,
     y[m] = x[m] W^T + b + s_a dropout(x[m]) A_a^T B_a^T, a = row_adapter[m] (-1: the base alone).
 
     The base GEMM runs once for the batch. The adapters with rows are concatenated along the rank
-    and run as one adapter of their summed rank whose rank-R intermediates (U = dropout(X) A^T and
-    V = dY B) are masked row by row (`operands.Segments`), so each row's LoRA term joins the base
-    GEMM's accumulator and each adapter's gradients gather its own rows only. Adapters without
-    rows take no part in the call: they get no gradient at all (not a zero gradient).
+    and the kernels read a row-to-adapter table (`operands.Segments`): each row's rank-R products
+    run with its own adapter's factors only (a tile of rows loops over the adapters its rows use),
+    U = dropout(X) A^T and V = dY B are kept at the largest adapter's rank, each row's LoRA term
+    joins the base GEMM's accumulator and each adapter's gradients gather its own rows only. Rows
+    of one adapter cost least when they are contiguous (PEFT's per-sequence `adapter_names`): a
+    tile whose rows use k adapters computes k rank-r products. Adapters without rows take no part
+    in the call: they get no gradient at all (not a zero gradient).
 
     Args:
         x, weight, bias: as `lora_linear` (a dense or 4-bit base).
@@ -160,9 +167,9 @@ def lora_linear_segmented(x, weight, bias, adapters, row_adapter, dropout_p=0.0,
     group_rates = sorted({rates[a] for a in present}) if training else [0.0]
     if len(group_rates) > 1:
         return _by_dropout_rate(x, weight, bias, adapters, index, rates, group_rates, backend, base_gemm)
-    lora_A, lora_B, segments = _concatenated(adapters, index, present)
+    lora_A, lora_B, segments, parts = _concatenated(adapters, index, present)
     p = group_rates[0] if group_rates else 0.0
-    return _fused(x, weight, bias, lora_A, lora_B, 1.0, p, backend, base_gemm, segments)
+    return _fused(x, weight, bias, lora_A, lora_B, 1.0, p, backend, base_gemm, segments, parts)
 
 
 def _dropout_per_adapter(dropout_p, num_adapters):
@@ -241,9 +248,10 @@ def _row_adapter_index(row_adapter, x, num_adapters):
 
 
 def _concatenated(adapters, index, present):
-    """(lora_A, lora_B, `Segments`) of the adapters with rows, concatenated along the rank (autograd
-    flows back to each), with the rows renumbered to their positions; without any, the first
-    adapter detached (no gradient) and every row masked to the base layer alone."""
+    """(lora_A, lora_B, `Segments`, parts) of the adapters with rows, concatenated along the rank
+    (autograd flows back to each), with the rows renumbered to their positions; without any, the
+    first adapter detached (no gradient) and every row on the base layer alone. parts: the
+    (lora_A, lora_B) pairs concatenated, None for one adapter."""
     chosen = present or [0]
     ranks = [adapters[a][0].shape[0] for a in chosen]
     if sum(ranks) > MAX_RANK:
@@ -254,12 +262,13 @@ def _concatenated(adapters, index, present):
     for i, a in enumerate(present):
         position[a + 1] = i
     row_segment = position.to(device)[index + 1]
-    column_segment = torch.repeat_interleave(torch.arange(len(chosen), dtype=torch.int32), torch.tensor(ranks))
-    column_scale = torch.repeat_interleave(torch.tensor([float(adapters[a][2]) for a in chosen]), torch.tensor(ranks))
+    rank_start = torch.tensor([0] + list(itertools.accumulate(ranks)), dtype=torch.int32)
+    scales = tuple(float(adapters[a][2]) for a in chosen)
     factors = [adapters[a][:2] for a in chosen]
     if not present:
         factors = [(A.detach(), B.detach()) for A, B in factors]
     lora_A = factors[0][0] if len(factors) == 1 else torch.cat([A for A, _ in factors])
     lora_B = factors[0][1] if len(factors) == 1 else torch.cat([B for _, B in factors], dim=1)
-    segments = Segments(row_segment, column_segment.to(device), column_scale.to(device))
-    return lora_A, lora_B, segments
+    segments = Segments(row_segment, rank_start.to(device), torch.tensor(scales, dtype=torch.float32).to(device),
+                        max(ranks))
+    return lora_A, lora_B, segments, tuple(factors) if len(factors) > 1 else None

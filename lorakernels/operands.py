@@ -9,8 +9,9 @@ math:
   codes with per-block scales) is another description with the same two jobs.
 - the adapter description (`Adapter`): the rank-R operands, scaling, dropout and its seed,
   checked by `_validation.check_adapter`; one adapter for every row, or several adapters in one
-  batch (`Segments`: their factors concatenated along the rank, a row-to-adapter table and the
-  per-adapter scalings, which mask the rank-R intermediates row by row).
+  batch (`Segments`: their factors concatenated along the rank, a row-to-adapter table, each
+  adapter's rank columns and scaling, read by the kernels so that each row computes with its
+  own adapter only).
 
 The autograd layer builds them from its tensors; the launchers of both backends take them.
 """
@@ -38,27 +39,58 @@ class DenseWeight:
 
 
 class Segments(NamedTuple):
-    """Several adapters in one batch, as one adapter of their summed rank.
+    """Several adapters in one batch: a row-to-adapter table the kernels read.
 
     The adapters' lora_A are concatenated along the rank ([R, K], R = sum of ranks) and so are
-    their lora_B ([N, R]); column j of U = dropout(X) A^T belongs to adapter column_segment[j]
-    and row m of X to adapter row_segment[m] (-1: the base layer alone). Masking U and
-    V = dY B row by row with `mask()` (column j of row m kept, times its adapter's scaling, only
-    where the two agree) turns the one-adapter passes into every row's own adapter:
-    y_m = x_m W^T + b + s_a dropout(x_m) A_a^T B_a^T, and each adapter's gradients gather its
-    own rows only. The kernels then run with scaling 1.
+    their lora_B ([N, R]); adapter (segment) s owns the rank columns rank_start[s] to
+    rank_start[s + 1] - 1 of both, and row m of X belongs to segment row_segment[m] (-1: the base
+    layer alone). The rank-R intermediates are compact: U = dropout(X) A^T and V = dY B (unscaled
+    here) are [M, max_rank], row m holding its own adapter's columns only (zeros past its rank,
+    and in the rows of no adapter), so every row computes with its own adapter's rank and nothing
+    else: y_m = x_m W^T + b + s_a dropout(x_m) A_a^T B_a^T, and each adapter's gradients gather
+    its own rows only. The adapter's scaling s_a (`scale`) is applied wherever its columns are
+    used (the LoRA terms of Y and dX, dA, dB); the one-adapter `scaling` is then 1.
 
-    row_segment: int32 [M]. column_segment: int32 [R]. column_scale: fp32 [R].
+    row_segment: int32 [M]. rank_start: int32 [S + 1]. scale: fp32 [S]. max_rank: int, the
+    largest rank (U's and V's width).
     """
 
     row_segment: torch.Tensor
-    column_segment: torch.Tensor
-    column_scale: torch.Tensor
+    rank_start: torch.Tensor
+    scale: torch.Tensor
+    max_rank: int
 
-    def mask(self):
-        """fp32 [M, R]: column_scale[j] where row m's adapter owns column j, else 0."""
-        owned = self.row_segment[:, None] == self.column_segment[None, :]
-        return torch.where(owned, self.column_scale[None, :], 0.0)
+    @property
+    def count(self):
+        return self.scale.shape[0]
+
+    def _columns(self):
+        """(index int64 [M, max_rank], valid bool [M, max_rank]): column j of row m's compact U is
+        column index[m, j] of the concatenated rank, where valid."""
+        segment = self.row_segment.long()
+        owned = segment >= 0
+        start = torch.where(owned, self.rank_start.long()[segment.clamp(min=0)], 0)
+        rank = torch.where(owned, self.rank_start.long()[segment.clamp(min=0) + 1] - start, 0)
+        j = torch.arange(self.max_rank, device=segment.device)
+        valid = j[None, :] < rank[:, None]
+        return torch.where(valid, start[:, None] + j[None, :], 0), valid
+
+    def row_scale(self):
+        """fp32 [M]: each row's adapter scaling (0 for rows of no adapter)."""
+        segment = self.row_segment.long()
+        return torch.where(segment >= 0, self.scale[segment.clamp(min=0)], 0.0)
+
+    def compact(self, full):
+        """[M, R] (every adapter's columns for every row) -> [M, max_rank] (each row its own)."""
+        index, valid = self._columns()
+        return torch.where(valid, full.gather(1, index), 0.0)
+
+    def expand(self, compact, rank):
+        """[M, max_rank] -> [M, rank] (rank: the summed rank R), each row's columns back at its
+        adapter's place, zeros elsewhere."""
+        index, valid = self._columns()
+        full = compact.new_zeros((compact.shape[0], rank))
+        return full.scatter_add_(1, index, torch.where(valid, compact, 0.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,13 +109,15 @@ class Adapter:
     seed: int = 0
     segments: Optional[Segments] = None
 
-    def mask_rank_rows(self, t):
-        """Multiply U or V ([M, R] fp32, in place) by the segments' mask; unchanged without segments."""
-        return t if self.segments is None else t.mul_(self.segments.mask())
-
     @property
     def rank(self):
+        """The rank of lora_A / lora_B (with segments: the adapters' summed rank)."""
         return self.lora_A.shape[0]
+
+    @property
+    def rank_width(self):
+        """The width of U and V: the rank, or with segments the largest adapter's."""
+        return self.rank if self.segments is None else self.segments.max_rank
 
     @property
     def has_dropout(self):

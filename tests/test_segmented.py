@@ -12,6 +12,8 @@ import torch
 
 from lorakernels import lora_linear, lora_linear_segmented, lora_linear_segmented_ref
 from lorakernels.operands import FourBitWeight
+from lorakernels.testing import saved_activation_bytes
+from tests.test_saved_tensors import SEED_BYTES
 from tests.utils import DEVICE, assert_close_to_reference, replay_keep_mask
 
 BACKENDS = ["torch", "triton"]
@@ -22,13 +24,14 @@ def _adapters(K, N, ranks, scalings, dtype):
              (torch.randn(N, r) * 0.5).to(dtype).requires_grad_(), s) for r, s in zip(ranks, scalings)]
 
 
-def _check_against_reference(x, weight, bias, adapters, row_adapter, p, backend, dtype, index=None):
+def _check_against_reference(x, weight, bias, adapters, row_adapter, p, backend, dtype, index=None, base_gemm=None):
     """Run the fused call and check y, dx and every adapter's gradients against fp64; return the
     adapters' gradients."""
     M, K = x.numel() // x.shape[-1], x.shape[-1]
     rng_state = torch.get_rng_state()
     xg = x.detach().clone().requires_grad_()
-    y = lora_linear_segmented(xg, weight, bias, adapters, row_adapter, dropout_p=p, backend=backend)
+    y = lora_linear_segmented(xg, weight, bias, adapters, row_adapter, dropout_p=p, backend=backend,
+                              base_gemm=base_gemm)
     keep = replay_keep_mask(rng_state, M, K, p, backend)
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -77,6 +80,66 @@ def test_matches_fp64_reference_per_segment(backend, case):
     grads = _check_against_reference(x, weight, bias, adapters, torch.tensor(rows), p, backend, torch.float32)
     for a, (dA, dB) in enumerate(grads):  # exactly the adapters with rows get gradients
         assert (dA is not None and dB is not None) == (a in rows), a
+
+
+# Per-sequence runs over several row blocks (the interpreter's tiles are 32 rows): runs straddle
+# block boundaries, blocks hold one or two adapters, an adapter (1) has no rows, and the rank-R
+# kernels' programs for a segment without rows in their block skip it.
+RUNS = [20, 25, 13, 30, 12]
+RUN_ADAPTERS = [3, 0, -1, 3, 2]
+BLOCK_CASES = {  # ranks, run adapters, x dtype, base_gemm, dropout
+    "four_adapters": ([4, 16, 8, 2], RUN_ADAPTERS, torch.float32, None, 0.1),
+    "one_adapter_and_base_rows": ([8], [0, -1, 0, -1, 0], torch.float32, None, 0.0),  # dB in the pass over dY
+    "tma_bf16": ([4, 16, 8, 2], RUN_ADAPTERS, torch.bfloat16, "triton-tma", 0.1),
+    "cublas_base_gemm": ([4, 16, 8, 2], RUN_ADAPTERS, torch.float32, "cublas", 0.0),
+    "rank_over_fused_db_limit": ([40, 8], [0, 1, 0, -1, 1], torch.float32, None, 0.0),
+}
+
+
+@pytest.mark.parametrize("case", list(BLOCK_CASES))
+def test_segments_across_row_blocks(case):
+    ranks, run_adapters, dtype, base_gemm, p = BLOCK_CASES[case]
+    torch.manual_seed(8)
+    M, K, N = sum(RUNS), 48, 40
+    x = torch.randn(M, K).to(dtype)
+    weight, bias = (torch.randn(N, K) / K**0.5).to(dtype), torch.randn(N).to(dtype)
+    adapters = _adapters(K, N, ranks, [0.5 * (a + 1) for a in range(len(ranks))], torch.float32)
+    rows = torch.tensor(run_adapters).repeat_interleave(torch.tensor(RUNS))
+    grads = _check_against_reference(x, weight, bias, adapters, rows, p, "triton", dtype, base_gemm=base_gemm)
+    assert [dA is not None for dA, _ in grads] == [a in run_adapters for a in range(len(ranks))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saved_state_holds_each_row_at_its_own_rank(backend):
+    """16 adapters of rank 16, every row through one of them: autograd keeps x, U at rank 16 (not
+    at the summed 256), the seed and the segment tables; not the concatenated factors (a copy of
+    all 16 adapters: backward concatenates the parameters again). Would catch U kept at the summed
+    rank or the concatenation kept from forward to backward."""
+    torch.manual_seed(9)
+    M, K, N, r, count = 64, 32, 24, 16, 16
+    adapters = _adapters(K, N, [r] * count, [1.0] * count, torch.float32)
+    x = torch.randn(M, K, requires_grad=True)
+    rows = torch.arange(M) % count
+    weight = torch.randn(N, K)
+    params = [weight] + [t for A, B, _ in adapters for t in (A, B)]
+    saved, y = saved_activation_bytes(
+        lambda: lora_linear_segmented(x, weight, None, adapters, rows, backend=backend), params)
+    tables = M * 4 + (count + 1) * 4 + count * 4  # row -> adapter, rank columns, scalings
+    assert saved == M * K * 4 + M * r * 4 + SEED_BYTES + tables
+    y.sum().backward()
+    assert all(A.grad is not None for A, _, _ in adapters)
+
+
+def test_factors_modified_in_place_before_backward_are_refused():
+    """Backward concatenates the adapters' factors again: modified in place since forward, it would
+    use the new values, so it refuses (as autograd does for a tensor it saved)."""
+    adapters = _adapters(16, 8, [4, 2], [1.0, 2.0], torch.float32)
+    y = lora_linear_segmented(torch.randn(3, 16), torch.randn(8, 16), None, adapters, torch.tensor([0, 1, 1]),
+                              backend="torch")
+    with torch.no_grad():
+        adapters[1][0].mul_(2.0)
+    with pytest.raises(RuntimeError, match="adapter 1's lora_A or lora_B .* modified in place"):
+        y.sum().backward()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -50,8 +50,11 @@ def test_a_launch_with_a_missing_or_unknown_argument_is_refused():
 
 
 def test_b1_flag_paths_follow_the_fused_db_rank_limit():
-    assert {tuple(c.values()) for c in specs.B1.flag_combinations(16)} == {(True, True), (True, False), (False, True)}
-    assert [tuple(c.values()) for c in specs.B1.flag_combinations(64)] == [(True, False)]
+    """(COMPUTE_V, COMPUTE_DB, SEGMENTED): dB rides along only up to FUSED_DB_MAX_RANK, with or without segments."""
+    both = (True, False)
+    assert {tuple(c.values()) for c in specs.B1.flag_combinations(16)} == {
+        (v, db, seg) for v, db in ((True, True), (True, False), (False, True)) for seg in both}
+    assert [tuple(c.values()) for c in specs.B1.flag_combinations(64)] == [(True, False, True), (True, False, False)]
 
 
 def test_gemm_autotuning_is_per_token_bucket():

@@ -16,7 +16,7 @@ from lorakernels.ops.configs import PADDED_RANKS
 from lorakernels.plan import low_rank_math, split_rank_term
 from lorakernels.ops.specs import ALL, ELEM_BYTES, Desc, Ptr, Role, Scalar, Size, Stride
 
-_POINTER_TYPE = {Role.FP32: "*fp32", Role.INT8: "*i8", Role.UINT8: "*u8"}
+_POINTER_TYPE = {Role.FP32: "*fp32", Role.INT8: "*i8", Role.UINT8: "*u8", Role.INT32: "*i32"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,94 +18,158 @@ from lorakernels.kernels.gemm_core import fused_gemm_persistent_tma, fused_gemm_
 
 
 @triton.jit
-def b1_grad_dy_kernel(dy_ptr, b_ptr, u_ptr, v_ptr, db_part_ptr, M, N, R, stride_dym, stride_bn, stride_um,
-                      stride_vm, scaling, COMPUTE_V: tl.constexpr, COMPUTE_DB: tl.constexpr,
-                      RANK_FP32: tl.constexpr, RANK_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, R_PAD: tl.constexpr):
+def b1_grad_dy_kernel(dy_ptr, b_ptr, u_ptr, v_ptr, db_part_ptr, seg_ptr, seg_rank_start_ptr, seg_scale_ptr, M, N, R,
+                      stride_dym, stride_bn, stride_um, stride_vm, scaling, COMPUTE_V: tl.constexpr,
+                      COMPUTE_DB: tl.constexpr, SEGMENTED: tl.constexpr, RANK_FP32: tl.constexpr,
+                      RANK_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      R_PAD: tl.constexpr):
     """B1: one pass over a BLOCK_M-row slab of dY gives V (complete) and the slab's dB partial.
 
     db_part is fp32 [cdiv(M, BLOCK_M), N, R], unscaled; V is fp32 [M, R], scaled by s.
-    Grid: (cdiv(M, BLOCK_M),).
+    SEGMENTED (several adapters, `operands.Segments`; R is their summed rank): program (i, s) takes
+    the rows of slab i that use segment s: V's first r_s columns for them (unscaled: s is 1), and
+    the slab's dB partial in segment s's columns, times its scaling (a slab without rows of s
+    writes zeros there). Grid: (cdiv(M, BLOCK_M), number of segments; 1 without).
     """
     dot_dtype: tl.constexpr = tl.float32 if RANK_FP32 else dy_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, R_PAD)
     row_ok = rows < M
-    rank_ok = ranks < R
+    if SEGMENTED:
+        segment = tl.program_id(1)
+        row_ok = row_ok & (tl.load(seg_ptr + rows, mask=row_ok, other=-1) == segment)
+        start = tl.load(seg_rank_start_ptr + segment)
+        rank = tl.load(seg_rank_start_ptr + segment + 1) - start
+        db_scale = tl.load(seg_scale_ptr + segment)
+        b_ptr += start
+        db_part_ptr += start
+    else:
+        rank = R
+        db_scale = 1.0
+    rank_ok = ranks < rank
+    u = u_ptr  # unused without COMPUTE_DB
     if COMPUTE_DB:
         u = tl.load(u_ptr + rows[:, None] * stride_um + ranks[None, :],
                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(dot_dtype)
         db_part_ptr += pid * N * R
     v_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    # With segments, a slab without rows of this program's segment still runs the loop: its loads
+    # are masked (no memory moves), and skipping it (a loop bound from the rows' segments) spilled
+    # registers at R_PAD 256 on sm_90 (build gate).
     for n0 in range(0, N, BLOCK_N):
-        outs = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        out_ok = outs < N
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :],
-                     mask=row_ok[:, None] & out_ok[None, :], other=0.0).to(dot_dtype)
-        if COMPUTE_V:
-            b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :],
-                        mask=out_ok[:, None] & rank_ok[None, :], other=0.0)
-            v_acc = tl.dot(dy, b.to(dot_dtype), v_acc, input_precision=RANK_PRECISION)
-        if COMPUTE_DB:
-            db = tl.dot(tl.trans(dy), u, input_precision=RANK_PRECISION)
-            tl.store(db_part_ptr + outs[:, None] * R + ranks[None, :], db,
-                     mask=out_ok[:, None] & rank_ok[None, :])
+        v_acc = _dy_step(v_acc, dy_ptr, b_ptr, u, db_part_ptr, rows, ranks, row_ok, rank_ok, n0, N, R, stride_dym,
+                         stride_bn, db_scale, COMPUTE_V, COMPUTE_DB, SEGMENTED, dot_dtype, RANK_PRECISION, BLOCK_N)
     if COMPUTE_V:
         tl.store(v_ptr + rows[:, None] * stride_vm + ranks[None, :], v_acc * tl.cast(scaling, tl.float32),
                  mask=row_ok[:, None] & rank_ok[None, :])
 
 
+@triton.jit
+def _dy_step(v_acc, dy_ptr, b_ptr, u, db_part_ptr, rows, ranks, row_ok, rank_ok, n0, N, R, stride_dym, stride_bn,
+             db_scale, COMPUTE_V: tl.constexpr, COMPUTE_DB: tl.constexpr, SEGMENTED: tl.constexpr,
+             dot_dtype: tl.constexpr, RANK_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One BLOCK_N-column step of B1's pass over dY: V's accumulator, and the dB partial's columns stored."""
+    outs = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    out_ok = outs < N
+    dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :],
+                 mask=row_ok[:, None] & out_ok[None, :], other=0.0).to(dot_dtype)
+    if COMPUTE_V:
+        b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :],
+                    mask=out_ok[:, None] & rank_ok[None, :], other=0.0)
+        v_acc = tl.dot(dy, b.to(dot_dtype), v_acc, input_precision=RANK_PRECISION)
+    if COMPUTE_DB:
+        db = tl.dot(tl.trans(dy), u, input_precision=RANK_PRECISION)
+        if SEGMENTED:
+            db = db * db_scale
+        tl.store(db_part_ptr + outs[:, None] * R + ranks[None, :], db, mask=out_ok[:, None] & rank_ok[None, :])
+    return v_acc
+
+
 @triton.jit(do_not_specialize=["seed"])
-def b2_grad_x_kernel(dy_ptr, w_ptr, v_ptr, a_ptr, dx_ptr, M, N, K, R,
+def b2_grad_x_kernel(dy_ptr, w_ptr, v_ptr, a_ptr, seg_ptr, seg_rank_start_ptr, seg_scale_ptr, dx_ptr, M, N, K, R,
                      stride_dym, stride_wn, stride_vm, stride_am, stride_dxm, seed, p,
-                     BASE_GEMM: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                     BASE_GEMM: tl.constexpr, HAS_DROPOUT: tl.constexpr, SEGMENTED: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr,
                      SPLIT_RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """B2: dX = dY @ W + (V @ A) * keep / (1 - p), dX written once.
 
     The GEMM core with dX as its output: BLOCK_N tiles dX's K (in_features) columns and BLOCK_K
     steps through the reduction over dY's N columns. With BASE_GEMM=False only the masked LoRA
-    term is written (cuBLAS adds dY @ W afterwards).
+    term is written (cuBLAS adds dY @ W afterwards). SEGMENTED: V compact and unscaled, each
+    row's term its own adapter's times its scaling (`operands.Segments`).
     Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N),).
     """
     fused_gemm_tile(dy_ptr, stride_dym, w_ptr, stride_wn, w_ptr, w_ptr, 0,
-                    v_ptr, stride_vm, a_ptr, stride_am, 1,
+                    v_ptr, stride_vm, a_ptr, stride_am, 1, seg_ptr, seg_rank_start_ptr, seg_scale_ptr,
                     dx_ptr, dx_ptr, stride_dxm,
                     M, K, N, R, 1.0, seed, p,
-                    False, False, False, HAS_DROPOUT, BASE_GEMM, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N, BLOCK_K,
-                    GROUP_M)
+                    False, False, False, HAS_DROPOUT, SEGMENTED, BASE_GEMM, INPUT_PRECISION, SPLIT_RANK, BLOCK_M,
+                    BLOCK_N, BLOCK_K, GROUP_M)
 
 
 @triton.jit(do_not_specialize=["seed"])
-def b3_adapter_grad_kernel(x_ptr, v_ptr, part_ptr, M, K, R, stride_xm, stride_vm, rows_per_split, seed, p,
-                           HAS_DROPOUT: tl.constexpr, RANK_FP32: tl.constexpr, RANK_PRECISION: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
+def b3_adapter_grad_kernel(x_ptr, v_ptr, part_ptr, seg_ptr, seg_rank_start_ptr, seg_scale_ptr, M, K, R, stride_xm,
+                           stride_vm, rows_per_split, seed, p, HAS_DROPOUT: tl.constexpr, SEGMENTED: tl.constexpr,
+                           RANK_FP32: tl.constexpr, RANK_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
     """B3, adapter-gradient partials: part[s] = V[rows of s]^T @ Xd[rows of s], fp32 [S, R, K].
 
     dA: V = s dY B, X = x with its dropout mask regenerated from the seed. dB^T: V = U,
     X = dY, no dropout. X is read once. `rows_per_split` is a multiple of BLOCK_M.
-    Grid: (cdiv(K, BLOCK_K), S).
+    SEGMENTED (several adapters, `operands.Segments`; R is their summed rank, V compact):
+    program (j, i, s) sums the rows of split i that use segment s into segment s's rows of the
+    partial, times its scaling; the rows of other segments are masked (their loads move no memory:
+    X is read once per segment a block holds; the dynamic skip of such blocks spilled registers).
+    Grid: (cdiv(K, BLOCK_K), S, number of segments; 1 without).
     """
     dot_dtype: tl.constexpr = tl.float32 if RANK_FP32 else x_ptr.dtype.element_ty
     cols = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     split = tl.program_id(1).to(tl.int64)
     ranks = tl.arange(0, R_PAD)
     col_ok = cols < K
-    rank_ok = ranks < R
+    if SEGMENTED:
+        segment = tl.program_id(2)
+        start = tl.load(seg_rank_start_ptr + segment)
+        rank = tl.load(seg_rank_start_ptr + segment + 1) - start
+        part_ptr += start * K
+    else:
+        rank = R
+    rank_ok = ranks < rank
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, M)
     acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
-    for m0 in range(row_start, row_end, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        row_ok = rows < row_end
-        x = load_dropped(x_ptr, rows, cols, stride_xm, row_ok[:, None] & col_ok[None, :], seed, p, HAS_DROPOUT,
-                         dot_dtype)
-        v_t = tl.load(v_ptr + rows[None, :] * stride_vm + ranks[:, None],
-                      mask=rank_ok[:, None] & row_ok[None, :], other=0.0)
-        acc = tl.dot(v_t.to(dot_dtype), x, acc, input_precision=RANK_PRECISION)
+    if SEGMENTED:
+        # Other segments' rows masked (their loads move no memory), one stage: pipelined next to the
+        # segment mask, the loop spilled registers (build gate).
+        for m0 in tl.range(row_start, row_end, BLOCK_M, num_stages=1):
+            rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+            row_ok = rows < row_end
+            row_ok = row_ok & (tl.load(seg_ptr + rows, mask=row_ok, other=-1) == segment)
+            acc = _adapter_grad_step(acc, x_ptr, v_ptr, rows, cols, ranks, row_ok, col_ok, rank_ok, stride_xm,
+                                     stride_vm, seed, p, HAS_DROPOUT, dot_dtype, RANK_PRECISION)
+    else:
+        for m0 in range(row_start, row_end, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+            row_ok = rows < row_end
+            acc = _adapter_grad_step(acc, x_ptr, v_ptr, rows, cols, ranks, row_ok, col_ok, rank_ok, stride_xm,
+                                     stride_vm, seed, p, HAS_DROPOUT, dot_dtype, RANK_PRECISION)
+    if SEGMENTED:
+        acc = acc * tl.load(seg_scale_ptr + segment)
     tl.store(part_ptr + split * R * K + ranks[:, None] * K + cols[None, :], acc,
              mask=rank_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _adapter_grad_step(acc, x_ptr, v_ptr, rows, cols, ranks, row_ok, col_ok, rank_ok, stride_xm, stride_vm, seed, p,
+                       HAS_DROPOUT: tl.constexpr, dot_dtype: tl.constexpr, RANK_PRECISION: tl.constexpr):
+    """acc + V[rows]^T @ Xd[rows, cols] for one block of B3's rows."""
+    x = load_dropped(x_ptr, rows, cols, stride_xm, row_ok[:, None] & col_ok[None, :], seed, p, HAS_DROPOUT,
+                     dot_dtype)
+    v_t = tl.load(v_ptr + rows[None, :] * stride_vm + ranks[:, None],
+                  mask=rank_ok[:, None] & row_ok[None, :], other=0.0)
+    return tl.dot(v_t.to(dot_dtype), x, acc, input_precision=RANK_PRECISION)
 
 
 @triton.jit
@@ -133,8 +197,9 @@ def reduce_partials_kernel(part_ptr, out_ptr, num_parts, numel, cols, stride_ot,
 
 
 @triton.jit(do_not_specialize=["seed"])
-def b2_grad_x_tma_kernel(dy_desc, w_desc, v_ptr, a_ptr, dx_desc, M, N, K, R, stride_vm, stride_am, seed, p,
-                         HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_RANK: tl.constexpr,
+def b2_grad_x_tma_kernel(dy_desc, w_desc, v_ptr, a_ptr, seg_ptr, seg_rank_start_ptr, seg_scale_ptr, dx_desc, M, N,
+                         K, R, stride_vm, stride_am, seed, p, HAS_DROPOUT: tl.constexpr, SEGMENTED: tl.constexpr,
+                         INPUT_PRECISION: tl.constexpr, SPLIT_RANK: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr):
     """B2 on Hopper: `b2_grad_x_kernel`'s math as persistent programs with TMA loads and stores.
@@ -142,23 +207,24 @@ def b2_grad_x_tma_kernel(dy_desc, w_desc, v_ptr, a_ptr, dx_desc, M, N, K, R, str
     dy_desc: dY [M, N], block [BLOCK_M, BLOCK_K]; w_desc: W [N, K], block [BLOCK_K, BLOCK_N];
     dx_desc: dX [M, K], block [BLOCK_M, BLOCK_N]. Grid: (min(SMs, output tiles),).
     """
-    fused_gemm_persistent_tma(dy_desc, w_desc, v_ptr, stride_vm, a_ptr, stride_am, 1, v_ptr, dx_desc,
-                              M, K, N, R, 1.0, seed, p,
-                              False, False, HAS_DROPOUT, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N, BLOCK_K,
-                              GROUP_M)
+    fused_gemm_persistent_tma(dy_desc, w_desc, v_ptr, stride_vm, a_ptr, stride_am, 1, seg_ptr, seg_rank_start_ptr,
+                              seg_scale_ptr, v_ptr, dx_desc, M, K, N, R, 1.0, seed, p,
+                              False, False, HAS_DROPOUT, SEGMENTED, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N,
+                              BLOCK_K, GROUP_M)
 
 
 @triton.jit(do_not_specialize=["seed"])
-def b2_grad_x_4bit_kernel(dy_ptr, codes_ptr, absmax_ptr, table_ptr, v_ptr, a_ptr, dx_ptr, M, N, K, R,
-                          stride_dym, stride_vm, stride_am, stride_dxm, quant_shift, seed, p,
-                          HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_RANK: tl.constexpr,
+def b2_grad_x_4bit_kernel(dy_ptr, codes_ptr, absmax_ptr, table_ptr, v_ptr, a_ptr, seg_ptr, seg_rank_start_ptr,
+                          seg_scale_ptr, dx_ptr, M, N, K, R, stride_dym, stride_vm, stride_am, stride_dxm, quant_shift,
+                          seed, p, HAS_DROPOUT: tl.constexpr, SEGMENTED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                          SPLIT_RANK: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr):
     """B2 with a 4-bit base (QLoRA): dX = dY W + (V A) * keep / (1 - p), W read from its packed
     codes as in `f2_forward_gemm_4bit_kernel`. Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N),)."""
     fused_gemm_tile(dy_ptr, stride_dym, codes_ptr, K, absmax_ptr, table_ptr, quant_shift,
-                    v_ptr, stride_vm, a_ptr, stride_am, 1,
+                    v_ptr, stride_vm, a_ptr, stride_am, 1, seg_ptr, seg_rank_start_ptr, seg_scale_ptr,
                     dx_ptr, dx_ptr, stride_dxm,
                     M, K, N, R, 1.0, seed, p,
-                    False, True, False, HAS_DROPOUT, True, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N, BLOCK_K,
-                    GROUP_M)
+                    False, True, False, HAS_DROPOUT, SEGMENTED, True, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N,
+                    BLOCK_K, GROUP_M)

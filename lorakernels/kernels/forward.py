@@ -22,54 +22,86 @@ from lorakernels.kernels.gemm_core import fused_gemm_persistent_tma, fused_gemm_
 
 
 @triton.jit(do_not_specialize=["seed"])
-def f1_dropout_down_kernel(x_ptr, a_ptr, u_ptr, M, K, R, stride_xm, stride_am, stride_um, seed, p,
-                           HAS_DROPOUT: tl.constexpr, RANK_FP32: tl.constexpr, RANK_PRECISION: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
+def f1_dropout_down_kernel(x_ptr, a_ptr, u_ptr, seg_ptr, seg_rank_start_ptr, M, K, R, stride_xm, stride_am,
+                           stride_um, seed, p, HAS_DROPOUT: tl.constexpr, SEGMENTED: tl.constexpr,
+                           RANK_FP32: tl.constexpr, RANK_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
     """F1: one pass over X, dropout applied in registers, U = Xd @ A^T written in fp32.
 
-    Grid: (cdiv(M, BLOCK_M),).
+    SEGMENTED (several adapters, `operands.Segments`): program (i, s) computes the rows of block i
+    that use segment s, with that adapter's rows of the concatenated A, into U's first r_s
+    columns; a block without such rows skips the pass over X. U must be zeroed beforehand.
+    Grid: (cdiv(M, BLOCK_M), number of segments; 1 without).
     """
     dot_dtype: tl.constexpr = tl.float32 if RANK_FP32 else x_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, R_PAD)
     row_ok = rows < M
-    rank_ok = ranks < R
+    if SEGMENTED:
+        segment = tl.program_id(1)
+        row_ok = row_ok & (tl.load(seg_ptr + rows, mask=row_ok, other=-1) == segment)
+        start = tl.load(seg_rank_start_ptr + segment)
+        rank = tl.load(seg_rank_start_ptr + segment + 1) - start
+        a_ptr += start * stride_am
+        k_end = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0, K, 0)
+    else:
+        rank = R
+        k_end = K
+    rank_ok = ranks < rank
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        col_ok = cols < K
-        x = load_dropped(x_ptr, rows, cols, stride_xm, row_ok[:, None] & col_ok[None, :], seed, p, HAS_DROPOUT,
-                         dot_dtype)
-        a_t = tl.load(a_ptr + ranks[None, :] * stride_am + cols[:, None],
-                      mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-        acc = tl.dot(x, a_t.to(dot_dtype), acc, input_precision=RANK_PRECISION)
+    if SEGMENTED:
+        # Two stages, not the config's: at R_PAD 256 with fp32 adapters the deeper pipeline next to
+        # the segment mask spilled registers on sm_80 (build gate).
+        for k0 in tl.range(0, k_end, BLOCK_K, num_stages=1):
+            acc = _down_step(acc, x_ptr, a_ptr, rows, ranks, row_ok, rank_ok, k0, K, stride_xm, stride_am, seed, p,
+                             HAS_DROPOUT, dot_dtype, RANK_PRECISION, BLOCK_K)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            acc = _down_step(acc, x_ptr, a_ptr, rows, ranks, row_ok, rank_ok, k0, K, stride_xm, stride_am, seed, p,
+                             HAS_DROPOUT, dot_dtype, RANK_PRECISION, BLOCK_K)
     tl.store(u_ptr + rows[:, None] * stride_um + ranks[None, :], acc,
              mask=row_ok[:, None] & rank_ok[None, :])
 
 
 @triton.jit
-def f2_forward_gemm_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr, M, N, K, R,
-                           stride_xm, stride_wn, stride_um, stride_bn, stride_ym, scaling,
-                           HAS_BIAS: tl.constexpr, BASE_GEMM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+def _down_step(acc, x_ptr, a_ptr, rows, ranks, row_ok, rank_ok, k0, K, stride_xm, stride_am, seed, p,
+               HAS_DROPOUT: tl.constexpr, dot_dtype: tl.constexpr, RANK_PRECISION: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """acc + Xd[rows, k0:k0 + BLOCK_K] @ A[:, k0:k0 + BLOCK_K]^T: one step of F1's pass over X."""
+    cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+    col_ok = cols < K
+    x = load_dropped(x_ptr, rows, cols, stride_xm, row_ok[:, None] & col_ok[None, :], seed, p, HAS_DROPOUT, dot_dtype)
+    a_t = tl.load(a_ptr + ranks[None, :] * stride_am + cols[:, None], mask=col_ok[:, None] & rank_ok[None, :],
+                  other=0.0)
+    return tl.dot(x, a_t.to(dot_dtype), acc, input_precision=RANK_PRECISION)
+
+
+@triton.jit
+def f2_forward_gemm_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, seg_ptr, seg_rank_start_ptr, seg_scale_ptr, y_ptr,
+                           M, N, K, R, stride_xm, stride_wn, stride_um, stride_bn, stride_ym, scaling,
+                           HAS_BIAS: tl.constexpr, SEGMENTED: tl.constexpr, BASE_GEMM: tl.constexpr,
+                           INPUT_PRECISION: tl.constexpr,
                            SPLIT_RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """F2: Y = X @ W^T + b + s * U @ B^T, one fp32 accumulator, Y rounded and written once.
 
     W^T[k, n] = W[n, k] and B^T[r, n] = B[n, r]. With BASE_GEMM=False the X @ W^T term is
     skipped (Y = b + s U B^T), for the strategy that lets cuBLAS add the base GEMM afterwards.
+    SEGMENTED: several adapters, U compact and each row's term its own adapter's (`operands.Segments`).
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),).
     """
     fused_gemm_tile(x_ptr, stride_xm, w_ptr, stride_wn, w_ptr, w_ptr, 0,
-                    u_ptr, stride_um, b_ptr, 1, stride_bn,
+                    u_ptr, stride_um, b_ptr, 1, stride_bn, seg_ptr, seg_rank_start_ptr, seg_scale_ptr,
                     bias_ptr, y_ptr, stride_ym,
                     M, N, K, R, scaling, 0, 0.0,
-                    True, False, HAS_BIAS, False, BASE_GEMM, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N, BLOCK_K,
-                    GROUP_M)
+                    True, False, HAS_BIAS, False, SEGMENTED, BASE_GEMM, INPUT_PRECISION, SPLIT_RANK, BLOCK_M,
+                    BLOCK_N, BLOCK_K, GROUP_M)
 
 
 @triton.jit
-def f2_forward_gemm_tma_kernel(x_desc, w_desc, bias_ptr, u_ptr, b_ptr, y_desc, M, N, K, R, stride_um, stride_bn,
-                               scaling, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+def f2_forward_gemm_tma_kernel(x_desc, w_desc, bias_ptr, u_ptr, b_ptr, seg_ptr, seg_rank_start_ptr, seg_scale_ptr,
+                               y_desc, M, N, K, R, stride_um, stride_bn, scaling, HAS_BIAS: tl.constexpr,
+                               SEGMENTED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                                SPLIT_RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """F2 on Hopper: `f2_forward_gemm_kernel`'s math as persistent programs with TMA loads and stores.
@@ -77,16 +109,17 @@ def f2_forward_gemm_tma_kernel(x_desc, w_desc, bias_ptr, u_ptr, b_ptr, y_desc, M
     x_desc: X [M, K], block [BLOCK_M, BLOCK_K]; w_desc: W [N, K], block [BLOCK_N, BLOCK_K];
     y_desc: Y [M, N], block [BLOCK_M, BLOCK_N]. Grid: (min(SMs, output tiles),).
     """
-    fused_gemm_persistent_tma(x_desc, w_desc, u_ptr, stride_um, b_ptr, 1, stride_bn, bias_ptr, y_desc,
-                              M, N, K, R, scaling, 0, 0.0,
-                              True, HAS_BIAS, False, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N, BLOCK_K,
-                              GROUP_M)
+    fused_gemm_persistent_tma(x_desc, w_desc, u_ptr, stride_um, b_ptr, 1, stride_bn, seg_ptr, seg_rank_start_ptr,
+                              seg_scale_ptr, bias_ptr, y_desc, M, N, K, R, scaling, 0, 0.0,
+                              True, HAS_BIAS, False, SEGMENTED, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N,
+                              BLOCK_K, GROUP_M)
 
 
 @triton.jit
-def f2_forward_gemm_4bit_kernel(x_ptr, codes_ptr, absmax_ptr, table_ptr, bias_ptr, u_ptr, b_ptr, y_ptr, M, N, K, R,
-                                stride_xm, stride_um, stride_bn, stride_ym, quant_shift, scaling,
-                                HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_RANK: tl.constexpr,
+def f2_forward_gemm_4bit_kernel(x_ptr, codes_ptr, absmax_ptr, table_ptr, bias_ptr, u_ptr, b_ptr, seg_ptr,
+                                seg_rank_start_ptr, seg_scale_ptr, y_ptr, M, N, K, R, stride_xm, stride_um, stride_bn,
+                                stride_ym, quant_shift, scaling, HAS_BIAS: tl.constexpr, SEGMENTED: tl.constexpr,
+                                INPUT_PRECISION: tl.constexpr, SPLIT_RANK: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                 GROUP_M: tl.constexpr):
     """F2 with a 4-bit base (QLoRA): W [N, K] in bitsandbytes' NF4/FP4 format, dequantized tile by
@@ -97,8 +130,8 @@ def f2_forward_gemm_4bit_kernel(x_ptr, codes_ptr, absmax_ptr, table_ptr, bias_pt
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),).
     """
     fused_gemm_tile(x_ptr, stride_xm, codes_ptr, K, absmax_ptr, table_ptr, quant_shift,
-                    u_ptr, stride_um, b_ptr, 1, stride_bn,
+                    u_ptr, stride_um, b_ptr, 1, stride_bn, seg_ptr, seg_rank_start_ptr, seg_scale_ptr,
                     bias_ptr, y_ptr, stride_ym,
                     M, N, K, R, scaling, 0, 0.0,
-                    True, True, HAS_BIAS, False, True, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N, BLOCK_K,
-                    GROUP_M)
+                    True, True, HAS_BIAS, False, SEGMENTED, True, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N,
+                    BLOCK_K, GROUP_M)

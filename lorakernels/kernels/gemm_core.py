@@ -1,7 +1,8 @@
 """The one GEMM core of the fused kernels: F2 (forward) and B2 (dX) are this tile program.
 
     OUT[M, N_OUT] = A[M, K_RED] @ W'[K_RED, N_OUT]          (main loop, BASE_GEMM)
-                  + mask((scaling * P[M, R]) @ Q[R, N_OUT])  (rank-R term, HAS_DROPOUT masks it)
+                  + mask((scaling * P[M, R]) @ Q[R, N_OUT])  (rank-R term, HAS_DROPOUT masks it;
+                                                             SEGMENTED: each row's own adapter's)
                   + bias[N_OUT]                              (HAS_BIAS)
 
 F2: A = X, W' = W^T, P = U, Q = B^T, scaling s, bias b, no mask  ->  Y.
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 
 from lorakernels.kernels.dropout import dropout_keep
-from lorakernels.kernels.tiles import grouped_tile, low_rank_tile
+from lorakernels.kernels.tiles import grouped_tile, low_rank_tile, segmented_low_rank_tile
 
 
 @triton.jit
@@ -96,14 +97,21 @@ def gemm_main_loop(acc, a_ptr, stride_am, w_ptr, stride_wn, scale_ptr, table_ptr
 
 
 @triton.jit
-def rank_term_tile(p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, rows, outs, row_ok, out_ok, R, scaling, seed, p,
-                   dot_dtype: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                   SPLIT_RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def rank_term_tile(p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, seg_ptr, seg_rank_start_ptr, seg_scale_ptr, rows,
+                   outs, row_ok, out_ok, R, scaling, seed, p, dot_dtype: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                   SEGMENTED: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_RANK: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The accumulator's initial value for one output tile: the rank-R term, dropout-masked
-    with HAS_DROPOUT (B2: the mask of X's element (row, column) regenerated from the seed)."""
+    with HAS_DROPOUT (B2: the mask of X's element (row, column) regenerated from the seed).
+    SEGMENTED: several adapters, each row's own (`tiles.segmented_low_rank_tile`)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = low_rank_tile(acc, p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, rows, outs, row_ok, out_ok, R,
-                        tl.cast(scaling, tl.float32), dot_dtype, INPUT_PRECISION, SPLIT_RANK)
+    if SEGMENTED:
+        acc = segmented_low_rank_tile(acc, p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, rows, outs, row_ok, out_ok,
+                                      seg_ptr, seg_rank_start_ptr, seg_scale_ptr, tl.cast(scaling, tl.float32),
+                                      dot_dtype, INPUT_PRECISION, SPLIT_RANK)
+    else:
+        acc = low_rank_tile(acc, p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, rows, outs, row_ok, out_ok, R,
+                            tl.cast(scaling, tl.float32), dot_dtype, INPUT_PRECISION, SPLIT_RANK)
     if HAS_DROPOUT:
         p = tl.cast(p, tl.float32)
         keep = dropout_keep(seed, rows, outs, p)
@@ -122,11 +130,12 @@ def add_bias(acc, bias_ptr, outs, out_ok, HAS_BIAS: tl.constexpr):
 
 @triton.jit
 def fused_gemm_tile(a_ptr, stride_am, w_ptr, stride_wn, scale_ptr, table_ptr, quant_shift,
-                    p_ptr, stride_pm, q_ptr, stride_qr, stride_qc,
+                    p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, seg_ptr, seg_rank_start_ptr, seg_scale_ptr,
                     bias_ptr, out_ptr, stride_om,
                     M, N_OUT, K_RED, R, scaling, seed, p,
                     REDUCE_OVER_K: tl.constexpr, WEIGHT_4BIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    HAS_DROPOUT: tl.constexpr, BASE_GEMM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    HAS_DROPOUT: tl.constexpr, SEGMENTED: tl.constexpr, BASE_GEMM: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr,
                     SPLIT_RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     GROUP_M: tl.constexpr):
     """One output tile of OUT (see the module docstring), for program id 0 in grouped order,
@@ -140,8 +149,9 @@ def fused_gemm_tile(a_ptr, stride_am, w_ptr, stride_wn, scale_ptr, table_ptr, qu
     outs = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     out_ok = outs < N_OUT
-    acc = rank_term_tile(p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, rows, outs, row_ok, out_ok, R, scaling,
-                         seed, p, a_ptr.dtype.element_ty, HAS_DROPOUT, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N)
+    acc = rank_term_tile(p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, seg_ptr, seg_rank_start_ptr, seg_scale_ptr,
+                         rows, outs, row_ok, out_ok, R, scaling, seed, p, a_ptr.dtype.element_ty, HAS_DROPOUT,
+                         SEGMENTED, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N)
     if BASE_GEMM:
         acc = gemm_main_loop(acc, a_ptr, stride_am, w_ptr, stride_wn, scale_ptr, table_ptr, quant_shift, rows, outs,
                              row_ok, out_ok, K_RED, REDUCE_OVER_K, WEIGHT_4BIT, INPUT_PRECISION, BLOCK_K)
@@ -163,11 +173,12 @@ def load_weight_tile_tma(w_desc, red0, out0, REDUCE_OVER_K: tl.constexpr):
 
 
 @triton.jit
-def fused_gemm_persistent_tma(a_desc, w_desc, p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, bias_ptr, out_desc,
-                              M, N_OUT, K_RED, R, scaling, seed, p,
-                              REDUCE_OVER_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                              INPUT_PRECISION: tl.constexpr, SPLIT_RANK: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def fused_gemm_persistent_tma(a_desc, w_desc, p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, seg_ptr,
+                              seg_rank_start_ptr, seg_scale_ptr, bias_ptr, out_desc, M, N_OUT, K_RED, R, scaling, seed,
+                              p, REDUCE_OVER_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                              SEGMENTED: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_RANK: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              GROUP_M: tl.constexpr):
     """The same tile program over every output tile, for Hopper: persistent programs (the grid is
     at most one program per SM, each loops over output tiles in grouped order), A, W and OUT
     through TMA tensor descriptors. The main loop has no masks and no address arithmetic: TMA
@@ -185,8 +196,9 @@ def fused_gemm_persistent_tma(a_desc, w_desc, p_ptr, stride_pm, q_ptr, stride_qr
         outs = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
         row_ok = rows < M
         out_ok = outs < N_OUT
-        acc = rank_term_tile(p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, rows, outs, row_ok, out_ok, R, scaling,
-                             seed, p, a_desc.dtype, HAS_DROPOUT, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N)
+        acc = rank_term_tile(p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, seg_ptr, seg_rank_start_ptr,
+                             seg_scale_ptr, rows, outs, row_ok, out_ok, R, scaling, seed, p, a_desc.dtype, HAS_DROPOUT,
+                             SEGMENTED, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N)
         for k0 in range(0, K_RED, BLOCK_K):
             a = a_desc.load([off_m, k0])
             acc = tl.dot(a, load_weight_tile_tma(w_desc, k0, off_n, REDUCE_OVER_K), acc,

@@ -58,8 +58,58 @@ def low_rank_tile(acc, p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, rows, cols
                     other=0.0)
         q = tl.load(q_ptr + ranks[:, None] * stride_qr + cols[None, :] * stride_qc,
                     mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        if SPLIT:
-            acc = split_dot(p * scaling, q.to(tl.float32), acc)
-        else:
-            acc = tl.dot((p * scaling).to(dot_dtype), q.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
+        acc = _rank_chunk_dot(acc, p, q, scaling, dot_dtype, INPUT_PRECISION, SPLIT)
+    return acc
+
+
+# Several adapters in one batch (`operands.Segments`): a row-to-segment table (int32 [M], -1: no
+# adapter), each segment's first column in the concatenated factors (int32 [S + 1], the last
+# entry the summed rank) and its scaling (fp32 [S]).
+
+@triton.jit
+def segment_columns(rank_start_ptr, scale_ptr, segment):
+    """(first column, rank, scaling) of `segment` in the concatenated factors."""
+    start = tl.load(rank_start_ptr + segment)
+    return start, tl.load(rank_start_ptr + segment + 1) - start, tl.load(scale_ptr + segment)
+
+
+@triton.jit
+def segmented_low_rank_tile(acc, p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, rows, cols, row_ok, col_ok,
+                            seg_ptr, rank_start_ptr, seg_scale_ptr, scaling, dot_dtype: tl.constexpr,
+                            INPUT_PRECISION: tl.constexpr, SPLIT: tl.constexpr):
+    """`low_rank_tile` for several adapters: each row's own adapter's term only,
+    acc[m] + scaling * s_a P[m, :r_a] @ Q[start_a:start_a + r_a, cols], a = segment of row m.
+
+    P is compact ([M, max_rank], each row its adapter's columns); Q is the concatenated factor. The
+    tile loops over the segments between the smallest and the largest its rows use, each at its
+    own rank (a segment with no row here runs zero rank steps): a tile whose rows all use one
+    adapter costs what one adapter does. The rows' segments are reloaded where they are compared
+    (a few bytes from L1) rather than kept live next to the accumulator: kept, they spilled
+    registers in the fused GEMMs' largest tiles (build gate, sm_80 and sm_90).
+    """
+    segment = tl.load(seg_ptr + rows, mask=row_ok, other=-1)
+    first = tl.min(tl.where(segment >= 0, segment, 2**30), axis=0)
+    last = tl.max(segment, axis=0)
+    for s in tl.range(first, last + 1, num_stages=1):
+        start, rank, s_scale = segment_columns(rank_start_ptr, seg_scale_ptr, s)
+        has_rows = tl.max((tl.load(seg_ptr + rows, mask=row_ok, other=-1) == s).to(tl.int32), axis=0) > 0
+        for r0 in tl.range(0, tl.where(has_rows, rank, 0), RANK_CHUNK, num_stages=1):
+            ranks = r0 + tl.arange(0, RANK_CHUNK)
+            mine = tl.load(seg_ptr + rows, mask=row_ok, other=-1) == s
+            p = tl.load(p_ptr + rows[:, None] * stride_pm + ranks[None, :],
+                        mask=mine[:, None] & (ranks < rank)[None, :], other=0.0)
+            q = tl.load(q_ptr + (start + ranks)[:, None] * stride_qr + cols[None, :] * stride_qc,
+                        mask=(ranks < rank)[:, None] & col_ok[None, :], other=0.0)
+            acc = _rank_chunk_dot(acc, p, q, scaling * s_scale, dot_dtype, INPUT_PRECISION, SPLIT)
+    return acc
+
+
+@triton.jit
+def _rank_chunk_dot(acc, p, q, scaling, dot_dtype: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    SPLIT: tl.constexpr):
+    """acc + (scaling * p) @ q for one RANK_CHUNK of the rank-R term (see `low_rank_tile`)."""
+    if SPLIT:
+        acc = split_dot(p * scaling, q.to(tl.float32), acc)
+    else:
+        acc = tl.dot((p * scaling).to(dot_dtype), q.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
     return acc

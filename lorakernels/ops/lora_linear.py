@@ -62,12 +62,30 @@ def _four_bit(base):
     return dict(codes=base.codes, absmax=base.absmax, table=base.table, quant_shift=base.quant_shift)
 
 
-def _f2(x, base, u, lora_B, y, scaling, plan):
+def _segment_args(segments):
+    """The segment-table arguments of a kernel (`operands.Segments`; absent for one adapter)."""
+    if segments is None:
+        return dict(seg=None, seg_rank_start=None, SEGMENTED=False)
+    return dict(seg=segments.row_segment, seg_rank_start=segments.rank_start, SEGMENTED=True)
+
+
+def _segment_scale_args(segments):
+    """`_segment_args` with each segment's scaling, for the kernels that apply it."""
+    return dict(_segment_args(segments), seg_scale=None if segments is None else segments.scale)
+
+
+def _segment_count(segments):
+    """The size of the segment axis of the rank-R kernels' grids: 1 for one adapter."""
+    return 1 if segments is None else segments.count
+
+
+def _f2(x, base, u, lora_B, y, scaling, plan, segments=None):
     """F2 into y: b + s U B^T, plus X W^T when the plan fuses the base GEMM."""
     M, K = x.shape
     N, R = base.out_features, u.shape[1]
     shared = dict(bias=base.bias, u=u, b=lora_B, M=M, N=N, K=K, R=R, scaling=scaling, HAS_BIAS=base.bias is not None,
-                  INPUT_PRECISION=plan.input_precision(x.dtype), **plan.split_rank(x.dtype, lora_B.dtype))
+                  INPUT_PRECISION=plan.input_precision(x.dtype), **plan.split_rank(x.dtype, lora_B.dtype),
+                  **_segment_scale_args(segments))
     if isinstance(base, FourBitWeight):
         specs.F2_4BIT.launch(_gemm_grid(M, N), x=x, y=y, **_four_bit(base), **shared)
     elif plan.tma and tma_addressable(x, base.weight, y):
@@ -82,7 +100,7 @@ def _b2(dy, base, v, lora_A, dx, adapter, plan):
     K, R = base.in_features, v.shape[1]
     shared = dict(v=v, a=lora_A, M=M, N=N, K=K, R=R, seed=adapter.seed, p=adapter.dropout_p,
                   HAS_DROPOUT=adapter.has_dropout, INPUT_PRECISION=plan.input_precision(dy.dtype),
-                  **plan.split_rank(dy.dtype, lora_A.dtype))
+                  **plan.split_rank(dy.dtype, lora_A.dtype), **_segment_scale_args(adapter.segments))
     if isinstance(base, FourBitWeight):
         specs.B2_4BIT.launch(_gemm_grid(M, K), dy=dy, dx=dx, **_four_bit(base), **shared)
     elif plan.tma and tma_addressable(dy, base.weight, dx):
@@ -106,19 +124,22 @@ def _reduce_partials(partials, out, scaling):
 def lora_forward(x, base, adapter, plan):
     """Forward on 2-D inputs: (y [M, N] in x's dtype, u [M, R] fp32), u = Xd @ A^T saved for backward.
 
-    x: [M, K], unit last-dim stride. base: DenseWeight. adapter: Adapter. plan: LaunchPlan.
+    x: [M, K], unit last-dim stride. base: DenseWeight or FourBitWeight. adapter: Adapter (with
+    segments, u is compact: [M, max_rank], each row its own adapter's columns). plan: LaunchPlan.
     """
     M, K = x.shape
-    N, R = base.out_features, adapter.rank
+    N, R, width = base.out_features, adapter.rank, adapter.rank_width
+    segments = adapter.segments
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    u = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    # Segments: each row's columns past its adapter's rank, and the rows of no adapter, stay zero.
+    u = (torch.empty if segments is None else torch.zeros)((M, width), device=x.device, dtype=torch.float32)
     if M == 0:
         return y, u
-    specs.F1.launch(lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),), x=x, a=adapter.lora_A, u=u, M=M, K=K, R=R,
-                    seed=adapter.seed, p=adapter.dropout_p, HAS_DROPOUT=adapter.has_dropout,
-                    R_PAD=configs.padded_rank(R), **plan.low_rank(x.dtype, adapter.lora_A.dtype))
-    adapter.mask_rank_rows(u)  # several adapters: each row keeps its own adapter's columns, scaled
-    _f2(x, base, u, adapter.lora_B, y, adapter.scaling, plan)
+    specs.F1.launch(lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), _segment_count(segments)), x=x,
+                    a=adapter.lora_A, u=u, M=M, K=K, R=R, seed=adapter.seed, p=adapter.dropout_p,
+                    HAS_DROPOUT=adapter.has_dropout, R_PAD=configs.padded_rank(width),
+                    **plan.low_rank(x.dtype, adapter.lora_A.dtype), **_segment_args(segments))
+    _f2(x, base, u, adapter.lora_B, y, adapter.scaling, plan, segments)
     if not plan.fused_base_gemm and not isinstance(base, FourBitWeight):
         y.addmm_(x, base.weight.t())  # cuBLAS adds X W^T to b + s U B^T in its epilogue (beta = 1).
     return y, u
@@ -138,45 +159,51 @@ class BackwardPlan(NamedTuple):
     da: bool
 
 
-def plan_backward(needs, rank):
+def plan_backward(needs, rank, segment_count=1):
     """The passes for the gradients `needs` asks for at adapter rank `rank`.
 
     dB joins the pass over dY while its per-slab partials (M / BLOCK_M x N x R fp32) cost fewer
     bytes than a second read of dY (configs.FUSED_DB_MAX_RANK); at larger ranks B3 computes it.
+    With several adapters in the batch, B3 too: in B1 each segment's program would read its
+    slab of dY whether or not the slab has rows of that segment.
     """
-    db_in_dy_pass = needs.db and configs.padded_rank(rank) <= configs.FUSED_DB_MAX_RANK
+    db_in_dy_pass = needs.db and segment_count == 1 and configs.padded_rank(rank) <= configs.FUSED_DB_MAX_RANK
     return BackwardPlan(v=needs.dx or needs.da, db_in_dy_pass=db_in_dy_pass,
                         db_by_adapter_pass=needs.db and not db_in_dy_pass, dx=needs.dx, da=needs.da)
 
 
 def pass_over_dy(dy, u, adapter, db, passes, rank_math):
-    """B1: V = s dY B [M, R] fp32 (None unless passes.v) and, with passes.db_in_dy_pass, dB into db."""
+    """B1: V = s dY B [M, R] fp32 (None unless passes.v) and, with passes.db_in_dy_pass, dB into db.
+    With segments V is compact and unscaled ([M, max_rank]; s is 1), zero where a row has no column."""
     M, N = dy.shape
-    R = adapter.rank
-    r_pad = configs.padded_rank(R)
+    R, width, segments = adapter.rank, adapter.rank_width, adapter.segments
+    r_pad = configs.padded_rank(width)
     block_m = specs.B1.fixed_config(specs.B1.config_bytes(dy.element_size(), rank_math), r_pad)["BLOCK_M"]
     num_slabs = triton.cdiv(M, block_m)
-    v = torch.empty((M, R), device=dy.device, dtype=torch.float32) if passes.v else None
+    allocate = torch.empty if segments is None else torch.zeros
+    v = allocate((M, width), device=dy.device, dtype=torch.float32) if passes.v else None
     db_part = (torch.empty((num_slabs, N, R), device=dy.device, dtype=torch.float32) if passes.db_in_dy_pass
                else None)
-    specs.B1.launch(lambda meta: (num_slabs,), dy=dy, b=adapter.lora_B, u=u if passes.db_in_dy_pass else None,
-                    v=v, db_part=db_part, M=M, N=N, R=R, scaling=adapter.scaling, COMPUTE_V=passes.v,
-                    COMPUTE_DB=passes.db_in_dy_pass, R_PAD=r_pad, **rank_math)
+    specs.B1.launch(lambda meta: (num_slabs, _segment_count(segments)), dy=dy, b=adapter.lora_B,
+                    u=u if passes.db_in_dy_pass else None, v=v, db_part=db_part, M=M, N=N, R=R,
+                    scaling=adapter.scaling, COMPUTE_V=passes.v, COMPUTE_DB=passes.db_in_dy_pass, R_PAD=r_pad,
+                    **rank_math, **_segment_scale_args(segments))
     if passes.db_in_dy_pass:
         _reduce_partials(db_part, db, adapter.scaling)
     return v
 
 
-def adapter_grad_pass(v, x, out, scaling, seed, dropout_p, rank_math):
+def adapter_grad_pass(v, x, out, scaling, seed, dropout_p, rank_math, segments=None):
     """B3: out [R, K] (any strides) = scaling * V^T @ (X * keep / (1 - p)).
 
     dA: V = s dY B, X = x (mask regenerated). dB^T: V = U, X = dY, no dropout, out = dB^T.
     Rows are cut into slices (enough programs to fill the GPU); each slice's fp32 partial is
-    summed in slice order by the reduction.
+    summed in slice order by the reduction. With segments V is compact ([M, max_rank]), out is
+    the concatenated adapters' [R, K] and each segment's rows are scaled by its scaling.
     """
     M, K = x.shape
-    R = v.shape[1]
-    r_pad = configs.padded_rank(R)
+    R = out.shape[0]
+    r_pad = configs.padded_rank(v.shape[1])
     cfg = specs.B3.fixed_config(specs.B3.config_bytes(x.element_size(), rank_math), r_pad)
     col_tiles = triton.cdiv(K, cfg["BLOCK_K"])
     row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
@@ -184,9 +211,9 @@ def adapter_grad_pass(v, x, out, scaling, seed, dropout_p, rank_math):
     rows_per_split = triton.cdiv(row_blocks, splits) * cfg["BLOCK_M"]
     splits = triton.cdiv(M, rows_per_split)
     partials = torch.empty((splits, R, K), device=x.device, dtype=torch.float32)
-    specs.B3.launch(lambda meta: (col_tiles, splits), config=cfg, x=x, v=v, part=partials, M=M, K=K, R=R,
-                    rows_per_split=rows_per_split, seed=seed, p=dropout_p, HAS_DROPOUT=dropout_p > 0, R_PAD=r_pad,
-                    **rank_math)
+    specs.B3.launch(lambda meta: (col_tiles, splits, _segment_count(segments)), config=cfg, x=x, v=v, part=partials,
+                    M=M, K=K, R=R, rows_per_split=rows_per_split, seed=seed, p=dropout_p, HAS_DROPOUT=dropout_p > 0,
+                    R_PAD=r_pad, **rank_math, **_segment_scale_args(segments))
     return _reduce_partials(partials, out, scaling)
 
 
@@ -205,7 +232,7 @@ def lora_backward(dy, x, u, base, adapter, plan, needs=GradsNeeded()):
     dy: [M, N] in x's dtype, unit last-dim stride. x, u: as saved from `lora_forward` (x may be
     None unless needs.da, u unless needs.db). Gradients in x's / the adapters' dtype.
     """
-    passes = plan_backward(needs, adapter.rank)
+    passes = plan_backward(needs, adapter.rank_width, _segment_count(adapter.segments))
     rank_math = plan.low_rank(dy.dtype, adapter.lora_A.dtype)
     db = torch.empty_like(adapter.lora_B) if needs.db else None
     da = torch.empty_like(adapter.lora_A) if needs.da else None
@@ -213,13 +240,11 @@ def lora_backward(dy, x, u, base, adapter, plan, needs=GradsNeeded()):
         dx = dy.new_zeros((0, base.in_features)) if needs.dx else None
         return dx, da.zero_() if needs.da else None, db.zero_() if needs.db else None
     v = pass_over_dy(dy, u, adapter, db, passes, rank_math) if passes.v or passes.db_in_dy_pass else None
-    if v is not None:
-        adapter.mask_rank_rows(v)  # several adapters: V's row m flows to row m's adapter only
     if passes.db_by_adapter_pass:
-        adapter_grad_pass(u, dy, db.t(), adapter.scaling, 0, 0.0, rank_math)
+        adapter_grad_pass(u, dy, db.t(), adapter.scaling, 0, 0.0, rank_math, adapter.segments)
     dx = dx_gemm_pass(dy, base, v, adapter, plan) if passes.dx else None
     if passes.da:
-        adapter_grad_pass(v, x, da, 1.0, adapter.seed, adapter.dropout_p, rank_math)
+        adapter_grad_pass(v, x, da, 1.0, adapter.seed, adapter.dropout_p, rank_math, adapter.segments)
     return dx, da, db
 
 

@@ -44,6 +44,7 @@ class Role(enum.Enum):
     FP32 = "fp32"  # U, V and reduction partials
     INT8 = "int8"
     UINT8 = "uint8"  # packed 4-bit codes
+    INT32 = "int32"  # segment tables (several adapters in one batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,59 +309,65 @@ def _b1_valid(flags, r_pad):
 
 ACT, ADAPTER, FP32 = Role.ACTIVATION, Role.ADAPTER, Role.FP32
 BOOL = (True, False)
+# Several adapters in one batch (`operands.Segments`): the row-to-segment table, each segment's
+# first rank column and its scaling; absent (compiled out) without SEGMENTED.
+SEG, SEG_RANK_START, SEG_SCALE = (Ptr("seg_ptr", Role.INT32, optional=True),
+                                  Ptr("seg_rank_start_ptr", Role.INT32, optional=True),
+                                  Ptr("seg_scale_ptr", FP32, optional=True))
 
 F1 = KernelSpec(
     "F1", f1_dropout_down_kernel,
-    (Ptr("x_ptr", ACT), Ptr("a_ptr", ADAPTER), Ptr("u_ptr", FP32), Size("M"), Size("K", True), Size("R"),
-     Stride("stride_xm", "x", aligned=True), Stride("stride_am", "a", aligned=True), Stride("stride_um", "u"),
-     Seed(), Scalar("p")),
-    {"HAS_DROPOUT": BOOL}, configs.f1_configs, configs.INTERPRETER_RANK_CONFIG)
+    (Ptr("x_ptr", ACT), Ptr("a_ptr", ADAPTER), Ptr("u_ptr", FP32), SEG, SEG_RANK_START, Size("M"), Size("K", True),
+     Size("R"), Stride("stride_xm", "x", aligned=True), Stride("stride_am", "a", aligned=True),
+     Stride("stride_um", "u"), Seed(), Scalar("p")),
+    {"HAS_DROPOUT": BOOL, "SEGMENTED": BOOL}, configs.f1_configs, configs.INTERPRETER_RANK_CONFIG)
 
 F2 = KernelSpec(
     "F2", f2_forward_gemm_kernel,
     (Ptr("x_ptr", ACT), Ptr("w_ptr", ACT), Ptr("bias_ptr", ACT, optional=True), Ptr("u_ptr", FP32),
-     Ptr("b_ptr", ADAPTER), Ptr("y_ptr", ACT), Size("M"), Size("N", True), Size("K", True), Size("R"),
-     Stride("stride_xm", "x", aligned=True), Stride("stride_wn", "w", aligned=True), Stride("stride_um", "u"),
-     Stride("stride_bn", "b"), Stride("stride_ym", "y", aligned=True), Scalar("scaling")),
-    {"HAS_BIAS": BOOL, "BASE_GEMM": BOOL}, configs.f2_configs, configs.INTERPRETER_GEMM_CONFIG,
+     Ptr("b_ptr", ADAPTER), SEG, SEG_RANK_START, SEG_SCALE, Ptr("y_ptr", ACT), Size("M"), Size("N", True),
+     Size("K", True), Size("R"), Stride("stride_xm", "x", aligned=True), Stride("stride_wn", "w", aligned=True),
+     Stride("stride_um", "u"), Stride("stride_bn", "b"), Stride("stride_ym", "y", aligned=True), Scalar("scaling")),
+    {"HAS_BIAS": BOOL, "SEGMENTED": BOOL, "BASE_GEMM": BOOL}, configs.f2_configs, configs.INTERPRETER_GEMM_CONFIG,
     unaligned_config=configs.f2_unaligned_config, gemm=True, autotune_key=("N", "K", "BASE_GEMM"))
 
 B1 = KernelSpec(
     "B1", b1_grad_dy_kernel,
     (Ptr("dy_ptr", ACT), Ptr("b_ptr", ADAPTER), Ptr("u_ptr", FP32, optional=True),
-     Ptr("v_ptr", FP32, optional=True), Ptr("db_part_ptr", FP32, optional=True), Size("M"), Size("N", True),
-     Size("R"), Stride("stride_dym", "dy", aligned=True), Stride("stride_bn", "b"), Stride("stride_um", "u"),
-     Stride("stride_vm", "v"), Scalar("scaling")),
-    {"COMPUTE_V": BOOL, "COMPUTE_DB": BOOL}, configs.b1_configs, configs.INTERPRETER_B1_CONFIG,
+     Ptr("v_ptr", FP32, optional=True), Ptr("db_part_ptr", FP32, optional=True), SEG, SEG_RANK_START, SEG_SCALE,
+     Size("M"), Size("N", True), Size("R"), Stride("stride_dym", "dy", aligned=True), Stride("stride_bn", "b"),
+     Stride("stride_um", "u"), Stride("stride_vm", "v"), Scalar("scaling")),
+    {"COMPUTE_V": BOOL, "COMPUTE_DB": BOOL, "SEGMENTED": BOOL}, configs.b1_configs, configs.INTERPRETER_B1_CONFIG,
     valid_flags=_b1_valid)
 
 B2 = KernelSpec(
     "B2", b2_grad_x_kernel,
-    (Ptr("dy_ptr", ACT), Ptr("w_ptr", ACT), Ptr("v_ptr", FP32), Ptr("a_ptr", ADAPTER), Ptr("dx_ptr", ACT),
-     Size("M"), Size("N", True), Size("K", True), Size("R"), Stride("stride_dym", "dy", aligned=True),
-     Stride("stride_wn", "w", aligned=True), Stride("stride_vm", "v"), Stride("stride_am", "a", aligned=True),
-     Stride("stride_dxm", "dx", aligned=True), Seed(), Scalar("p")),
-    {"BASE_GEMM": BOOL, "HAS_DROPOUT": BOOL}, configs.b2_configs, configs.INTERPRETER_GEMM_CONFIG,
+    (Ptr("dy_ptr", ACT), Ptr("w_ptr", ACT), Ptr("v_ptr", FP32), Ptr("a_ptr", ADAPTER), SEG, SEG_RANK_START,
+     SEG_SCALE, Ptr("dx_ptr", ACT), Size("M"), Size("N", True), Size("K", True), Size("R"),
+     Stride("stride_dym", "dy", aligned=True), Stride("stride_wn", "w", aligned=True), Stride("stride_vm", "v"),
+     Stride("stride_am", "a", aligned=True), Stride("stride_dxm", "dx", aligned=True), Seed(), Scalar("p")),
+    {"BASE_GEMM": BOOL, "HAS_DROPOUT": BOOL, "SEGMENTED": BOOL}, configs.b2_configs, configs.INTERPRETER_GEMM_CONFIG,
     unaligned_config=configs.b2_unaligned_config, gemm=True, autotune_key=("N", "K", "BASE_GEMM"))
 
 # F2 and B2 over a 4-bit base (QLoRA): the packed codes, their absmax and code table replace W.
 F2_4BIT = KernelSpec(
     "F2-4bit", f2_forward_gemm_4bit_kernel,
     (Ptr("x_ptr", ACT), Ptr("codes_ptr", Role.UINT8), Ptr("absmax_ptr", FP32), Ptr("table_ptr", FP32),
-     Ptr("bias_ptr", ACT, optional=True), Ptr("u_ptr", FP32), Ptr("b_ptr", ADAPTER), Ptr("y_ptr", ACT), Size("M"),
-     Size("N", True), Size("K", True), Size("R"), Stride("stride_xm", "x", aligned=True), Stride("stride_um", "u"),
-     Stride("stride_bn", "b"), Stride("stride_ym", "y", aligned=True), Size("quant_shift"), Scalar("scaling")),
-    {"HAS_BIAS": BOOL}, configs.f2_4bit_configs, configs.INTERPRETER_GEMM_CONFIG,
+     Ptr("bias_ptr", ACT, optional=True), Ptr("u_ptr", FP32), Ptr("b_ptr", ADAPTER), SEG, SEG_RANK_START, SEG_SCALE,
+     Ptr("y_ptr", ACT), Size("M"), Size("N", True), Size("K", True), Size("R"), Stride("stride_xm", "x", aligned=True),
+     Stride("stride_um", "u"), Stride("stride_bn", "b"), Stride("stride_ym", "y", aligned=True), Size("quant_shift"),
+     Scalar("scaling")),
+    {"HAS_BIAS": BOOL, "SEGMENTED": BOOL}, configs.f2_4bit_configs, configs.INTERPRETER_GEMM_CONFIG,
     unaligned_config=configs.f2_4bit_unaligned_config, gemm=True, autotune_key=("N", "K"))
 
 B2_4BIT = KernelSpec(
     "B2-4bit", b2_grad_x_4bit_kernel,
     (Ptr("dy_ptr", ACT), Ptr("codes_ptr", Role.UINT8), Ptr("absmax_ptr", FP32), Ptr("table_ptr", FP32),
-     Ptr("v_ptr", FP32), Ptr("a_ptr", ADAPTER), Ptr("dx_ptr", ACT), Size("M"), Size("N", True), Size("K", True),
-     Size("R"), Stride("stride_dym", "dy", aligned=True), Stride("stride_vm", "v"),
+     Ptr("v_ptr", FP32), Ptr("a_ptr", ADAPTER), SEG, SEG_RANK_START, SEG_SCALE, Ptr("dx_ptr", ACT), Size("M"),
+     Size("N", True), Size("K", True), Size("R"), Stride("stride_dym", "dy", aligned=True), Stride("stride_vm", "v"),
      Stride("stride_am", "a", aligned=True), Stride("stride_dxm", "dx", aligned=True), Size("quant_shift"), Seed(),
      Scalar("p")),
-    {"HAS_DROPOUT": BOOL}, configs.b2_4bit_configs, configs.INTERPRETER_GEMM_CONFIG,
+    {"HAS_DROPOUT": BOOL, "SEGMENTED": BOOL}, configs.b2_4bit_configs, configs.INTERPRETER_GEMM_CONFIG,
     unaligned_config=configs.b2_4bit_unaligned_config, gemm=True, autotune_key=("N", "K"))
 
 # Hopper's F2 and B2: persistent programs, TMA descriptors for the streamed operands and the output.
@@ -369,27 +376,27 @@ TMA_CASES = tuple(case for case in LAYER_CASES if case[0] != "fp32")
 F2_TMA = KernelSpec(
     "F2-TMA", f2_forward_gemm_tma_kernel,
     (Desc("x_desc", ACT, ("BLOCK_M", "BLOCK_K")), Desc("w_desc", ACT, ("BLOCK_N", "BLOCK_K")),
-     Ptr("bias_ptr", ACT, optional=True), Ptr("u_ptr", FP32), Ptr("b_ptr", ADAPTER),
+     Ptr("bias_ptr", ACT, optional=True), Ptr("u_ptr", FP32), Ptr("b_ptr", ADAPTER), SEG, SEG_RANK_START, SEG_SCALE,
      Desc("y_desc", ACT, ("BLOCK_M", "BLOCK_N")), Size("M"), Size("N", True), Size("K", True), Size("R"),
      Stride("stride_um", "u"), Stride("stride_bn", "b"), Scalar("scaling")),
-    {"HAS_BIAS": BOOL}, configs.f2_tma_configs, configs.INTERPRETER_GEMM_CONFIG, gemm=True,
+    {"HAS_BIAS": BOOL, "SEGMENTED": BOOL}, configs.f2_tma_configs, configs.INTERPRETER_GEMM_CONFIG, gemm=True,
     autotune_key=("N", "K"), gate_cases=TMA_CASES, main_cases=2, targets=("sm_90",), tma=True)
 
 B2_TMA = KernelSpec(
     "B2-TMA", b2_grad_x_tma_kernel,
     (Desc("dy_desc", ACT, ("BLOCK_M", "BLOCK_K")), Desc("w_desc", ACT, ("BLOCK_K", "BLOCK_N")), Ptr("v_ptr", FP32),
-     Ptr("a_ptr", ADAPTER), Desc("dx_desc", ACT, ("BLOCK_M", "BLOCK_N")), Size("M"), Size("N", True),
-     Size("K", True), Size("R"), Stride("stride_vm", "v"), Stride("stride_am", "a", aligned=True), Seed(),
-     Scalar("p")),
-    {"HAS_DROPOUT": BOOL}, configs.b2_tma_configs, configs.INTERPRETER_GEMM_CONFIG, gemm=True,
+     Ptr("a_ptr", ADAPTER), SEG, SEG_RANK_START, SEG_SCALE, Desc("dx_desc", ACT, ("BLOCK_M", "BLOCK_N")), Size("M"),
+     Size("N", True), Size("K", True), Size("R"), Stride("stride_vm", "v"), Stride("stride_am", "a", aligned=True),
+     Seed(), Scalar("p")),
+    {"HAS_DROPOUT": BOOL, "SEGMENTED": BOOL}, configs.b2_tma_configs, configs.INTERPRETER_GEMM_CONFIG, gemm=True,
     autotune_key=("N", "K"), gate_cases=TMA_CASES, main_cases=2, targets=("sm_90",), tma=True)
 
 B3 = KernelSpec(
     "B3", b3_adapter_grad_kernel,
-    (Ptr("x_ptr", ACT), Ptr("v_ptr", FP32), Ptr("part_ptr", FP32), Size("M"), Size("K", True), Size("R"),
-     Stride("stride_xm", "x", aligned=True), Stride("stride_vm", "v"), Size("rows_per_split"), Seed(),
-     Scalar("p")),
-    {"HAS_DROPOUT": BOOL}, configs.b3_configs, configs.INTERPRETER_RANK_CONFIG)
+    (Ptr("x_ptr", ACT), Ptr("v_ptr", FP32), Ptr("part_ptr", FP32), SEG, SEG_RANK_START, SEG_SCALE, Size("M"),
+     Size("K", True), Size("R"), Stride("stride_xm", "x", aligned=True), Stride("stride_vm", "v"),
+     Size("rows_per_split"), Seed(), Scalar("p")),
+    {"HAS_DROPOUT": BOOL, "SEGMENTED": BOOL}, configs.b3_configs, configs.INTERPRETER_RANK_CONFIG)
 
 REDUCE = KernelSpec(
     "reduce", reduce_partials_kernel,
