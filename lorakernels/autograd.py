@@ -67,9 +67,10 @@ class BaseOpArgs(NamedTuple):
 
     weight: a dense W [N, K]; or, for a 4-bit W (`FourBitWeight`), its packed codes viewed as uint8
     [N, K / 2] (a view: the shape carries N and K). absmax, table, blocksize: the 4-bit scales, code
-    table and block size; None, None, 0 for a dense W. nested: under double quantization, absmax
-    is the scales' uint8 codes and `nested` the rest of their `NestedScales` (`pack()`): what
-    crosses the ops and what backward keeps, the fp32 scales being expanded for each launch.
+    table and block size; None, None, 0 for a dense W. nested, nested_blocksize: under double
+    quantization, absmax is the scales' uint8 codes, `nested` the rest of their `NestedScales`
+    (`pack()`) and `nested_blocksize` theirs: what crosses the ops and what backward keeps, the
+    fp32 scales being expanded for each launch.
     """
 
     weight: torch.Tensor
@@ -77,6 +78,7 @@ class BaseOpArgs(NamedTuple):
     table: Optional[torch.Tensor] = None
     blocksize: int = 0
     nested: Optional[torch.Tensor] = None
+    nested_blocksize: int = 0
 
     @classmethod
     def of(cls, base):
@@ -85,7 +87,7 @@ class BaseOpArgs(NamedTuple):
             N, K = base.shape
             if base.nested is not None:
                 return cls(base.codes.view(N, K // 2), base.nested.codes, base.table, base.blocksize,
-                           base.nested.pack())
+                           base.nested.pack(), base.nested.blocksize)
             return cls(base.codes.view(N, K // 2), base.absmax, base.table, base.blocksize)
         return cls(base)
 
@@ -103,7 +105,7 @@ class BaseOpArgs(NamedTuple):
         """The `DenseWeight` or `FourBitWeight` the launchers take, with `bias`."""
         if self.four_bit and self.nested is not None:
             return FourBitWeight(self.weight.reshape(-1), None, self.table, self.blocksize, self.shape, bias,
-                                 NestedScales.unpack(self.absmax, self.nested))
+                                 NestedScales.unpack(self.absmax, self.nested, self.nested_blocksize))
         if self.four_bit:
             return FourBitWeight(self.weight.reshape(-1), self.absmax, self.table, self.blocksize, self.shape, bias)
         return DenseWeight(self.weight, bias)
@@ -151,7 +153,7 @@ class SavedState(NamedTuple):
         ctx.save_for_backward(self.x, self.base.weight, self.base.absmax, self.base.table, self.base.nested,
                               self.lora_A, self.lora_B, self.u, self.scalars, *segment_tensors)
         ctx.segment_max_rank = max_rank
-        ctx.blocksize = self.base.blocksize
+        ctx.blocksizes = (self.base.blocksize, self.base.nested_blocksize)
         ctx.plan = plan
         ctx.has_bias = has_bias
 
@@ -160,8 +162,9 @@ class SavedState(NamedTuple):
         x, weight, absmax, table, nested, lora_A, lora_B, u, scalars, *segments = ctx.saved_tensors
         if lora_A is None and getattr(ctx, "parts", None) is not None:  # `EagerLoRALinear`'s parts
             lora_A, lora_B = ctx.parts.concatenated()
-        return cls(x, BaseOpArgs(weight, absmax, table, ctx.blocksize, nested), lora_A, lora_B, u, scalars,
-                   segments_of(*segments, ctx.segment_max_rank))
+        blocksize, nested_blocksize = ctx.blocksizes
+        base = BaseOpArgs(weight, absmax, table, blocksize, nested, nested_blocksize)
+        return cls(x, base, lora_A, lora_B, u, scalars, segments_of(*segments, ctx.segment_max_rank))
 
 
 def _autocast_off(device_type):
@@ -195,7 +198,8 @@ def lora_linear_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional
                            lora_A: torch.Tensor, lora_B: torch.Tensor, scalars: torch.Tensor, backend: str,
                            base_gemm: str, tf32: bool, weight_absmax: Optional[torch.Tensor] = None,
                            weight_table: Optional[torch.Tensor] = None, weight_blocksize: int = 0,
-                           weight_nested: Optional[torch.Tensor] = None, row_segment: Optional[torch.Tensor] = None,
+                           weight_nested: Optional[torch.Tensor] = None, weight_nested_blocksize: int = 0,
+                           row_segment: Optional[torch.Tensor] = None,
                            segment_rank_start: Optional[torch.Tensor] = None,
                            segment_scale: Optional[torch.Tensor] = None,
                            segment_max_rank: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -203,21 +207,23 @@ def lora_linear_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     last-dim stride (see `lora_linear`).
 
     scalars: `pack_scalars`'s tensor; backend, base_gemm, tf32: `LaunchPlan.to_op_args()`.
-    weight, weight_absmax, weight_table, weight_blocksize, weight_nested: a `BaseOpArgs` (a dense W
-    [N, K] and the defaults, or a 4-bit W's codes [N, K / 2] with its absmax, code table, blocksize
-    and, under double quantization, its packed nested scales).
+    weight, weight_absmax, weight_table, weight_blocksize, weight_nested, weight_nested_blocksize: a
+    `BaseOpArgs` (a dense W [N, K] and the defaults, or a 4-bit W's codes [N, K / 2] with its absmax,
+    code table, blocksize and, under double quantization, its packed nested scales and their
+    blocksize).
     row_segment, segment_rank_start, segment_scale, segment_max_rank: several adapters in one batch
     (`Segments`), or None and 0.
     """
-    base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize, weight_nested)
+    base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize, weight_nested,
+                      weight_nested_blocksize)
     return _forward(x, base, bias, lora_A, lora_B, scalars, LaunchPlan.from_op_args(backend, base_gemm, tf32),
                     segments_of(row_segment, segment_rank_start, segment_scale, segment_max_rank))
 
 
 @lora_linear_forward_op.register_fake
 def _forward_fake(x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm, tf32, weight_absmax=None,
-                  weight_table=None, weight_blocksize=0, weight_nested=None, row_segment=None,
-                  segment_rank_start=None, segment_scale=None, segment_max_rank=0):
+                  weight_table=None, weight_blocksize=0, weight_nested=None, weight_nested_blocksize=0,
+                  row_segment=None, segment_rank_start=None, segment_scale=None, segment_max_rank=0):
     rank_width = lora_A.shape[0] if row_segment is None else segment_max_rank
     return (x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], rank_width), dtype=torch.float32))
 
@@ -228,16 +234,18 @@ def lora_linear_backward_op(dy: torch.Tensor, x: Optional[torch.Tensor], weight:
                             scalars: torch.Tensor, backend: str, base_gemm: str, tf32: bool, needs_dx: bool,
                             needs_da: bool, needs_db: bool, weight_absmax: Optional[torch.Tensor] = None,
                             weight_table: Optional[torch.Tensor] = None, weight_blocksize: int = 0,
-                            weight_nested: Optional[torch.Tensor] = None, row_segment: Optional[torch.Tensor] = None,
+                            weight_nested: Optional[torch.Tensor] = None, weight_nested_blocksize: int = 0,
+                            row_segment: Optional[torch.Tensor] = None,
                             segment_rank_start: Optional[torch.Tensor] = None,
                             segment_scale: Optional[torch.Tensor] = None, segment_max_rank: int = 0
                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dA, dB); a gradient that is not needed comes back as an empty tensor.
 
-    x, weight (with weight_absmax, weight_table, weight_blocksize, weight_nested), lora_A, lora_B, u,
-    scalars and the segments: a `SavedState`; backend, base_gemm, tf32 as the forward's.
+    x, weight (with weight_absmax, weight_table, weight_blocksize, weight_nested, weight_nested_blocksize),
+    lora_A, lora_B, u, scalars and the segments: a `SavedState`; backend, base_gemm, tf32 as the forward's.
     """
-    base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize, weight_nested)
+    base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize, weight_nested,
+                      weight_nested_blocksize)
     state = SavedState(x, base, lora_A, lora_B, u, scalars,
                        segments_of(row_segment, segment_rank_start, segment_scale, segment_max_rank))
     grads = _backward(dy, state, LaunchPlan.from_op_args(backend, base_gemm, tf32),
@@ -248,7 +256,8 @@ def lora_linear_backward_op(dy: torch.Tensor, x: Optional[torch.Tensor], weight:
 @lora_linear_backward_op.register_fake
 def _backward_fake(dy, x, weight, lora_A, lora_B, u, scalars, backend, base_gemm, tf32, needs_dx, needs_da,
                    needs_db, weight_absmax=None, weight_table=None, weight_blocksize=0, weight_nested=None,
-                   row_segment=None, segment_rank_start=None, segment_scale=None, segment_max_rank=0):
+                   weight_nested_blocksize=0, row_segment=None, segment_rank_start=None, segment_scale=None,
+                   segment_max_rank=0):
     in_features = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize).shape[1]
     return (dy.new_empty((dy.shape[0], in_features) if needs_dx else (0,)),
             lora_A.new_empty(lora_A.shape if needs_da else (0,)),
@@ -297,7 +306,7 @@ def _grads_of_inputs(ctx, dy, backward):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scalars, backend, base_gemm, tf32, *optional = inputs
-    four_bit, segments = optional[:4], (*optional[4:], None, None, None, 0)[:4]  # defaults when not passed
+    four_bit, segments = optional[:5], (*optional[5:], None, None, None, 0)[:4]  # defaults when not passed
     state = SavedState.of_forward(x, BaseOpArgs(weight, *four_bit), lora_A, lora_B, output[1], scalars,
                                   segments_of(*segments))
     state.save(ctx, LaunchPlan.from_op_args(backend, base_gemm, tf32), bias is not None)
@@ -315,9 +324,9 @@ class EagerLoRALinear(torch.autograd.Function):
     """The same forward, backward and saved state as the custom ops, for eager mode.
 
     apply(x, weight, bias, lora_A, lora_B, scalars, plan, weight_absmax=None, weight_table=None,
-    weight_blocksize=0, weight_nested=None, row_segment=None, segment_rank_start=None, segment_scale=None,
-    segment_max_rank=0) -> y: the custom op's arguments, with the `LaunchPlan` itself in place of its op
-    arguments.
+    weight_blocksize=0, weight_nested=None, weight_nested_blocksize=0, row_segment=None, segment_rank_start=None,
+    segment_scale=None, segment_max_rank=0) -> y: the custom op's arguments, with the `LaunchPlan`
+    itself in place of its op arguments.
 
     A custom op call goes through the dispatcher, the registered autograd wrapper and a
     torch.compile guard, in both directions: on a 2-core CPU that added about 175 us of Python
@@ -326,16 +335,18 @@ class EagerLoRALinear(torch.autograd.Function):
     using the custom ops (`lora_linear` switches on `torch.compiler.is_compiling()`), where
     that cost is paid once, at tracing.
 
-    With several adapters (segments), `parts` (after the op's arguments) are the (lora_A, lora_B)
-    pairs that lora_A and lora_B concatenate: backward concatenates them again instead of keeping
-    the concatenation (a copy of every adapter in the batch, per layer) from forward to backward.
+    With several adapters (segments), `parts` (after the op's arguments) are the (adapter index,
+    lora_A, lora_B) triples whose factors lora_A and lora_B concatenate: backward concatenates them
+    again instead of keeping the concatenation (a copy of every adapter in the batch, per layer)
+    from forward to backward.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scalars, plan, weight_absmax=None, weight_table=None,
-                weight_blocksize=0, weight_nested=None, row_segment=None, segment_rank_start=None, segment_scale=None,
-                segment_max_rank=0, parts=None):
-        base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize, weight_nested)
+                weight_blocksize=0, weight_nested=None, weight_nested_blocksize=0, row_segment=None,
+                segment_rank_start=None, segment_scale=None, segment_max_rank=0, parts=None):
+        base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize, weight_nested,
+                          weight_nested_blocksize)
         segments = segments_of(row_segment, segment_rank_start, segment_scale, segment_max_rank)
         y, u = _forward(x, base, bias, lora_A, lora_B, scalars, plan, segments)
         state = SavedState.of_forward(x, base, lora_A, lora_B, u, scalars, segments)
@@ -356,11 +367,12 @@ class _ConcatenatedParts:
     like autograd's saved tensors, refuses factors modified in place since forward."""
 
     def __init__(self, parts):
-        self.parts = tuple((A.detach(), B.detach()) for A, B in parts)  # detached views share the version
+        self.ids = [a for a, _, _ in parts]
+        self.parts = tuple((A.detach(), B.detach()) for _, A, B in parts)  # detached views share the version
         self.versions = [(A._version, B._version) for A, B in self.parts]
 
     def concatenated(self):
-        for a, ((A, B), versions) in enumerate(zip(self.parts, self.versions)):
+        for a, (A, B), versions in zip(self.ids, self.parts, self.versions):
             if (A._version, B._version) != versions:
                 raise RuntimeError(f"adapter {a}'s lora_A or lora_B (of a several-adapter lora_linear call) was "
                                    f"modified in place between forward and backward: the gradient would use the "

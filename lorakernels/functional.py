@@ -98,8 +98,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
 
 def _fused(x, weight, bias, lora_A, lora_B, scaling, p, backend, base_gemm, segments=None, parts=None):
     """The fused call on validated operands: plan, scalars, rows, then the autograd layer.
-    parts: the adapters' (lora_A, lora_B) that lora_A and lora_B concatenate, if they do (eager
-    autograd then keeps those instead of the concatenation)."""
+    parts: the (adapter index, lora_A, lora_B) whose factors lora_A and lora_B concatenate, if they
+    do (eager autograd then keeps those instead of the concatenation)."""
     plan = resolve_plan(x.device, backend, base_gemm)
     scalars = pack_scalars(draw_seed() if p > 0 else 0, scaling, p)
     rows = _as_rows(x)
@@ -251,7 +251,7 @@ def _concatenated(adapters, index, present):
     """(lora_A, lora_B, `Segments`, parts) of the adapters with rows, concatenated along the rank
     (autograd flows back to each), with the rows renumbered to their positions; without any, the
     first adapter detached (no gradient) and every row on the base layer alone. parts: the
-    (lora_A, lora_B) pairs concatenated, None for one adapter."""
+    (adapter index, lora_A, lora_B) triples concatenated, None for one adapter."""
     chosen = present or [0]
     ranks = [adapters[a][0].shape[0] for a in chosen]
     if sum(ranks) > MAX_RANK:
@@ -271,4 +271,5 @@ def _concatenated(adapters, index, present):
     lora_B = factors[0][1] if len(factors) == 1 else torch.cat([B for _, B in factors], dim=1)
     segments = Segments(row_segment, rank_start.to(device), torch.tensor(scales, dtype=torch.float32).to(device),
                         max(ranks))
-    return lora_A, lora_B, segments, tuple(factors) if len(factors) > 1 else None
+    parts = tuple((a, A, B) for a, (A, B) in zip(chosen, factors)) if len(factors) > 1 else None
+    return lora_A, lora_B, segments, parts

@@ -138,14 +138,15 @@ class NestedScales(NamedTuple):
     `dequantize_blockwise`, one multiply in fp32, then its offset: the same bits).
 
     codes: uint8 [blocks]. scales: fp32 [ceil(blocks / blocksize)]. table: fp32 [256].
-    blocksize: int (bitsandbytes uses 256). offset: float.
+    blocksize: int (bitsandbytes uses 256). offset: fp32, 0-dim, on the scales' device (read on the
+    host, it would synchronize a GPU at every call).
     """
 
     codes: torch.Tensor
     scales: torch.Tensor
     table: torch.Tensor
     blocksize: int
-    offset: float
+    offset: torch.Tensor
 
     def expand(self):
         """The fp32 block scales the kernels read [blocks]."""
@@ -153,23 +154,21 @@ class NestedScales(NamedTuple):
         return self.table[self.codes.long()] * per_code + self.offset
 
     def pack(self):
-        """scales, table, blocksize and offset as one fp32 tensor (what crosses the custom ops with
-        `codes`): [offset, blocksize, table (256), scales]."""
-        head = torch.tensor([self.offset, float(self.blocksize)], dtype=torch.float32, device=self.scales.device)
-        return torch.cat([head, self.table.float(), self.scales.float()])
+        """offset, table and scales as one fp32 tensor (what crosses the custom ops with `codes` and
+        the blocksize): [offset, table (256), scales]."""
+        return torch.cat([self.offset.reshape(1).float(), self.table.float(), self.scales.float()])
 
     @classmethod
-    def unpack(cls, codes, packed):
-        offset, blocksize = packed[:2].tolist()
-        return cls(codes, packed[258:], packed[2:258], int(blocksize), offset)
+    def unpack(cls, codes, packed, blocksize):
+        return cls(codes, packed[257:], packed[1:257], blocksize, packed[0])
 
     @classmethod
     def from_bitsandbytes(cls, quant_state):
         """From a nested `QuantState` (its absmax: the 8-bit codes; state2: their scales and table)."""
         state2 = quant_state.state2
-        offset = quant_state.offset
+        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=state2.absmax.device).reshape(())
         return cls(quant_state.absmax, state2.absmax.float().contiguous(), state2.code.float().contiguous(),
-                   int(state2.blocksize), float(offset.item() if isinstance(offset, torch.Tensor) else offset))
+                   int(state2.blocksize), offset)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +243,7 @@ class FourBitWeight:
         """This weight's tensors on `device` (copies where it is another device)."""
         nested = None if self.nested is None else self.nested._replace(
             codes=self.nested.codes.to(device), scales=self.nested.scales.to(device),
-            table=self.nested.table.to(device))
+            table=self.nested.table.to(device), offset=self.nested.offset.to(device))
         return dataclasses.replace(self, codes=self.codes.to(device), table=self.table.to(device), nested=nested,
                                    absmax=None if self.absmax is None else self.absmax.to(device),
                                    bias=None if self.bias is None else self.bias.to(device))

@@ -152,7 +152,7 @@ def test_merged_linear_of_a_dense_layer_equals_an_in_place_merge():
 def test_saved_state_holds_no_dense_weight(backend, nested):
     """Autograd keeps x, U, the seed and the 4-bit weight's scales and code table as bitsandbytes
     holds them: 4 bytes per block of 64 weights, or under double quantization its 1-byte codes plus
-    their packed second-level state (offset, blocksize, 256-entry table, one scale per 256 blocks),
+    their packed second-level state (offset, 256-entry table, one scale per 256 blocks),
     never the fp32 scales expanded from them (backward expands them again). Would catch a
     dequantized W or the expanded scales saved for backward (or an fp32 copy of x)."""
     M, K, N, r = 32, 128, 96, 8
@@ -160,7 +160,7 @@ def test_saved_state_holds_no_dense_weight(backend, nested):
     x = torch.randn(M, K, dtype=torch.bfloat16, requires_grad=True)
     saved, y = saved_activation_bytes(lambda: layer(x), list(layer.parameters()))
     blocks = N * K // 64
-    scales = blocks + 4 * (2 + 256 + -(-blocks // 256)) if nested else 4 * blocks
+    scales = blocks + 4 * (1 + 256 + -(-blocks // 256)) if nested else 4 * blocks
     assert saved == M * K * 2 + M * r * 4 + 24 + scales + 16 * 4, f"saved {saved} bytes"
     y.float().sum().backward()
     assert layer.lora_A.grad is not None and x.grad is not None

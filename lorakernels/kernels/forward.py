@@ -50,8 +50,8 @@ def f1_dropout_down_kernel(x_ptr, a_ptr, u_ptr, seg_ptr, seg_rank_start_ptr, M, 
     rank_ok = ranks < rank
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     if SEGMENTED:
-        # Two stages, not the config's: at R_PAD 256 with fp32 adapters the deeper pipeline next to
-        # the segment mask spilled registers on sm_80 (build gate).
+        # One stage, not the config's: at R_PAD 256 with fp32 adapters the pipelined loop next to
+        # the segment mask spilled registers on sm_80 (build gate; two stages spilled too).
         for k0 in tl.range(0, k_end, BLOCK_K, num_stages=1):
             acc = _down_step(acc, x_ptr, a_ptr, rows, ranks, row_ok, rank_ok, k0, K, stride_xm, stride_am, seed, p,
                              HAS_DROPOUT, dot_dtype, RANK_PRECISION, BLOCK_K)

@@ -64,12 +64,10 @@ def load_weight_tile(w_ptr, stride_wn, red, outs, red_ok, out_ok, scale_ptr, tab
     if WEIGHT_4BIT:
         # 32-bit flat offsets (the launcher checks N * K < 2**31): the dequantization's gathers
         # need a register per element of the tile for them.
-        rows32, cols32 = (outs.to(tl.int32), red.to(tl.int32)) if REDUCE_OVER_K else (red.to(tl.int32),
-                                                                                        outs.to(tl.int32))
         if REDUCE_OVER_K:
-            offs = rows32[None, :] * stride_wn + cols32[:, None]
+            offs = outs.to(tl.int32)[None, :] * stride_wn + red.to(tl.int32)[:, None]
         else:
-            offs = rows32[:, None] * stride_wn + cols32[None, :]
+            offs = red.to(tl.int32)[:, None] * stride_wn + outs.to(tl.int32)[None, :]
         w = dequantize_4bit(w_ptr, scale_ptr, table_ptr, offs, mask, quant_shift).to(dot_dtype)
     else:
         if REDUCE_OVER_K:

@@ -79,6 +79,24 @@ def _segment_count(segments):
     return 1 if segments is None else segments.count
 
 
+def _launch_gemm_core(kernels, base, plan, operand, out, shared):
+    """Launch the GEMM core on `operand` (its name, its [M, reduction] tensor) into `out` (name,
+    [M, n_out] tensor): the 4-bit kernel over a 4-bit base, the TMA-persistent kernel where the plan
+    asks for it and TMA can address the operands, else the pointer kernel. kernels: the (4-bit,
+    TMA, pointer) specs of F2 or of B2."""
+    four_bit_kernel, tma_kernel, pointer_kernel = kernels
+    (a_name, a), (out_name, y) = operand, out
+    M, n_out = y.shape
+    tensors = {a_name: a, out_name: y}
+    if isinstance(base, FourBitWeight):
+        four_bit_kernel.launch(_gemm_grid(M, n_out), **tensors, **_four_bit(base), **shared)
+    elif plan.tma and tma_addressable(a, base.weight, y):
+        tma_kernel.launch(_persistent_grid(M, n_out, a.device), **tensors, w=base.weight, **shared)
+    else:
+        pointer_kernel.launch(_gemm_grid(M, n_out), **tensors, w=base.weight, BASE_GEMM=plan.fused_base_gemm,
+                              **shared)
+
+
 def _f2(x, base, u, lora_B, y, scaling, plan, segments=None):
     """F2 into y: b + s U B^T, plus X W^T when the plan fuses the base GEMM."""
     M, K = x.shape
@@ -86,12 +104,7 @@ def _f2(x, base, u, lora_B, y, scaling, plan, segments=None):
     shared = dict(bias=base.bias, u=u, b=lora_B, M=M, N=N, K=K, R=R, scaling=scaling, HAS_BIAS=base.bias is not None,
                   INPUT_PRECISION=plan.input_precision(x.dtype), **plan.split_rank(x.dtype, lora_B.dtype),
                   **_segment_scale_args(segments))
-    if isinstance(base, FourBitWeight):
-        specs.F2_4BIT.launch(_gemm_grid(M, N), x=x, y=y, **_four_bit(base), **shared)
-    elif plan.tma and tma_addressable(x, base.weight, y):
-        specs.F2_TMA.launch(_persistent_grid(M, N, x.device), x=x, w=base.weight, y=y, **shared)
-    else:
-        specs.F2.launch(_gemm_grid(M, N), x=x, w=base.weight, y=y, BASE_GEMM=plan.fused_base_gemm, **shared)
+    _launch_gemm_core((specs.F2_4BIT, specs.F2_TMA, specs.F2), base, plan, ("x", x), ("y", y), shared)
 
 
 def _b2(dy, base, v, lora_A, dx, adapter, plan):
@@ -101,12 +114,7 @@ def _b2(dy, base, v, lora_A, dx, adapter, plan):
     shared = dict(v=v, a=lora_A, M=M, N=N, K=K, R=R, seed=adapter.seed, p=adapter.dropout_p,
                   HAS_DROPOUT=adapter.has_dropout, INPUT_PRECISION=plan.input_precision(dy.dtype),
                   **plan.split_rank(dy.dtype, lora_A.dtype), **_segment_scale_args(adapter.segments))
-    if isinstance(base, FourBitWeight):
-        specs.B2_4BIT.launch(_gemm_grid(M, K), dy=dy, dx=dx, **_four_bit(base), **shared)
-    elif plan.tma and tma_addressable(dy, base.weight, dx):
-        specs.B2_TMA.launch(_persistent_grid(M, K, dy.device), dy=dy, w=base.weight, dx=dx, **shared)
-    else:
-        specs.B2.launch(_gemm_grid(M, K), dy=dy, w=base.weight, dx=dx, BASE_GEMM=plan.fused_base_gemm, **shared)
+    _launch_gemm_core((specs.B2_4BIT, specs.B2_TMA, specs.B2), base, plan, ("dy", dy), ("dx", dx), shared)
 
 
 def _reduce_partials(partials, out, scaling):
