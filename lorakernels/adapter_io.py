@@ -239,6 +239,11 @@ def save_adapter(model, path, base_model_name_or_path=None, adapter_name=None):
     Leftover hidden files `.adapter_*.tmp` / `.old` from such a kill are safe to delete. Concurrent
     saves to one directory are not serialised.
     """
+    _write(path, *_prepared(model, base_model_name_or_path, adapter_name))
+
+
+def _prepared(model, base_model_name_or_path, adapter_name):
+    """(tensors, metadata, config text) of one adapter, built and checked, nothing written yet."""
     held = _layers_with(model, adapter_name, "save")
     names = sorted({adapter for _, _, adapter in held})
     if len(names) > 1:
@@ -252,20 +257,28 @@ def save_adapter(model, path, base_model_name_or_path=None, adapter_name=None):
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = lora_B.detach().contiguous().cpu()
     metadata = {"format": "pt", _TENSORS_DIGEST: _tensor_digest(tensors),
                 _CONFIG_DIGEST: _config_digest(_parse_config(config, CONFIG_NAME))}
+    return tensors, metadata, config_text
+
+
+def _write(path, tensors, metadata, config_text):
     os.makedirs(path, exist_ok=True)
     _swap_in(os.fspath(path), tensors, metadata, config_text)
 
 
 def save_adapters(model, path, base_model_name_or_path=None):
-    """Write every adapter of the model as PEFT's `save_pretrained` lays them out: the layers' own
-    adapter ("default") in `path`, each other one in `path/<adapter name>`. Returns the names saved."""
+    """Write every adapter of the model as PEFT's `save_pretrained` lays them out: the adapter named
+    "default" in `path`, each other one in `path/<adapter name>`. Returns the names saved.
+
+    Every adapter is built and checked before any is written: an adapter whose layers disagree on
+    their settings (ValueError) leaves `path` as it was. Each adapter is then written as
+    `save_adapter` writes one."""
     layers = lora_modules(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRALinear layers to save")
     names = list(dict.fromkeys(adapter for _, m in layers for adapter in m.adapter_names))
-    for adapter in names:
-        where = path if adapter == "default" else os.path.join(os.fspath(path), adapter)
-        save_adapter(model, where, base_model_name_or_path, adapter_name=adapter)
+    prepared = [_prepared(model, base_model_name_or_path, adapter) for adapter in names]
+    for adapter, files in zip(names, prepared):
+        _write(path if adapter == "default" else os.path.join(os.fspath(path), adapter), *files)
     return names
 
 

@@ -182,3 +182,17 @@ def test_several_adapters_saved_in_peft_layout_load_in_peft_and_back(tmp_path):
                 assert torch.equal(a, b) and b.requires_grad
     with torch.no_grad(), mixed_batch(fresh, names):
         torch.testing.assert_close(fresh(ids).logits, expected, rtol=0, atol=0)
+
+
+def test_save_adapters_writes_nothing_when_a_later_adapter_cannot_be_saved(tmp_path):
+    """Every adapter is built and checked before any file is written: an adapter ("z", saved after
+    "default") whose layers disagree on r is refused and leaves the directory empty. Would catch
+    `save_adapters` writing the default adapter before finding that the next one cannot be saved."""
+    from lorakernels import save_adapters
+
+    model = apply_lora(tiny_llama(), TARGETS, r=4, lora_alpha=8)
+    for i, (_, layer) in enumerate(lora_modules(model)):
+        layer.add_adapter("z", r=2 + 2 * (i % 2), lora_alpha=4)
+    with pytest.raises(ValueError, match="r"):
+        save_adapters(model, tmp_path)
+    assert list(tmp_path.iterdir()) == []
