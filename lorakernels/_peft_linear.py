@@ -267,12 +267,9 @@ def input_reason(layer, ops, x):
     return None
 
 
-def route(layer, x, args, kwargs):
-    """(`Operands` of the active adapter, None) when `lora_linear` computes this call of PEFT's
-    `lora.Linear.forward` exactly; else (None, why not)."""
-    reason = call_reason(args, kwargs)
-    if reason is not None:
-        return None, reason
+def layer_state(layer):
+    """(`Operands` of the active adapter, None) when the layer's state lets `lora_linear` compute its
+    forward exactly (the call's own arguments aside); else (None, why not)."""
     name, reason = active_adapter(layer)
     if reason is not None:
         return None, reason
@@ -281,7 +278,18 @@ def route(layer, x, args, kwargs):
         # module's back.
         four_bit.bitsandbytes_modules().fix_4bit_weight_quant_state_from_module(layer.base_layer)
     ops = Operands.of(layer, name)
-    reason = module_reason(ops) or input_reason(layer, ops, x)
+    reason = module_reason(ops)
+    return (ops, None) if reason is None else (None, reason)
+
+
+def route(layer, x, args, kwargs):
+    """(`Operands` of the active adapter, None) when `lora_linear` computes this call of PEFT's
+    `lora.Linear.forward` exactly; else (None, why not)."""
+    reason = call_reason(args, kwargs)
+    if reason is not None:
+        return None, reason
+    ops, reason = layer_state(layer)
+    reason = reason or input_reason(layer, ops, x)
     return (ops, None) if reason is None else (None, reason)
 
 

@@ -121,8 +121,7 @@ def _state_reason(layer):
 
     if "forward" in vars(layer):  # e.g. accelerate's hooks: they call the forward bound before patching
         return "an instance-level forward (accelerate hooks?) bypasses the patched one"
-    name, reason = _peft_linear.active_adapter(layer)
-    return reason if reason is not None else _peft_linear.module_reason(_peft_linear.Operands.of(layer, name))
+    return _peft_linear.layer_state(layer)[1]
 
 
 def patch_peft(model, backend=None, base_gemm=None):

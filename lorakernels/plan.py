@@ -164,7 +164,8 @@ def resolve_backend(requested, device):
 
 
 def resolve_base_gemm(requested=None):
-    """The BaseGemm from an argument ('triton', 'cublas' or a member), else LORAKERNELS_BASE_GEMM, else TRITON."""
+    """The BaseGemm from an argument ('triton', 'triton-tma', 'cublas' or a member), else
+    LORAKERNELS_BASE_GEMM, else TRITON."""
     return _choice(BaseGemm, requested, BASE_GEMM_ENV, BaseGemm.TRITON.value, "base GEMM strategy")
 
 

@@ -15,6 +15,18 @@ import torch
 
 from lorakernels import apply_lora, merge_and_unload, save_adapter
 
+# The examples' model: a 2-layer Llama with random weights, adapters on every projection.
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VOCAB = 64
+
+
+def tiny_llama_config(hidden_size=64):
+    import transformers
+
+    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=64)
+
 
 def counting_batch(batch, seq, vocab, device):
     start = torch.randint(0, vocab, (batch, 1), device=device)
@@ -36,7 +48,7 @@ def train_on_counting(model, steps, vocab, device, lr=3e-3):
         optimizer.step()
         losses.append(loss.item())
         if step % 10 == 0 or step == steps - 1:
-            print(f"step {step:3d}  loss {loss.item():.3f}")
+            print(f"step {step:3d}  loss {losses[-1]:.3f}")
     print(f"trained in {time.perf_counter() - start:.1f} s")
     return losses
 
@@ -51,20 +63,16 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
-    vocab = 64
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
-    apply_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], r=8,
-               lora_alpha=16, lora_dropout=0.05, adapter_dtype=torch.float32)
+    model = transformers.LlamaForCausalLM(tiny_llama_config()).to(device=device, dtype=dtype)
+    apply_lora(model, TARGETS, r=8, lora_alpha=16, lora_dropout=0.05, adapter_dtype=torch.float32)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"{device}: trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%)")
-    losses = train_on_counting(model, args.steps, vocab, device)
+    losses = train_on_counting(model, args.steps, VOCAB, device)
     save_adapter(model, args.output_dir)
     model.eval()
     merge_and_unload(model)
-    prompt = counting_batch(1, 6, vocab, device)
+    prompt = counting_batch(1, 6, VOCAB, device)
     out = model.generate(prompt, max_new_tokens=6, do_sample=False)
     print("prompt", prompt.tolist()[0], "-> generated", out[0, 6:].tolist())
     print(f"adapter saved to {args.output_dir}/")

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from lorakernels import add_adapter, apply_lora, mixed_batch, set_adapter
+from lorakernels.examples.finetune import TARGETS, VOCAB, tiny_llama_config
 from lorakernels.model import lora_modules
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 JOBS = {"default": 1, "skip2": 2, "skip3": 3}  # adapter name -> the task's counting step
-VOCAB, BATCH, SEQ = 64, 4, 16
+BATCH, SEQ = 4, 16
 
 
 def job_batches(steps, device, seed=0):
@@ -40,9 +40,7 @@ def build(device, dtype):
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    model = transformers.LlamaForCausalLM(tiny_llama_config()).to(device=device, dtype=dtype)
     apply_lora(model, TARGETS, r=8, lora_alpha=16, adapter_dtype=torch.float32)
     for job in list(JOBS)[1:]:
         add_adapter(model, job, r=8, lora_alpha=16)

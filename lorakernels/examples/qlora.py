@@ -18,10 +18,7 @@ import tempfile
 import torch
 
 from lorakernels import apply_lora, four_bit, merge_and_unload, save_adapter
-from lorakernels.examples.finetune import counting_batch, train_on_counting
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VOCAB = 64
+from lorakernels.examples.finetune import TARGETS, VOCAB, counting_batch, tiny_llama_config, train_on_counting
 
 
 def load_4bit(path, device):
@@ -39,9 +36,7 @@ def load_4bit(path, device):
 def linear_weight_bytes(model):
     """(bytes of the 4-bit linear layers' weights with their quantization state, bytes of the same
     weights in bf16)."""
-    import bitsandbytes
-
-    layers = [m for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
+    layers = [m for m in model.modules() if four_bit.is_linear4bit(m)]
     return (sum(four_bit.storage_bytes(m.weight) for m in layers),
             sum(m.in_features * m.out_features * 2 for m in layers))
 
@@ -55,16 +50,14 @@ def main(argv=None):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     with tempfile.TemporaryDirectory() as checkpoint:
-        transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(checkpoint)
+        transformers.LlamaForCausalLM(tiny_llama_config(hidden_size=128)).to(torch.bfloat16).save_pretrained(checkpoint)
         model = load_4bit(checkpoint, device)
         reference_base = load_4bit(checkpoint, device)  # for PEFT: the same 4-bit model, not adapted
 
-    four_bit, dense = linear_weight_bytes(model)
-    print(f"{device}: decoder linear weights {four_bit / 2**10:.0f} KiB in NF4 (with scales) against "
-          f"{dense / 2**10:.0f} KiB in bf16: {four_bit / dense:.3f} x")
+    packed, dense = linear_weight_bytes(model)
+    print(f"{device}: decoder linear weights {packed / 2**10:.0f} KiB in NF4 (with scales) against "
+          f"{dense / 2**10:.0f} KiB in bf16: {packed / dense:.3f} x")
     apply_lora(model, TARGETS, r=8, lora_alpha=16, lora_dropout=0.05)  # fp32 adapters, as PEFT's QLoRA
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable {trainable:,} parameters (the 4-bit weights stay frozen and packed)")
@@ -76,7 +69,7 @@ def main(argv=None):
     ids = counting_batch(4, 12, VOCAB, device)
     with torch.no_grad():
         adapted = model(ids).logits.float()
-    result = dict(losses=losses, weight_bytes=(four_bit, dense))
+    result = dict(losses=losses, weight_bytes=(packed, dense))
     result["peft_max_diff"] = _check_in_peft(reference_base, args.output_dir, ids, adapted)
     merge_and_unload(model)  # 4-bit layers become bf16 nn.Linear: W dequantized + scaling * B A
     with torch.no_grad():
