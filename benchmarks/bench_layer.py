@@ -17,7 +17,7 @@ from lorakernels.testing import saved_activation_bytes
 
 MODES = ("forward", "backward", "full")
 # Every provider's time is also reported as a ratio to these, computed round by round.
-LAYER_REFERENCES = ("floor", "unfused", "peft", "lorakernels-cublas")
+LAYER_REFERENCES = ("floor", "unfused", "peft", "lorakernels-cublas", "lorakernels-tma")
 
 
 def dtype_name(dtype):

@@ -8,8 +8,8 @@ on one frozen base and the same adapter values.
                     outputs put back in batch order: what a loop over adapters costs
 
 Records are tagged benchmark "segmented" with an `adapters` field (1, 4, 16 adapters, sequences
-assigned round-robin): forward (inference), backward and forward + backward times with ratios to
-peft, tokens per second, saved bytes and peak memory (CUDA).
+assigned round-robin): forward (autograd recording, as in training), backward and forward + backward
+times with ratios to peft, tokens per second, saved bytes and peak memory (CUDA).
 """
 
 import torch
@@ -18,7 +18,7 @@ from torch import nn
 from benchmarks.bench_layer import _shape_benchmarks, failure
 from benchmarks.harness import one_call
 from benchmarks.providers import Provider
-from benchmarks.providers import _peft_layer as providers_peft_layer
+from benchmarks.providers import _peft_layer
 from lorakernels import LoRALinear
 
 SEGMENTED_PROVIDERS = ("lorakernels", "peft", "one-at-a-time")
@@ -44,36 +44,36 @@ class OneAtATime(nn.Module):
         groups = {}
         for i, name in enumerate(names):
             groups.setdefault(name, []).append(i)
-        self.groups = {name: torch.tensor(rows) for name, rows in groups.items()}
+        device = layer.weight.device  # built once, where x will be: no copies inside the timed call
+        self.groups = {name: torch.tensor(rows, device=device) for name, rows in groups.items()}
         self.order = torch.argsort(torch.cat(list(self.groups.values())))
 
     def forward(self, x):
         outputs = []
         for name, rows in self.groups.items():
             self.layer.set_adapter(name)
-            outputs.append(self.layer(x[rows.to(x.device)]))
-        return torch.cat(outputs)[self.order.to(x.device)]
+            outputs.append(self.layer(x[rows]))
+        return torch.cat(outputs)[self.order]
 
 
-def adapter_layer(K, N, r, n, dtype, device, dropout=0.0):
+def adapter_layer(K, N, r, n, dtype, device):
     """A LoRALinear with `n` adapters ("default", "a1", ...) of rank r, lora_B random (as trained)."""
     torch.manual_seed(0)
-    layer = LoRALinear(K, N, r=r, lora_alpha=r, lora_dropout=dropout, device=device, dtype=dtype,
-                       adapter_dtype=torch.float32)
+    layer = LoRALinear(K, N, r=r, lora_alpha=r, device=device, dtype=dtype, adapter_dtype=torch.float32)
     layer.weight.requires_grad_(False)
     for i in range(1, n):
-        layer.add_adapter(f"a{i}", r=r, lora_alpha=r, lora_dropout=dropout)
+        layer.add_adapter(f"a{i}", r=r, lora_alpha=r)
     with torch.no_grad():
         for name in layer.adapter_names:
             layer.adapter_operands(name)[1].normal_(std=0.02)
     return layer
 
 
-def _peft_layer(layer):
+def _peft_multi_adapter(layer):
     """PEFT's lora.Linear over `layer`'s frozen base with copies of its adapters (same names)."""
     import peft
 
-    model = providers_peft_layer(layer, layer)  # the layer's own adapter as PEFT's "default"
+    model = _peft_layer(layer, layer)  # the layer's own adapter as PEFT's "default"
     theirs = model.base_model.model.layer
     config = dict(r=layer.r, lora_alpha=layer.lora_alpha, lora_dropout=layer.lora_dropout, target_modules=["layer"])
     for name in layer.adapter_names[1:]:
@@ -97,7 +97,7 @@ def make_segmented_providers(K, N, r, n, dtype, device, sequences, names=None):
         out["lorakernels"] = Provider("lorakernels", MixedBatch(layer, per_sequence), lora=True)
     if "peft" in wanted:
         try:
-            out["peft"] = Provider("peft", MixedBatch(_peft_layer(layer), per_sequence), lora=True)
+            out["peft"] = Provider("peft", MixedBatch(_peft_multi_adapter(layer), per_sequence), lora=True)
         except ImportError:
             pass
     if "one-at-a-time" in wanted:

@@ -102,26 +102,30 @@ def _failures_section(failures):
             *(f"| {f['section']} | {f['what']} | {f['error'].splitlines()[0][:200]} |" for f in failures), ""]
 
 
-def _layer_sections(records):
-    """One table per mode: each provider's median time and its ratios to the floor, unfused and PEFT."""
-    times, ratios = _index(records, "layer", "time"), _ratios(records, "layer")
+def _timing_tables(records, benchmark, title, modes, references, intro=()):
+    """One table per mode: each provider's median time at each shape and its ratios to the
+    `references` (per round where they were timed in alternation). `intro` goes under the first
+    table's title."""
+    times, ratios = _index(records, benchmark, "time"), _ratios(records, benchmark)
     shapes = sorted({key.shape for key in times}, key=lambda s: (s.K, s.M, s.r, -(s.dropout or 0)))
     lines = []
-    for mode in LAYER_MODES:
+    for mode in modes:
         rows = []
         for shape in shapes:
-            floor, unfused, peft = (times.get(RecordKey.at(name, mode, shape)) for name in ("floor", "unfused", "peft"))
-            for key, rec in times.items():
-                if key.mode != mode or key.shape != shape:
-                    continue
-                rows.append(f"| {shape.M} | {shape.K} | {shape.r} | {shape.dropout} | {key.provider} | "
-                            f"{_fmt_time(rec['value'])} | {_ratio(rec, floor, ratios)} | "
-                            f"{_ratio(rec, unfused, ratios)} | {_ratio(rec, peft, ratios)} |")
+            refs = [times.get(RecordKey.at(name, mode, shape)) for name in references]
+            rows += [f"| {shape.M} | {shape.K} | {shape.r} | {shape.dropout} | {key.provider} | "
+                     f"{_fmt_time(rec['value'])} | " + " | ".join(_ratio(rec, ref, ratios) for ref in refs) + " |"
+                     for key, rec in times.items() if key.mode == mode and key.shape == shape]
         if rows:
-            lines += [f"## Layer, {mode}", "",
-                      "| tokens | K=N | r | p | provider | time | x floor | x unfused | x peft |",
-                      "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+            lines += [f"## {title}, {mode}", "", *([] if lines else intro),
+                      "| tokens | K=N | r | p | provider | time | " + " | ".join(f"x {n}" for n in references) + " |",
+                      "|" + "---|" * (6 + len(references)), *rows, ""]
     return lines
+
+
+def _layer_sections(records):
+    """One table per mode: each provider's median time and its ratios to the floor, unfused and PEFT."""
+    return _timing_tables(records, "layer", "Layer", LAYER_MODES, ("floor", "unfused", "peft"))
 
 
 def _overhead_section(records):
@@ -221,8 +225,8 @@ def _model_section(records):
 
 
 def _segmented_section(records):
-    """Mixed batches: per adapter count and provider, tokens/s of inference (forward) and of a
-    training step (forward + backward), the per-round ratio to PEFT, saved bytes, peak memory."""
+    """Mixed batches: per adapter count and provider, tokens/s of the forward (autograd recording) and
+    of forward + backward, the per-round ratio to PEFT, saved bytes, peak memory."""
     cells = defaultdict(dict)  # (adapters, provider) -> {(metric, mode): record}
     for r in records:
         if r["benchmark"] == "segmented":
@@ -234,10 +238,11 @@ def _segmented_section(records):
              f"{first['M']} tokens in sequences assigned round-robin to the adapters, K = N = {first['K']}, rank "
              f"{first['r']} each, dropout 0. `lorakernels`: one fused pass (`adapter_names=`); `peft`: PEFT's "
              "lora.Linear with the same adapters and `adapter_names=` (its loop over adapters); `one-at-a-time`: "
-             "each adapter's sequences as their own batch. `x peft`: per-round time ratio (lower is faster).", "",
-             "| adapters | provider | inference tok/s | x peft | training tok/s | x peft | saved for backward "
+             "each adapter's sequences as their own batch. Forward: with autograd recording, as in training. "
+             "`x peft`: per-round time ratio (lower is faster).", "",
+             "| adapters | provider | forward tok/s | x peft | forward + backward tok/s | x peft | saved for backward "
              "| peak memory |", "|---|---|---|---|---|---|---|---|"]
-    for (adapters, provider), m in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    for (adapters, provider), m in sorted(cells.items()):
         row = [str(adapters), provider]
         for mode in ("forward", "full"):
             tps, ratio = m.get(("tokens_per_s", mode)), m.get(("ratio_to_peft", mode))
@@ -259,22 +264,8 @@ QLORA_INTRO = ("LoRA over an NF4 base (bitsandbytes, double quantization, bf16 c
 
 def _qlora_layer_sections(records):
     """One table per mode: each QLoRA provider's median time and its ratios to PEFT and dequant-cublas."""
-    times, ratios = _index(records, "qlora-layer", "time"), _ratios(records, "qlora-layer")
-    shapes = sorted({key.shape for key in times}, key=lambda s: (s.K, s.M, s.r, -(s.dropout or 0)))
-    lines = []
-    for mode in ("full", "forward", "backward"):
-        rows = []
-        for shape in shapes:
-            peft, dequant = (times.get(RecordKey.at(name, mode, shape)) for name in ("peft", "dequant-cublas"))
-            rows += [f"| {shape.M} | {shape.K} | {shape.r} | {shape.dropout} | {key.provider} | "
-                     f"{_fmt_time(rec['value'])} | {_ratio(rec, peft, ratios)} | {_ratio(rec, dequant, ratios)} |"
-                     for key, rec in times.items() if key.mode == mode and key.shape == shape]
-        if rows:
-            intro = [QLORA_INTRO, ""] if mode == "full" else []
-            lines += [f"## QLoRA layer, {mode}", "", *intro,
-                      "| tokens | K=N | r | p | provider | time | x peft | x dequant-cublas |",
-                      "|---|---|---|---|---|---|---|---|", *rows, ""]
-    return lines
+    return _timing_tables(records, "qlora-layer", "QLoRA layer", ("full", "forward", "backward"),
+                          ("peft", "dequant-cublas"), intro=(QLORA_INTRO, ""))
 
 
 def _qlora_memory_section(records):

@@ -26,6 +26,7 @@ import torch
 from benchmarks.bench_layer import failure, layer_benchmarks, merge_benchmark
 from benchmarks.bench_model import model_benchmarks
 from benchmarks.bench_qlora import (
+    QLORA_MODEL_VARIANTS,
     QLORA_PROVIDERS,
     bitsandbytes_available,
     qlora_layer_benchmarks,
@@ -133,9 +134,12 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
 
     if _qlora_section_enabled(skip_qlora):
         start = time.perf_counter()
-        records += _qlora_section(device, p, budget, failures, qlora_names,
-                                  with_model=not skip_model and _transformers_installed())
-        seconds["qlora"] = time.perf_counter() - start
+        for part in _qlora_section(device, p, budget, failures, qlora_names,
+                                   with_model=not skip_model and _transformers_installed()):
+            records += part
+            seconds["qlora"] = time.perf_counter() - start
+            if checkpoint:
+                checkpoint(records, failures, seconds)
     return records, failures, seconds
 
 
@@ -199,15 +203,15 @@ def _qlora_section_enabled(skip_qlora):
 
 
 def _qlora_section(device, p, budget, failures, names, with_model):
-    """QLoRA layer benchmarks (the providers `names`, None: all), then (with transformers) the QLoRA
-    model step."""
+    """Yields the QLoRA layer benchmarks' records (the providers `names`, None: all), then (with
+    transformers) the QLoRA model step's, for those of `names` that are model variants."""
     q = p["qlora"]
-    records = qlora_layer_benchmarks(device, q["layer_shapes"], torch.bfloat16, budget, failures, names)
-    if with_model:
+    yield qlora_layer_benchmarks(device, q["layer_shapes"], torch.bfloat16, budget, failures, names)
+    model_names = None if names is None else [n for n in names if n in QLORA_MODEL_VARIANTS]
+    if with_model and model_names != []:
         m = q["model"]
-        records += qlora_model_benchmarks(device, m["size"], m["batch"], m["seq"], torch.bfloat16, 16, budget,
-                                          failures)
-    return records
+        yield qlora_model_benchmarks(device, m["size"], m["batch"], m["seq"], torch.bfloat16, 16, budget, failures,
+                                     model_names)
 
 
 def _model_section(device, p, budget, failures):
