@@ -22,7 +22,7 @@ from torch import nn
 from benchmarks.bench_layer import _shape_benchmarks, dtype_name, failure
 from benchmarks.bench_model import TARGETS, _peft_installed, build_llama, train_steps
 from benchmarks.harness import one_call
-from benchmarks.providers import Provider
+from benchmarks.providers import Provider, _peft_layer
 from lorakernels import LoRALinear, apply_lora, four_bit, patch_peft
 from lorakernels.model import _set_submodule
 from lorakernels.testing import saved_activation_bytes
@@ -124,41 +124,12 @@ class DequantizeToBuffer(nn.Module):
         return y.to(x.dtype)
 
 
-class _Wrapper(nn.Module):
-    """A one-layer model PEFT can adapt (target "layer"), marked as loaded in 4 bits so that PEFT
-    builds its QLoRA layer class."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-        self.is_loaded_in_4bit = True
-
-    def forward(self, x):
-        return self.layer(x)
-
-
 def _peft_qlora(linear4bit, lora):
     """PEFT's QLoRA layer on `linear4bit`, holding copies of `lora`'s adapter values."""
-    import peft
-
-    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                             target_modules=["layer"])
-    model = peft.get_peft_model(_Wrapper(linear4bit), config)
+    model = _peft_layer(linear4bit, lora)
     layer = model.base_model.model.layer
     assert type(layer).__module__ == "peft.tuners.lora.bnb", type(layer)
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(lora.lora_A)
-        layer.lora_B["default"].weight.copy_(lora.lora_B)
     return model
-
-
-class _Frozen4bit(nn.Module):
-    def __init__(self, linear4bit):
-        super().__init__()
-        self.layer = linear4bit
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 def make_qlora_providers(K, N, r, dtype, dropout, device, names=None):
@@ -185,7 +156,7 @@ def make_qlora_providers(K, N, r, dtype, dropout, device, names=None):
     if "dequant-cublas" in wanted and dropout == 0:
         out["dequant-cublas"] = Provider("dequant-cublas", DequantizeToBuffer(lora), lora=True)
     if "bnb-frozen" in wanted:
-        out["bnb-frozen"] = Provider("bnb-frozen", _Frozen4bit(linear4bit), lora=False)
+        out["bnb-frozen"] = Provider("bnb-frozen", linear4bit, lora=False)
     return out, linear4bit
 
 
@@ -212,7 +183,7 @@ def qlora_layer_benchmarks(device, shapes, dtype, budget, failures=None, names=N
         base = dict(benchmark="qlora-layer", mode="full", M=M, K=K, N=N, r=r, dropout=dropout,
                     dtype=dtype_name(dtype), p20=None, p80=None, unit="B")
         for name, provider in layers.items():
-            buffer = getattr(provider.module, "buffer", None)
+            buffer = provider.module.buffer if isinstance(provider.module, DequantizeToBuffer) else None
             extra = buffer.numel() * buffer.element_size() if buffer is not None else 0
             records += [dict(base, provider=name, metric="weight_bytes", value=stored + extra),
                         dict(base, provider=name, metric="weight_bytes_bf16", value=N * K * 2)]

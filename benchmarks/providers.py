@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakernels import LoRALinear, patch_peft
+from lorakernels import LoRALinear, four_bit, patch_peft
 from lorakernels.plan import has_tma, interpreting
 
 
@@ -157,6 +157,9 @@ def make_providers(K, N, r, dtype, dropout, device, names=None, adapter_dtype=to
 
 
 def _peft_layer(base, lora):
+    """A PeftModel of one PEFT LoRA layer over `base` holding copies of `lora`'s adapter values: over
+    an nn.Linear (its weight and bias shared, not copied) PEFT's lora.Linear; over a bitsandbytes
+    Linear4bit PEFT's QLoRA layer (lora.bnb.Linear4bit). None without peft."""
     try:
         import peft
     except ImportError:
@@ -165,6 +168,10 @@ def _peft_layer(base, lora):
     class Wrapper(nn.Module):
         def __init__(self):
             super().__init__()
+            if four_bit.is_linear4bit(base):
+                self.layer = base
+                self.is_loaded_in_4bit = True  # PEFT then builds its QLoRA layer class
+                return
             self.layer = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta",
                                    dtype=base.weight.dtype)
             self.layer.weight, self.layer.bias = base.weight, base.bias
