@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from benchmarks.bench_layer import dtype_name, failure
-from benchmarks.harness import call_batches, interleave, one_call, peak_memory
+from benchmarks.harness import call_batches, installed, interleave, one_call, peak_memory
 from benchmarks.providers import BottleneckAdapter, UnfusedLoRA
 from lorakernels import LoRALinear, apply_lora, merge_lora, patch_peft
 from lorakernels.model import _set_submodule, find_target_modules
@@ -35,33 +35,18 @@ def build_llama(size, dtype, device, seed=0):
     return model.to(dtype=dtype)
 
 
-def _peft_installed():
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _variant(name, size, dtype, device, r, dropout):
     model = build_llama(size, dtype, device)
     if name == "full-ft":
         return model
-    if name == "peft-patched":  # PEFT's model, its LoRA layers computed by the fused kernels
-        import peft
+    if name in ("peft", "peft-patched"):  # peft-patched: PEFT's model, its LoRA layers fused
+        import peft  # an ImportError is reported as this variant's failure, never another variant's numbers
 
         model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=dropout,
                                                            target_modules=TARGETS))
-        patch_peft(model)
+        if name == "peft-patched":
+            patch_peft(model)
         return model
-    if name == "peft":
-        try:
-            import peft
-        except ImportError:
-            peft = None
-        if peft is not None:
-            config = peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=dropout, target_modules=TARGETS)
-            return peft.get_peft_model(model, config)
     if name == "adapter":
         model.requires_grad_(False)
         for target in find_target_modules(model, TARGETS):
@@ -80,8 +65,8 @@ def model_benchmarks(device, size, batch, seq, dtype, r, dropout, budget, infere
     alternation. A variant that fails is reported in `failures` and the others still run."""
     failures = [] if failures is None else failures
     ids = torch.randint(0, size["vocab"], (batch, seq), device=device)
-    patched = ["peft-patched"] if _peft_installed() else []
-    names = providers or ["full-ft", "lorakernels", "peft", *patched, "adapter"]
+    peft = ["peft", "peft-patched"] if installed("peft") else []
+    names = providers or ["full-ft", "lorakernels", *peft, "adapter"]
     base = dict(benchmark="model", M=batch * seq, K=size["hidden"], N=size["layers"], r=r, dropout=dropout,
                 dtype=dtype_name(dtype), p20=None, p80=None)
     records = train_steps(device, names, lambda name: _variant(name, size, dtype, device, r, dropout), budget, ids,

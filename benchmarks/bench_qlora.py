@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from benchmarks.bench_layer import _shape_benchmarks, dtype_name, failure
-from benchmarks.bench_model import TARGETS, _peft_installed, build_llama, train_steps
-from benchmarks.harness import one_call
+from benchmarks.bench_model import TARGETS, build_llama, train_steps
+from benchmarks.harness import installed, one_call
 from benchmarks.providers import Provider, _peft_layer
 from lorakernels import LoRALinear, apply_lora, four_bit, patch_peft
 from lorakernels.model import _set_submodule
@@ -30,14 +30,6 @@ from lorakernels.testing import saved_activation_bytes
 QLORA_PROVIDERS = ("lorakernels", "peft", "peft-patched", "dequant-cublas", "bnb-frozen")
 QLORA_REFERENCES = ("peft", "dequant-cublas")
 QLORA_MODEL_VARIANTS = ("peft", "lorakernels", "peft-patched", "dequant-cublas")  # ratios to the first
-
-
-def bitsandbytes_available():
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def linear4bit_from(linear, compute_dtype):
@@ -146,7 +138,7 @@ def make_qlora_providers(K, N, r, dtype, dropout, device, names=None):
     out = {}
     if "lorakernels" in wanted:
         out["lorakernels"] = Provider("lorakernels", lora, lora=True)
-    have_peft = _peft_installed()
+    have_peft = installed("peft")
     if "peft" in wanted and have_peft:
         out["peft"] = Provider("peft", _peft_qlora(linear4bit, lora), lora=True)
     if "peft-patched" in wanted and have_peft:
@@ -248,7 +240,7 @@ def qlora_model_benchmarks(device, size, batch, seq, dtype, r, budget, failures=
     each variant's weight bytes and the bytes one training forward saves for backward (any
     device), and its peak memory (CUDA)."""
     failures = [] if failures is None else failures
-    names = [n for n in (names or QLORA_MODEL_VARIANTS) if not n.startswith("peft") or _peft_installed()]
+    names = [n for n in (names or QLORA_MODEL_VARIANTS) if not n.startswith("peft") or installed("peft")]
     ids = torch.randint(0, size["vocab"], (batch, seq), device=device)
     base = dict(benchmark="qlora-model", M=batch * seq, K=size["hidden"], N=size["layers"], r=r, dropout=0.0,
                 dtype=dtype_name(dtype), p20=None, p80=None)

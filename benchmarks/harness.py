@@ -18,6 +18,7 @@ adding into the previous ones: the same work a training step does after
 `zero_grad(set_to_none=True)`.
 """
 
+import importlib
 import math
 import platform
 import statistics
@@ -25,6 +26,15 @@ import time
 from typing import NamedTuple
 
 import torch
+
+
+def installed(module):
+    """Whether `module` (an optional dependency: peft, transformers, bitsandbytes) imports."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 class Budget(NamedTuple):

@@ -28,12 +28,11 @@ from benchmarks.bench_model import model_benchmarks
 from benchmarks.bench_qlora import (
     QLORA_MODEL_VARIANTS,
     QLORA_PROVIDERS,
-    bitsandbytes_available,
     qlora_layer_benchmarks,
     qlora_model_benchmarks,
 )
 from benchmarks.bench_segmented import SEGMENTED_PROVIDERS, segmented_benchmarks
-from benchmarks.harness import Budget, environment
+from benchmarks.harness import Budget, environment, installed
 from benchmarks.report import summary, write_markdown, write_plots
 
 PROTOCOLS = {
@@ -135,7 +134,7 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
     if _qlora_section_enabled(skip_qlora):
         start = time.perf_counter()
         for part in _qlora_section(device, p, budget, failures, qlora_names,
-                                   with_model=not skip_model and _transformers_installed()):
+                                   with_model=not skip_model and installed("transformers")):
             records += part
             seconds["qlora"] = time.perf_counter() - start
             if checkpoint:
@@ -175,28 +174,18 @@ def _merge_section(device, p, budget, failures):
 
 def _model_section_enabled(skip_model):
     """False when skipped, or when transformers is missing (said so unless skipped anyway)."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
+    if not installed("transformers"):
         if not skip_model:
             print("transformers is not installed: skipping the model-level benchmarks (pip install -e '.[bench]')")
         return False
     return not skip_model
 
 
-def _transformers_installed():
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _qlora_section_enabled(skip_qlora):
     """False when skipped, or when bitsandbytes is missing (said so unless skipped anyway)."""
     if skip_qlora:
         return False
-    if not bitsandbytes_available():
+    if not installed("bitsandbytes"):
         print("bitsandbytes is not installed: skipping the QLoRA benchmarks (pip install -e '.[qlora]')")
         return False
     return True

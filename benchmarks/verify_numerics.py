@@ -160,6 +160,7 @@ def main(argv=None):
     import triton
 
     import lorakernels
+    from benchmarks.harness import installed
     from lorakernels import testing
 
     # Small shapes on the interpreter (it is slow); GPU shapes span several tiles.
@@ -168,11 +169,7 @@ def main(argv=None):
     rows = [row for dtype in (torch.float32, torch.float16, torch.bfloat16)
             for adapter_dtype in sorted({dtype, torch.float32}, key=str) for p in (0.0, 0.1)
             for row in _error_rows(torch, testing, lorakernels.lora_linear, shape, dtype, adapter_dtype, p, device)]
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        pass
-    else:  # QLoRA: fp32 adapters (PEFT's default) over each compute dtype
+    if installed("bitsandbytes"):  # QLoRA: fp32 adapters (PEFT's default) over each compute dtype
         rows += [row for dtype in (torch.float32, torch.float16, torch.bfloat16) for p in (0.0, 0.1)
                  for row in _error_rows(torch, testing, lorakernels.lora_linear, shape, dtype, torch.float32, p,
                                         device, four_bit=True)]
