@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lorakernels import lora_linear
+from lorakernels.ops import specs
 from tests.utils import assert_close_to_reference, reference_grads, replay_keep_mask
 
 ROW_STRIDE = 2**30 + 16  # elements between consecutive rows: row 2 starts past 2^31
@@ -24,8 +25,14 @@ def spread_rows(rows, cols, dtype):
 
 
 @pytest.mark.parametrize("base_gemm", ["triton", "triton-tma"])  # triton-tma: descriptors hold the addresses
-def test_offsets_beyond_int32(base_gemm):
-    M, K, N, r, p, dtype = 4, 40, 3, 4, 0.1, torch.float16
+def test_offsets_beyond_int32(base_gemm, monkeypatch):
+    # N = 8: y's and dY's rows are 16 bytes, so TMA can address every operand and triton-tma runs the
+    # TMA kernels (checked below), not the pointer kernels again.
+    M, K, N, r, p, dtype = 4, 40, 8, 4, 0.1, torch.float16
+    launched = []
+    launch = specs.KernelSpec.launch
+    monkeypatch.setattr(specs.KernelSpec, "launch",
+                        lambda spec, *args, **kwargs: launched.append(spec.code) or launch(spec, *args, **kwargs))
     x = spread_rows(M, K, dtype).requires_grad_()
     weight = spread_rows(N, K, dtype)
     assert (M - 1) * x.stride(0) > 2**31 and (N - 1) * weight.stride(0) > 2**31
@@ -38,6 +45,8 @@ def test_offsets_beyond_int32(base_gemm):
     keep = replay_keep_mask(rng_state, M, K, p, "triton")
     dy = torch.randn_like(y)
     y.backward(dy)
+    gemms = {"F2-TMA", "B2-TMA"} if base_gemm == "triton-tma" else {"F2", "B2"}
+    assert gemms <= set(launched), launched
 
     dense_w = weight.contiguous()
     y64, grads64 = reference_grads(x.contiguous(), dense_w, bias, lora_A, lora_B, 0.5, keep, p, dy.double(), True)

@@ -15,6 +15,7 @@ from torch import nn
 
 from lorakernels import patch_peft, peft_patch_stats, unpatch_peft
 from tests.test_model import tiny_llama
+from tests.utils import assert_same, run
 
 peft = pytest.importorskip("peft")
 from peft.tuners import lora as peft_lora  # noqa: E402
@@ -39,35 +40,18 @@ def lora_mlp(dtype=torch.float32, targets=("lin0", "lin1"), **config):
     return peft.get_peft_model(MLP(dtype), peft.LoraConfig(**config))
 
 
-def run(model, x):
-    """Output and every gradient (x and the trainable parameters) of sum(y^2)."""
-    model.zero_grad()
-    x = x.detach().clone().requires_grad_()
-    y = model(x)
-    y.float().pow(2).sum().backward()
-    grads = {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters() if p.requires_grad}
-    return {"y": y.detach(), "dx": x.grad, **grads}
-
-
 def patched_vs_peft(model, x, backend):
-    """(PEFT's results, the patched model's results) on the same model and input."""
+    """(PEFT's results, the patched model's results) on the same model and input; every patched
+    layer's call was fused (a silent fallback to PEFT's forward would match PEFT trivially)."""
     expected = run(model, x)
-    patch_peft(model, backend=backend)
+    report = patch_peft(model, backend=backend)
     try:
-        return expected, run(model, x)
+        actual = run(model, x)
+        stats = peft_patch_stats(model)
+        assert stats["fallback"] == {} and stats["fused"] == len(report.patched) > 0, stats
+        return expected, actual
     finally:
         unpatch_peft(model)
-
-
-def assert_same(actual, expected, tol=1e-5):
-    """Same keys and dtypes; values within `tol` of each tensor's largest magnitude (fp32: a few
-    ulps of the largest value, whatever the summation order)."""
-    assert actual.keys() == expected.keys()
-    for key in expected:
-        assert actual[key].dtype == expected[key].dtype, key
-        scale = expected[key].abs().max().item()
-        torch.testing.assert_close(actual[key], expected[key], rtol=tol, atol=tol * scale,
-                                   msg=lambda m: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -329,7 +313,9 @@ def test_transformers_gradient_checkpointing(reentrant):
         patch_peft(m, backend="torch")
     a, b = _llama_step(plain), _llama_step(checkpointed)
     assert_same(b, a)
-    assert peft_patch_stats(checkpointed)["fallback"] == {}
+    for m in (model, plain, checkpointed):  # fused, not PEFT's forward (which would match trivially)
+        stats = peft_patch_stats(m)
+        assert stats["fallback"] == {} and stats["fused"] > 0, stats
     assert not torch.equal(a["loss"], expected["loss"])  # dropout was applied
 
 

@@ -27,7 +27,7 @@ from lorakernels import (
 )
 from lorakernels.operands import FourBitWeight
 from lorakernels.testing import saved_activation_bytes
-from tests.utils import DEVICE, assert_close_to_reference, reference_grads, replay_keep_mask
+from tests.utils import DEVICE, assert_close_to_reference, assert_same, reference_grads, replay_keep_mask, run
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -403,23 +403,6 @@ def _peft_4bit_mlp(peft, loaded_in_4bit, compute_dtype, x_dtype=torch.float32, a
     return model
 
 
-def _run(model, x):
-    """Output and every gradient (x and the adapters) of sum(y^2)."""
-    model.zero_grad()
-    x = x.detach().clone().requires_grad_()
-    y = model(x)
-    y.float().pow(2).sum().backward()
-    return {"y": y.detach(), "dx": x.grad, **{n: p.grad for n, p in model.named_parameters() if p.requires_grad}}
-
-
-def _assert_close_to(actual, expected, tol):
-    assert actual.keys() == expected.keys()
-    for key in expected:
-        assert actual[key].dtype == expected[key].dtype, key
-        scale = expected[key].abs().max().item()
-        torch.testing.assert_close(actual[key], expected[key], rtol=tol, atol=tol * scale, msg=lambda m: f"{key}: {m}")
-
-
 @pytest.mark.parametrize("loaded_in_4bit", [True, False], ids=["lora.bnb.Linear4bit", "lora.Linear"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_patch_peft_fuses_qlora_layers_with_peft_results(backend, loaded_in_4bit):
@@ -431,14 +414,14 @@ def test_patch_peft_fuses_qlora_layers_with_peft_results(backend, loaded_in_4bit
 
     model = _peft_4bit_mlp(peft, loaded_in_4bit, torch.float32)
     x = torch.randn(2, 5, 128)
-    expected = _run(model, x)
+    expected = run(model, x)
     report = patch_peft(model, backend=backend)
     assert len(report.patched) == 2 and not report.fallback_now and not report.not_patched, str(report)
-    _assert_close_to(_run(model, x), expected, tol=1e-5)
+    assert_same(run(model, x), expected, tol=1e-5)
     assert peft_patch_stats(model) == {"fused": 2, "fallback": {}, "layers": {
         "base_model.model.0": {"fused": 1}, "base_model.model.1": {"fused": 1}}}
     assert unpatch_peft(model) == 2
-    _assert_close_to(_run(model, x), expected, tol=0)
+    assert_same(run(model, x), expected, tol=0)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

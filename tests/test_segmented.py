@@ -12,6 +12,7 @@ import torch
 
 from lorakernels import lora_linear, lora_linear_segmented, lora_linear_segmented_ref
 from lorakernels.operands import FourBitWeight
+from lorakernels.ops import specs
 from lorakernels.testing import saved_activation_bytes
 from tests.test_saved_tensors import SEED_BYTES
 from tests.utils import DEVICE, assert_close_to_reference, replay_keep_mask
@@ -97,8 +98,12 @@ BLOCK_CASES = {  # ranks, run adapters, x dtype, base_gemm, dropout
 
 
 @pytest.mark.parametrize("case", list(BLOCK_CASES))
-def test_segments_across_row_blocks(case):
+def test_segments_across_row_blocks(case, monkeypatch):
     ranks, run_adapters, dtype, base_gemm, p = BLOCK_CASES[case]
+    launched = []
+    launch = specs.KernelSpec.launch
+    monkeypatch.setattr(specs.KernelSpec, "launch",
+                        lambda spec, *args, **kwargs: launched.append(spec.code) or launch(spec, *args, **kwargs))
     torch.manual_seed(8)
     M, K, N = sum(RUNS), 48, 40
     x = torch.randn(M, K).to(dtype)
@@ -107,6 +112,8 @@ def test_segments_across_row_blocks(case):
     rows = torch.tensor(run_adapters).repeat_interleave(torch.tensor(RUNS))
     grads = _check_against_reference(x, weight, bias, adapters, rows, p, "triton", dtype, base_gemm=base_gemm)
     assert [dA is not None for dA, _ in grads] == [a in run_adapters for a in range(len(ranks))]
+    gemms = {"F2-TMA", "B2-TMA"} if base_gemm == "triton-tma" else {"F2", "B2"}
+    assert gemms <= set(launched), launched
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -196,8 +203,8 @@ BAD = {
     "float_index": (lambda a: (a, torch.tensor([0.0, 1.0, 1.0])), TypeError, "integer tensor"),
     "wrong_index_shape": (lambda a: (a, torch.tensor([0, 1])), ValueError, "leading shape"),
     "list_on_2d_rows": (lambda a: (a, [0, 1]), ValueError, "one adapter per sequence"),
-    "mixed_adapter_dtypes": (lambda a: ([a[0], (a[1][0].double(), a[1][1].double(), 1.0)], torch.tensor([0, 1, 1])),
-                             TypeError, None),
+    "adapter_dtype_neither_x_nor_fp32": (lambda a: ([a[0], (a[1][0].double(), a[1][1].double(), 1.0)],
+                                                    torch.tensor([0, 1, 1])), TypeError, "x's .* or float32"),
     "not_triples": (lambda a: ([(a[0][0], a[0][1])], torch.tensor([0, 0, 0])), TypeError, "triple"),
     "empty": (lambda a: ([], torch.tensor([0, 0, 0])), ValueError, "empty"),
     "ranks_over_256": (lambda a: ([(torch.randn(200, 16), torch.randn(8, 200), 1.0)] * 2, torch.tensor([0, 1, 1])),
@@ -217,6 +224,16 @@ def test_bad_inputs_are_refused(case):
     with pytest.raises(error, match=message):
         lora_linear_segmented(torch.randn(3, 16), torch.randn(8, 16), None, args, row_adapter, backend="torch")
     assert all(torch.equal(b, t) for b, t in zip(before, (t for A, B, _ in adapters for t in (A, B))))
+
+
+def test_adapters_of_different_dtypes_are_refused():
+    """bf16 x with one bf16 and one fp32 adapter: each alone is valid, together they are not (the
+    concatenated factors have one dtype); refused with both dtypes named, nothing changed."""
+    x, weight = torch.randn(3, 16).bfloat16(), torch.randn(8, 16).bfloat16()
+    adapters = [(torch.randn(4, 16).bfloat16(), torch.randn(8, 4).bfloat16(), 1.0),
+                (torch.randn(2, 16, requires_grad=True), torch.randn(8, 2, requires_grad=True), 2.0)]
+    with pytest.raises(TypeError, match="every adapter's lora_A and lora_B must share one dtype.*bfloat16.*float32"):
+        lora_linear_segmented(x, weight, None, adapters, torch.tensor([0, 1, 1]), backend="torch")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -15,7 +15,7 @@ from lorakernels import lora_linear, ops
 from lorakernels.ops import specs
 from lorakernels.plan import BaseGemm, resolve_plan
 from tests.test_lora_linear import run_case
-from tests.utils import DEVICE, assert_close_to_reference, make_inputs
+from tests.utils import DEVICE, assert_close_to_reference, make_inputs, reference_grads
 
 
 @pytest.fixture
@@ -54,14 +54,22 @@ def test_operands_tma_cannot_address_take_the_pointer_kernels(launched, case):
         run_case(33, 45, 40, 4, torch.bfloat16, 0.1, base_gemm="triton-tma")
     elif case == "fp32":
         run_case(33, 48, 40, 4, torch.float32, 0.1, base_gemm="triton-tma")
-    else:  # rows 16-byte aligned in stride, but the view starts 2 bytes into its storage
+    else:  # rows 16-byte aligned in stride, but the view starts 2 bytes into its storage (and so do dY, dX)
         x, weight, bias, lora_A, lora_B = make_inputs(9, 48, 40, 4, torch.bfloat16)
-        shifted = torch.empty(9 * 48 + 1, dtype=torch.bfloat16)[1:].view(9, 48).copy_(x)
+        shifted = torch.empty(9 * 48 + 1, dtype=torch.bfloat16)[1:].view(9, 48).copy_(x).requires_grad_()
+        lora_A.requires_grad_()
+        lora_B.requires_grad_()
         y = lora_linear(shifted, weight, bias, lora_A, lora_B, 0.5, base_gemm="triton-tma")
-        y64 = x.double() @ weight.double().t() + bias.double() + 0.5 * (x.double() @ lora_A.double().t()) @ \
-            lora_B.double().t()
-        assert_close_to_reference("y", y, y64, torch.nn.functional.linear(x, weight, bias), torch.bfloat16)
+        dy = torch.empty(9 * 40 + 1, dtype=torch.bfloat16)[1:].view(9, 40).copy_(torch.randn(9, 40))
+        y.backward(dy)
+        y64, grads64 = reference_grads(x, weight, bias, lora_A, lora_B, 0.5, None, 0.0, dy.double(), upcast=True)
+        y_lp, grads_lp = reference_grads(x, weight, bias, lora_A, lora_B, 0.5, None, 0.0, dy, upcast=False)
+        assert_close_to_reference("y", y.detach(), y64, y_lp, torch.bfloat16)
+        for name, actual, exp64, lowp in zip(("dx", "dA", "dB"), (shifted.grad, lora_A.grad, lora_B.grad), grads64,
+                                             grads_lp):
+            assert_close_to_reference(name, actual, exp64, lowp, torch.bfloat16)
     assert "F2" in launched and "F2-TMA" not in launched
+    assert "B2" in launched and "B2-TMA" not in launched
 
 
 def test_gemm_alone_on_the_tma_path(launched):
