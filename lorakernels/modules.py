@@ -10,7 +10,7 @@ from lorakernels import ops
 from lorakernels._validation import FLOAT_DTYPES, check_lora_hyperparameters, check_scaling_fits, shares_memory
 from lorakernels.four_bit import four_bit_weight, is_linear4bit, original_dtype
 from lorakernels.functional import lora_linear, lora_linear_segmented
-from lorakernels.plan import resolve_backend, resolve_base_gemm
+from lorakernels.plan import check_options, resolve_backend
 
 
 def lora_scaling(r, lora_alpha, use_rslora=False):
@@ -18,13 +18,13 @@ def lora_scaling(r, lora_alpha, use_rslora=False):
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
-def _check_arguments(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, base_gemm):
+def _check_arguments(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, backend=None,
+                     base_gemm=None):
     check_lora_hyperparameters(in_features, out_features, r, lora_alpha, lora_dropout)
     formula = (f"lora_alpha / sqrt(r) = {lora_alpha!r} / sqrt({r})" if use_rslora
                else f"lora_alpha / r = {lora_alpha!r} / {r}")
     check_scaling_fits(lora_scaling(r, lora_alpha, use_rslora), adapter_dtype, formula)
-    if base_gemm is not None:
-        resolve_base_gemm(base_gemm)  # a bad strategy fails here, not at the first forward
+    check_options(backend, base_gemm)  # a bad choice fails here, not at the first forward
 
 
 def tied_weight_error(tied, layer):
@@ -122,7 +122,7 @@ class LoRALinear(nn.Module):
                  use_rslora=False, device=None, dtype=None, adapter_dtype=None, backend=None, base_gemm=None):
         super().__init__()
         _check_arguments(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora,
-                         adapter_dtype or dtype or torch.get_default_dtype(), base_gemm)
+                         adapter_dtype or dtype or torch.get_default_dtype(), backend, base_gemm)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_from(base, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, backend, base_gemm)
 
@@ -144,7 +144,7 @@ class LoRALinear(nn.Module):
             raise TypeError(f"from_linear wraps an nn.Linear with a float weight, or a bitsandbytes Linear4bit; got "
                             f"{type(linear).__name__} with a {linear.weight.dtype} weight")
         _check_arguments(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, use_rslora,
-                         adapter_dtype or (torch.float32 if four_bit else linear.weight.dtype), base_gemm)
+                         adapter_dtype or (torch.float32 if four_bit else linear.weight.dtype), backend, base_gemm)
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module._init_from(linear, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, backend, base_gemm)
@@ -235,7 +235,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("LoRALinear is merged: unmerge() before adding an adapter")
         _check_arguments(self.in_features, self.out_features, r, lora_alpha, lora_dropout, use_rslora,
-                         self.lora_A.dtype, None)
+                         self.lora_A.dtype)
 
     def set_adapter(self, name):
         """Make `name` the adapter forward (without adapter_names), merge and unmerge use."""

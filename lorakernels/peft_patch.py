@@ -33,6 +33,7 @@ import logging
 from torch import nn
 
 from lorakernels import four_bit
+from lorakernels.plan import check_options
 
 logger = logging.getLogger("lorakernels")
 
@@ -105,16 +106,6 @@ def _tally(reasons):
     return ", ".join(f"{n} x {reason}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def _check_options(backend, base_gemm):
-    from lorakernels.plan import Backend, resolve_base_gemm
-
-    if backend is not None and backend != "auto" and not isinstance(backend, Backend):
-        if backend not in {b.value for b in Backend}:
-            raise ValueError(f"backend must be None, 'auto', 'triton', 'torch' or a plan.Backend; got {backend!r}")
-    if base_gemm is not None:
-        resolve_base_gemm(base_gemm)
-
-
 def _state_reason(layer):
     """Why `layer` (patched) would run PEFT's forward now, judging its state alone; None if fused."""
     from lorakernels import _peft_linear
@@ -139,7 +130,7 @@ def patch_peft(model, backend=None, base_gemm=None):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_peft takes an nn.Module (a PeftModel); got {type(model).__name__}")
-    _check_options(backend, base_gemm)
+    check_options(backend, base_gemm)
     lora_layer, routes = _peft_modules()
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, lora_layer)]
     if not layers:

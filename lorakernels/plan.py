@@ -163,6 +163,15 @@ def resolve_backend(requested, device):
     return backend
 
 
+def check_options(backend=None, base_gemm=None):
+    """ValueError now for a backend or base GEMM strategy that no call could resolve (None: the
+    environment's, checked when a call resolves it)."""
+    if backend is not None and backend != "auto":
+        _choice(Backend, backend, BACKEND_ENV, "auto", "backend", extra=("auto",))
+    if base_gemm is not None:
+        resolve_base_gemm(base_gemm)
+
+
 def resolve_base_gemm(requested=None):
     """The BaseGemm from an argument ('triton', 'triton-tma', 'cublas' or a member), else
     LORAKERNELS_BASE_GEMM, else TRITON."""

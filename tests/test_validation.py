@@ -57,6 +57,14 @@ def test_rejects_unknown_backend_and_strategy():
         call(base_gemm="magma")
 
 
+def test_lora_linear_module_refuses_unknown_backend_and_strategy_when_built():
+    """At construction, not at the first forward."""
+    with pytest.raises(ValueError, match=r"backend must be one of .* got 'cuda'"):
+        LoRALinear(8, 4, backend="cuda")
+    with pytest.raises(ValueError, match=r"base GEMM strategy must be one of .* got 'magma'"):
+        LoRALinear.from_linear(torch.nn.Linear(8, 4), base_gemm="magma")
+
+
 def test_forced_triton_backend_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setattr(plan, "_KERNELS_INTERPRETED", False)  # as if imported without TRITON_INTERPRET=1
     with torch.device("cpu"):
