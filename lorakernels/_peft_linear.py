@@ -31,6 +31,7 @@ from torch import nn
 from lorakernels import four_bit
 from lorakernels._validation import FLOAT_DTYPES, MAX_RANK
 from lorakernels.functional import lora_linear
+from lorakernels.operands import four_bit_shape_error
 
 PeftLinear = peft_lora_layer.Linear
 # Keyword arguments PEFT's forward pops for LoRA variants (aLoRA's offsets).
@@ -96,41 +97,34 @@ class Operands(NamedTuple):
     bias: Optional[torch.Tensor]
     A: torch.Tensor
     B: torch.Tensor
+    four_bit: bool  # the base is a bitsandbytes Linear4bit (`is_four_bit_base`)
 
     @classmethod
-    def of(cls, layer, name):
+    def of(cls, layer, name, four_bit_base):
         base, lora_A, lora_B = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
         return cls(base, lora_A, lora_B, layer.lora_dropout[name], layer.scaling[name],
                    getattr(base, "weight", None), getattr(base, "bias", None), getattr(lora_A, "weight", None),
-                   getattr(lora_B, "weight", None))
-
-
-def _linear4bit_class():
-    """bitsandbytes' `Linear4bit` when bitsandbytes has been imported (a 4-bit base can exist only
-    then), else None."""
-    bnb_nn = four_bit.loaded_bitsandbytes_nn()
-    return None if bnb_nn is None else bnb_nn.Linear4bit
+                   getattr(lora_B, "weight", None), four_bit_base)
 
 
 def is_four_bit_base(base):
     """Whether `base` is a bitsandbytes `Linear4bit` (or a subclass keeping its forward: LinearNF4,
-    LinearFP4), whose forward the 4-bit route mirrors."""
-    linear4bit = _linear4bit_class()
+    LinearFP4), whose forward the 4-bit route mirrors. bitsandbytes is looked up only where it has
+    been imported (a 4-bit base can exist only then)."""
+    bnb_nn = four_bit.loaded_bitsandbytes_nn()
+    linear4bit = None if bnb_nn is None else bnb_nn.Linear4bit
     return linear4bit is not None and isinstance(base, linear4bit) and type(base).forward is linear4bit.forward
 
 
-def _base_reason(base, weight):
+def _base_reason(base, weight, four_bit_base):
     """Why the base layer (and its weight) is not one the kernels read: a plain `nn.Linear` with
-    a float weight, or a bitsandbytes `Linear4bit` with quantized 4-bit codes. None if it is."""
+    a frozen weight (its tensor type and strides are `module_reason`'s, with the adapters'), or a
+    bitsandbytes `Linear4bit` with quantized 4-bit codes. None if it is."""
     if type(base) is nn.Linear:
-        if type(weight) not in PLAIN_TENSOR_TYPES:
-            return "a weight is a tensor subclass (DTensor, quantized, ...)"
-        if weight.stride(-1) != 1:
-            return "a weight without a unit last-dim stride"
         if weight.requires_grad:
             return "base weight requires grad"
         return None if weight.shape[1] else "in_features == 0"
-    if not is_four_bit_base(base):
+    if not four_bit_base:
         return f"base layer is {type(base).__name__}, not nn.Linear or bitsandbytes Linear4bit"
     if not four_bit.is_params4bit(weight) or weight.requires_grad:
         return "4-bit base weight is not a frozen bitsandbytes Params4bit"
@@ -138,16 +132,16 @@ def _base_reason(base, weight):
         four_bit.check_quantized(weight)
     except ValueError:
         return "4-bit base weight not quantized, or in bitsandbytes' CPU-packed layout"
-    out_features, in_features = weight.quant_state.shape
-    if in_features % 2 or out_features * in_features >= 2**31 or in_features == 0:
+    shape = tuple(weight.quant_state.shape)
+    if four_bit_shape_error(shape) or shape[1] == 0:
         return "4-bit base shape the kernels cannot read (odd in_features or 2**31 elements)"
     return None
 
 
 def module_reason(ops):
     """Why these `Operands` (base layer, lora_A/B, dropout, scaling, weights) need PEFT's forward."""
-    base, lora_A, lora_B, dropout, scaling, weight, bias, A, B = ops
-    reason = _base_reason(base, weight)
+    base, lora_A, lora_B, dropout, scaling, weight, bias, A, B, four_bit_base = ops
+    reason = _base_reason(base, weight, four_bit_base)
     if reason is not None:
         return reason
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_B.bias is not None:
@@ -161,7 +155,8 @@ def module_reason(ops):
         return f"scaling is a {type(scaling).__name__}, not a float"
     if _has_hooks(base) or _has_hooks(lora_A) or _has_hooks(lora_B) or _has_hooks(dropout) or _global_hooks():
         return "hooks on the base layer or the adapter modules"
-    for t in (A, B) if bias is None else (A, B, bias):
+    dense = () if four_bit_base else (weight,)
+    for t in (*dense, A, B) if bias is None else (*dense, A, B, bias):
         if type(t) not in PLAIN_TENSOR_TYPES:
             return "a weight is a tensor subclass (DTensor, quantized, ...)"
         if t.stride(-1) != 1:
@@ -171,13 +166,19 @@ def module_reason(ops):
     return None
 
 
+def _autocast_dtypes(device_type, adapter_dtype):
+    """Under a 16-bit autocast: (the autocast dtype, the adapters' compute dtype: fp32 adapters stay
+    fp32, others take the autocast dtype); None under another autocast dtype."""
+    dtype = torch.get_autocast_dtype(device_type)
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    return dtype, adapter_dtype if adapter_dtype == torch.float32 else dtype
+
+
 def _operand_dtypes(layer, x, device_type, weight, adapter_dtype):
     """(compute dtype of x and the base, of the adapters), or None when PEFT would compute otherwise."""
     if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        if dtype not in (torch.float16, torch.bfloat16) or weight.dtype not in FLOAT_DTYPES:
-            return None
-        return dtype, adapter_dtype if adapter_dtype == torch.float32 else dtype
+        return _autocast_dtypes(device_type, adapter_dtype) if weight.dtype in FLOAT_DTYPES else None
     if weight.dtype != x.dtype:
         return None  # PEFT's base layer raises here: let it
     return _adapter_dtypes(layer, x.dtype, x.dtype, adapter_dtype)
@@ -222,11 +223,10 @@ def _four_bit_dtypes(layer, base, x, device_type, adapter_dtype):
     if compute not in FLOAT_DTYPES:
         return None
     if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        if dtype not in (torch.float16, torch.bfloat16) or compute not in (dtype, torch.float32) \
-                or x.dtype not in (dtype, torch.float32):
+        dtypes = _autocast_dtypes(device_type, adapter_dtype)
+        if dtypes is None or compute not in (dtypes[0], torch.float32) or x.dtype not in (dtypes[0], torch.float32):
             return None
-        return dtype, adapter_dtype if adapter_dtype == torch.float32 else dtype
+        return dtypes
     if not (x.dtype == compute or (compute == torch.float32 and x.dtype in FLOAT_DTYPES)):
         return None  # x narrowed to the compute dtype, which PEFT's LoRA path does not see
     return _adapter_dtypes(layer, x.dtype, compute, adapter_dtype)
@@ -234,7 +234,7 @@ def _four_bit_dtypes(layer, base, x, device_type, adapter_dtype):
 
 def in_features(ops):
     """The base layer's in_features, read off its weight (a 4-bit weight's from its quantization state)."""
-    return ops.weight.quant_state.shape[1] if is_four_bit_base(ops.base) else ops.weight.shape[1]
+    return ops.weight.quant_state.shape[1] if ops.four_bit else ops.weight.shape[1]
 
 
 def input_reason(layer, ops, x):
@@ -249,7 +249,7 @@ def input_reason(layer, ops, x):
         return "operands on several devices"
     if x.dim() < 1 or x.shape[-1] != in_features(ops) or x.dtype not in FLOAT_DTYPES:
         return "input shape or dtype"
-    four_bit_base = is_four_bit_base(ops.base)
+    four_bit_base = ops.four_bit
     # A dense base's bias has its weight's dtype; a 4-bit base's is cast to the compute dtype.
     bias_dtypes = FLOAT_DTYPES if four_bit_base else (weight.dtype,)
     if A.dtype != B.dtype or (bias is not None and bias.dtype not in bias_dtypes):
@@ -273,11 +273,12 @@ def layer_state(layer):
     name, reason = active_adapter(layer)
     if reason is not None:
         return None, reason
-    if is_four_bit_base(layer.base_layer):
+    four_bit_base = is_four_bit_base(layer.base_layer)
+    if four_bit_base:
         # What bitsandbytes' forward does first: a weight whose QuantState was lost (FSDP) gets the
         # module's back.
         four_bit.bitsandbytes_modules().fix_4bit_weight_quant_state_from_module(layer.base_layer)
-    ops = Operands.of(layer, name)
+    ops = Operands.of(layer, name, four_bit_base)
     reason = module_reason(ops)
     return (ops, None) if reason is None else (None, reason)
 
@@ -315,7 +316,7 @@ class FusedRoute:
         count_call(self, reason or FUSED)
         if reason is not None:
             return super().forward(x, *args, **kwargs)
-        if is_four_bit_base(ops.base):
+        if ops.four_bit:
             return self._fused_four_bit_forward(x, ops)
         return self._fused_forward(x, ops, ops.weight, ops.bias)
 

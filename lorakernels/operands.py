@@ -171,6 +171,16 @@ class NestedScales(NamedTuple):
                    int(state2.blocksize), offset)
 
 
+def four_bit_shape_error(shape):
+    """Why the kernels cannot read a 4-bit weight of `shape` (N, K): they need an even K (two
+    elements a byte along rows) and fewer than 2**31 elements (32-bit offsets); None if they can."""
+    N, K = shape
+    if K % 2 or N * K >= 2**31:
+        return (f"a 4-bit weight needs an even in_features and fewer than 2**31 elements (the kernels' "
+                f"32-bit offsets); got shape {tuple(shape)}")
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class FourBitWeight:
     """A frozen base layer whose weight W [N, K] is in bitsandbytes' 4-bit format (QLoRA).
@@ -204,9 +214,8 @@ class FourBitWeight:
         N, K = self.shape
         if self.blocksize < 2 or self.blocksize & (self.blocksize - 1):
             raise ValueError(f"4-bit blocksize must be a power of two; got {self.blocksize}")
-        if K % 2 or N * K >= 2**31:
-            raise ValueError(f"a 4-bit weight needs an even in_features and fewer than 2**31 elements (the kernels' "
-                             f"32-bit offsets); got shape {tuple(self.shape)}")
+        if four_bit_shape_error(self.shape):
+            raise ValueError(four_bit_shape_error(self.shape))
         if self.codes.dtype != torch.uint8 or self.codes.numel() * 2 != N * K:
             raise ValueError(f"4-bit codes must be uint8 with N * K / 2 = {N * K // 2} bytes for shape "
                              f"{tuple(self.shape)}; got {self.codes.dtype} with {self.codes.numel()}")
