@@ -24,7 +24,7 @@ import torch
 
 from lorakernels._validation import MAX_RANK
 from lorakernels.model import apply_lora, find_target_modules, lora_modules
-from lorakernels.modules import BASE_ONLY, LoRALinear
+from lorakernels.modules import LoRALinear, check_adapter_name
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -357,13 +357,14 @@ def _check_tensors(model, path, targets, tensors, r, adapter_name=None):
             raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}; the model and r = {r} need {shape}")
         if not value.is_floating_point():
             raise ValueError(f"{path}: {key} has dtype {value.dtype}; expected a floating-point tensor")
-        if isinstance(module, LoRALinear) and module.merged:
+        if not isinstance(module, LoRALinear):
+            continue
+        if module.merged:
             raise ValueError(f"{path}: {name} is merged; unmerge the model before loading an adapter into it")
-        adapter = (module.adapter_name if adapter_name is None else adapter_name) if isinstance(module, LoRALinear) \
-            else None
-        if adapter is not None and adapter in module.adapter_names and module.adapter_config(adapter)[0] != r:
+        adapter = module.adapter_name if adapter_name is None else adapter_name
+        if adapter in module.adapter_names and (have := module.adapter_config(adapter)[0]) != r:
             raise ValueError(f"{path}: rank {r} does not match the model's existing adapter {adapter!r} of {name} "
-                             f"(r = {module.adapter_config(adapter)[0]})")
+                             f"(r = {have})")
 
 
 def load_adapter(model, path, adapter_dtype=None, backend=None, adapter_name=None):
@@ -380,6 +381,8 @@ def load_adapter(model, path, adapter_dtype=None, backend=None, adapter_name=Non
     docstring), missing and unexpected keys, shapes, ranks. On any error a ValueError names the
     file, key and value, and the model is unchanged. Returns the model.
     """
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
     config = _read_config(path)
     raw, metadata = _read_tensors(path)
     _verify_digests(path, raw, metadata, config)
@@ -390,9 +393,6 @@ def load_adapter(model, path, adapter_dtype=None, backend=None, adapter_name=Non
         raise ValueError(f"{path}: target_modules {config['target_modules']!r} match no Linear layer of "
                          f"{type(model).__name__}")
     _check_tensors(model, path, targets, tensors, r, adapter_name)
-    if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name.isidentifier()
-                                     or adapter_name == BASE_ONLY):
-        raise ValueError(f"adapter_name must be a Python identifier other than {BASE_ONLY!r}; got {adapter_name!r}")
 
     # Checked: now change the model.
     to_wrap = [name for name in targets if not isinstance(model.get_submodule(name), LoRALinear)]

@@ -27,6 +27,12 @@ def _check_arguments(in_features, out_features, r, lora_alpha, lora_dropout, use
     check_options(backend, base_gemm)  # a bad choice fails here, not at the first forward
 
 
+def check_adapter_name(name):
+    """ValueError unless `name` can name an adapter: a Python identifier other than BASE_ONLY."""
+    if not isinstance(name, str) or not name.isidentifier() or name == BASE_ONLY:
+        raise ValueError(f"adapter names must be Python identifiers other than {BASE_ONLY!r}; got {name!r}")
+
+
 def tied_weight_error(tied, layer):
     """The ValueError for merging in place weights that share memory with parameters outside their layer.
 
@@ -228,8 +234,7 @@ class LoRALinear(nn.Module):
 
     def _check_new_adapter(self, name, r, lora_alpha, lora_dropout, use_rslora):
         """The checks of `add_adapter`: a new identifier, an unmerged layer, valid hyperparameters."""
-        if not isinstance(name, str) or not name.isidentifier() or name == BASE_ONLY:
-            raise ValueError(f"adapter names must be Python identifiers other than {BASE_ONLY!r}; got {name!r}")
+        check_adapter_name(name)
         if name in self.adapter_names:
             raise ValueError(f"this layer has an adapter {name!r} already (its adapters: {self.adapter_names})")
         if self.merged:

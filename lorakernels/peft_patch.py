@@ -27,6 +27,7 @@ reported and left alone. A new base plugs in as a new entry: a subclass of PEFT'
 mixing in `_peft_linear.FusedRoute`, with its base recognised in `_peft_linear._base_reason`.
 """
 
+import collections
 import dataclasses
 import logging
 
@@ -100,9 +101,7 @@ class PatchReport:
 
 
 def _tally(reasons):
-    counts = {}
-    for reason in reasons.values():
-        counts[reason] = counts.get(reason, 0) + 1
+    counts = collections.Counter(reasons.values())
     return ", ".join(f"{n} x {reason}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 

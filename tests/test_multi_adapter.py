@@ -196,3 +196,10 @@ def test_save_adapters_writes_nothing_when_a_later_adapter_cannot_be_saved(tmp_p
     with pytest.raises(ValueError, match="r"):
         save_adapters(model, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_load_adapter_refuses_a_bad_adapter_name_before_reading_files(tmp_path):
+    from lorakernels import load_adapter
+
+    with pytest.raises(ValueError, match="adapter names must be Python identifiers"):
+        load_adapter(tiny_llama(), tmp_path / "not-read", adapter_name="two words")
