@@ -244,17 +244,25 @@ def qlora_model_benchmarks(device, size, batch, seq, dtype, r, budget, failures=
     ids = torch.randint(0, size["vocab"], (batch, seq), device=device)
     base = dict(benchmark="qlora-model", M=batch * seq, K=size["hidden"], N=size["layers"], r=r, dropout=0.0,
                 dtype=dtype_name(dtype), p20=None, p80=None)
-    records = train_steps(device, names, lambda name: _qlora_variant(name, size, dtype, device, r), budget, ids,
-                          base, failures, section="qlora-model")
+    memory = {}  # name -> (bytes one training forward saves for backward, weight bytes)
+
+    def build(name):
+        """The variant's model; built the first time, it is also measured (not built again for that)."""
+        model = _qlora_variant(name, size, dtype, device, r)
+        if name not in memory:
+            try:
+                trainable = [p for p in model.parameters() if p.requires_grad]
+                saved, _ = saved_activation_bytes(lambda: model.train()(ids, labels=ids).loss, trainable)
+                memory[name] = (saved, _model_weight_bytes(model))
+            except Exception as error:  # noqa: BLE001
+                failures.append(failure("qlora-model", f"{name} memory", error))
+                memory[name] = None
+        return model
+
+    records = train_steps(device, names, build, budget, ids, base, failures, section="qlora-model")
     for name in [rec["provider"] for rec in records if rec["metric"] == "time"]:
-        try:
-            model = _qlora_variant(name, size, dtype, device, r).train()
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            saved, _ = saved_activation_bytes(lambda: model(ids, labels=ids).loss, trainable)
+        if memory.get(name):
+            saved, weight = memory[name]
             rec = dict(base, provider=name, mode="train-step", unit="B")
-            records += [dict(rec, metric="saved_bytes", value=saved),
-                        dict(rec, metric="weight_bytes", value=_model_weight_bytes(model))]
-        except Exception as error:  # noqa: BLE001
-            failures.append(failure("qlora-model", f"{name} memory", error))
-        model = None
+            records += [dict(rec, metric="saved_bytes", value=saved), dict(rec, metric="weight_bytes", value=weight)]
     return records

@@ -90,6 +90,7 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
     qlora_names = None if providers is None else [n for n in providers if n in QLORA_PROVIDERS]
     segmented_names = None if providers is None else [n for n in providers if n in SEGMENTED_PROVIDERS]
     skip_qlora = skip_qlora or qlora_names == []
+    skip_segmented = skip_segmented or segmented_names == []
     providers = providers or PROVIDERS
     # Shapes given on the command line get every requested provider, peft+compile included.
     compile_shapes = layer_shapes or p.get("compile_shapes", ())
@@ -115,7 +116,7 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
     if checkpoint:
         checkpoint(records, failures, seconds)
 
-    if segmented_names != [] and not skip_segmented:
+    if not skip_segmented:
         start = time.perf_counter()
         q = p["segmented"]
         records += segmented_benchmarks(device, q["sequences"], q["seq_len"], q["K"], q["N"], q["r"], q["adapters"],

@@ -30,7 +30,7 @@ def _dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
 
-def _nf4(torch, weight, device):
+def _nf4(weight, device):
     """(W quantized to NF4 by bitsandbytes, blocksize 64, double quantization, as an
     `operands.FourBitWeight` on `device`; W dequantized in W's dtype: the weight the kernels use)."""
     import bitsandbytes.functional as bnbf
@@ -49,7 +49,7 @@ def _error_rows(torch, testing, lora_linear, shape, dtype, adapter_dtype, p, dev
     x, weight, bias, lora_A, lora_B = testing.make_inputs(M, K, N, r, dtype, adapter_dtype, device=device)
     base = weight
     if four_bit:
-        base, weight = _nf4(torch, weight, device)
+        base, weight = _nf4(weight, device)
     leaves = [t.clone().requires_grad_() for t in (x, lora_A, lora_B)]
     rng_state = torch.get_rng_state()
     y = lora_linear(leaves[0], base, bias, leaves[1], leaves[2], 0.5, p, backend="triton")
@@ -58,14 +58,20 @@ def _error_rows(torch, testing, lora_linear, shape, dtype, adapter_dtype, p, dev
     y.backward(dy)
     ref = testing.reference_grads(x, weight, bias, lora_A, lora_B, 0.5, keep, p, dy.double(), True)
     low = testing.reference_grads(x, weight, bias, lora_A, lora_B, 0.5, keep, p, dy, False)
+    checks = zip(("y", "dx", "dA", "dB"), [y.detach()] + [t.grad for t in leaves], [ref[0]] + ref[1],
+                 [low[0]] + low[1])
+    return _checked_rows(testing, checks, dtype, dict(base="nf4" if four_bit else "dense", dtype=_dtype_name(dtype),
+                                                      adapter_dtype=_dtype_name(adapter_dtype), dropout=p))
+
+
+def _checked_rows(testing, checks, dtype, tags):
+    """One row per (tensor name, result, fp64 reference, PyTorch at x's precision) in `checks`: the
+    relative errors of the result and of PyTorch, and the error rule's verdict; `tags` on every row."""
     rows = []
-    for name, actual, exp64, lowp in zip(("y", "dx", "dA", "dB"), [y.detach()] + [t.grad for t in leaves],
-                                         [ref[0]] + ref[1], [low[0]] + low[1]):
+    for name, actual, exp64, lowp in checks:
         scale = exp64.abs().max().item()
         err = testing.max_error(actual, exp64)
-        rows.append(dict(base="nf4" if four_bit else "dense", dtype=_dtype_name(dtype),
-                         adapter_dtype=_dtype_name(adapter_dtype), dropout=p, tensor=name, rel_err=err / scale,
-                         torch_rel_err=testing.max_error(lowp, exp64) / scale,
+        rows.append(dict(tags, tensor=name, rel_err=err / scale, torch_rel_err=testing.max_error(lowp, exp64) / scale,
                          ok=err <= testing.error_bound(exp64, lowp, dtype)))
     return rows
 
@@ -110,14 +116,9 @@ def _segmented_error_rows(torch, testing, lorakernels, shape, dtype, p, device):
         refs[upcast] = [("y", out.detach()), ("dx", xr.grad)] + [
             (f"{part}[{a}]", t.grad) for a, (A, B, _) in enumerate(ad) for part, t in (("dA", A), ("dB", B))]
     got = [y.detach(), leaf.grad] + [t.grad for A, B, _ in adapters for t in (A, B)]
-    rows = []
-    for actual, (name, exp64), (_, lowp) in zip(got, refs[True], refs[False]):
-        scale = exp64.abs().max().item()
-        err = testing.max_error(actual, exp64)
-        rows.append(dict(base="segmented", dtype=_dtype_name(dtype), adapter_dtype="float32", dropout=p, tensor=name,
-                         rel_err=err / scale, torch_rel_err=testing.max_error(lowp, exp64) / scale,
-                         ok=err <= testing.error_bound(exp64, lowp, dtype)))
-    return rows
+    checks = [(name, actual, exp64, lowp) for actual, (name, exp64), (_, lowp) in zip(got, refs[True], refs[False])]
+    return _checked_rows(testing, checks, dtype, dict(base="segmented", dtype=_dtype_name(dtype),
+                                                      adapter_dtype="float32", dropout=p))
 
 
 def _error_table(rows):

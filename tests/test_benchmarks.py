@@ -99,6 +99,7 @@ def test_suite_writes_parseable_results(tmp_path):
     assert "## Several adapters in one batch" in text
     if _have("bitsandbytes"):  # the QLoRA section runs when bitsandbytes is installed
         assert {"qlora-layer", "qlora-model"} <= {r["benchmark"] for r in rows}
+        assert {"time", "saved_bytes", "weight_bytes"} <= {r["metric"] for r in rows if r["benchmark"] == "qlora-model"}
         assert "## QLoRA layer, full" in text and "## QLoRA layer memory" in text and "## QLoRA model" in text
     assert ("CPU timings, lorakernels on its torch backend" in text) == (DEVICE.type == "cpu")
 
