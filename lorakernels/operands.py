@@ -75,6 +75,15 @@ class Segments(NamedTuple):
         valid = j[None, :] < rank[:, None]
         return torch.where(valid, start[:, None] + j[None, :], 0), valid
 
+    def owned_scale(self, rank):
+        """fp32 [M, rank] (rank: the summed rank R): column j's adapter scaling where row m's adapter
+        owns column j, else 0 (what masks every adapter's columns down to each row's own)."""
+        column_segment = torch.repeat_interleave(torch.arange(self.count, device=self.scale.device),
+                                                 (self.rank_start[1:] - self.rank_start[:-1]).long(),
+                                                 output_size=rank)
+        owned = self.row_segment.long()[:, None] == column_segment[None, :]
+        return torch.where(owned, self.scale[column_segment][None, :], 0.0)
+
     def row_scale(self):
         """fp32 [M]: each row's adapter scaling (0 for rows of no adapter)."""
         segment = self.row_segment.long()

@@ -37,37 +37,34 @@ def _dense(base, dtype):
     return base.dequantize(dtype) if isinstance(base, FourBitWeight) else base.weight
 
 
-def _row_scaled(adapter, t):
-    """The rank-R term's left operand [M, R] fp32 from U or V: times the scaling; with segments,
-    each row's compact columns put back at its adapter's place and times that adapter's scaling."""
-    if adapter.segments is None:
-        return t * adapter.scaling
-    segments = adapter.segments
-    return segments.expand(t, adapter.rank) * segments.row_scale()[:, None]
+def _rank_scale(adapter):
+    """What multiplies every adapter's columns of U or V [M, R] into the rank-R term's left operand:
+    the scaling; with segments, each column's adapter scaling where the row owns the column, else 0."""
+    return adapter.scaling if adapter.segments is None else adapter.segments.owned_scale(adapter.rank)
 
 
 def lora_forward(x, base, adapter, plan):
     """Torch forward: returns (y [M, N] in x's dtype, u = Xd A^T [M, R] fp32; with segments, each
-    row's own adapter's columns [M, max_rank])."""
+    row's own adapter's columns [M, max_rank], as the kernels keep it)."""
     u = _dropped(x, _keep_scale(adapter, x.shape[0], x.shape[1], x.device)) @ adapter.lora_A.float().t()
-    if adapter.segments is not None:
-        u = adapter.segments.compact(u)
     y = torch.nn.functional.linear(x, _dense(base, x.dtype), base.bias)
-    y = y.addmm_(_row_scaled(adapter, u).to(x.dtype), adapter.lora_B.to(x.dtype).t())
-    return y, u
+    y = y.addmm_((u * _rank_scale(adapter)).to(x.dtype), adapter.lora_B.to(x.dtype).t())
+    return y, u if adapter.segments is None else adapter.segments.compact(u)
 
 
 def lora_backward(dy, x, u, base, adapter, plan, needs=GradsNeeded()):
     """Torch backward: returns (dx, dA, dB), None for those not needed (x is needed only for dA)."""
     M, K = dy.shape[0], base.in_features
     dy32 = dy.float()
-    v = None  # V = s dY B, each row's adapter only: [M, R] fp32
-    if needs.dx or needs.da:
-        v = dy32 @ adapter.lora_B.float()
-        if adapter.segments is not None:
-            v = adapter.segments.compact(v)  # the kernels' V: compact and unscaled
-        v = _row_scaled(adapter, v)
-    db = (dy32.t() @ _row_scaled(adapter, u)).to(adapter.lora_B.dtype) if needs.db else None
+    # V = s dY B [M, R] fp32: with segments, each row's own adapter's columns only.
+    v = dy32 @ adapter.lora_B.float() * _rank_scale(adapter) if (needs.dx or needs.da) else None
+    if needs.db:
+        segments = adapter.segments
+        scaled_u = u * adapter.scaling if segments is None else \
+            segments.expand(u, adapter.rank) * segments.row_scale()[:, None]
+        db = (dy32.t() @ scaled_u).to(adapter.lora_B.dtype)
+    else:
+        db = None
     # The mask is regenerated once and serves both dA and dX.
     keep_scale = _keep_scale(adapter, M, K, dy.device) if (needs.da or needs.dx) else None
     da = (v.t() @ _dropped(x, keep_scale)).to(adapter.lora_A.dtype) if needs.da else None
