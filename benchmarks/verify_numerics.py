@@ -5,7 +5,9 @@ tensors through the Triton interpreter (set up here, before lorakernels is impor
 For every dtype and dropout rate it reports the relative error of y, dx, dA and dB next
 to plain PyTorch's at the same precision, checks them with the test suite's error rule,
 and reports the activation bytes saved for backward against the PEFT-style path.
-Writes numerics.json and numerics.md to --output-dir; exits 1 if any check fails.
+Writes numerics.json and numerics.md to --output-dir: by default benchmarks/results/local/<gpu|cpu>,
+which git ignores, so that a run leaves the committed tables alone (those are regenerated with an
+explicit --output-dir benchmarks/results). Exits 1 if any check fails.
 
     python -m benchmarks.verify_numerics [--output-dir DIR] [--device cpu|cuda]
 """
@@ -21,9 +23,17 @@ from pathlib import Path
 
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.verify_numerics", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default="benchmarks/results", help="where numerics.{json,md} go")
+    parser.add_argument("--output-dir", default=None, help="where numerics.{json,md} go; default: "
+                        "benchmarks/results/local/<gpu|cpu> (ignored by git; the committed tables are regenerated "
+                        "with --output-dir benchmarks/results)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     return parser.parse_args(argv)
+
+
+def default_output_dir(device):
+    """Where a run on `device` ("cpu" or "cuda") writes without --output-dir: the directory git ignores
+    that `python -m benchmarks` writes to as well (benchmarks/results/.gitignore)."""
+    return Path(__file__).resolve().parent / "results" / "local" / ("gpu" if device == "cuda" else "cpu")
 
 
 def _dtype_name(dtype):
@@ -182,14 +192,14 @@ def main(argv=None):
     env = dict(device=torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'cpu'}), "
                "Triton interpreter", torch=torch.__version__, triton=triton.__version__, shape_MKNr=shape,
                timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    out_dir = Path(args.output_dir)
+    out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "numerics.json").write_text(json.dumps(dict(env=env, errors=rows, saved_bytes=saved), indent=1))
     text = _markdown(env, shape, rows, saved)
     (out_dir / "numerics.md").write_text(text + "\n")
     print(text)
     failures = sum(not row["ok"] for row in rows)
-    print(f"\n{len(rows) - failures} passed, {failures} failed")
+    print(f"\n{len(rows) - failures} passed, {failures} failed; wrote {out_dir}/numerics.json, numerics.md")
     return 1 if failures else 0
 
 
