@@ -1,14 +1,16 @@
 """Fine-tune a small Llama-style model with LoRA on a synthetic task, then merge and save.
 
-    python -m lorakernels.examples.finetune [--steps 60] [--output-dir lora-adapter]
+    python -m lorakernels.examples.finetune [--steps 60] [--output-dir DIR]
 
 The model is built from a transformers config with random weights (no downloads). The task:
 predict the next token of sequences that count upward modulo the vocabulary, which the
 random model cannot do and a rank-8 adapter on the attention and MLP projections learns
 in a few dozen steps. Runs on a GPU as is (bf16), or on the CPU in well under a minute.
+The adapter goes to --output-dir, by default a new temporary directory (printed at the end).
 """
 
 import argparse
+import tempfile
 import time
 
 import torch
@@ -56,8 +58,9 @@ def train_on_counting(model, steps, vocab, device, lr=3e-3):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--output-dir", default="lora-adapter")
+    parser.add_argument("--output-dir", default=None, help="where the adapter goes (default: a new temporary dir)")
     args = parser.parse_args(argv)
+    output_dir = args.output_dir or tempfile.mkdtemp(prefix="lora-adapter-")
     import transformers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,13 +72,13 @@ def main(argv=None):
     total = sum(p.numel() for p in model.parameters())
     print(f"{device}: trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%)")
     losses = train_on_counting(model, args.steps, VOCAB, device)
-    save_adapter(model, args.output_dir)
+    save_adapter(model, output_dir)
     model.eval()
     merge_and_unload(model)
     prompt = counting_batch(1, 6, VOCAB, device)
     out = model.generate(prompt, max_new_tokens=6, do_sample=False)
     print("prompt", prompt.tolist()[0], "-> generated", out[0, 6:].tolist())
-    print(f"adapter saved to {args.output_dir}/")
+    print(f"adapter saved to {output_dir}/")
     return losses[-1]
 
 

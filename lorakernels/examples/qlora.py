@@ -1,7 +1,7 @@
 """QLoRA: fine-tune a Llama-style model loaded in 4 bits by transformers + bitsandbytes, save the
 adapter in PEFT's format, check PEFT loads it, merge for export.
 
-    python -m lorakernels.examples.qlora [--steps 40] [--output-dir qlora-adapter]
+    python -m lorakernels.examples.qlora [--steps 40] [--output-dir DIR]
 
 Needs transformers and bitsandbytes (`pip install -e '.[qlora,bench]'`; peft for the PEFT check).
 A small model with random weights is saved to a temporary directory first (a stand-in for a
@@ -10,6 +10,7 @@ checkpoint from the Hub: no downloads), then loaded as a QLoRA user loads one:
 quantization, bf16 compute))`. The adapters train on the counting task of
 `lorakernels.examples.finetune`. Runs on a GPU, or on the CPU in well under a minute
 (bitsandbytes quantizes and runs 4-bit layers on CPUs; lorakernels uses its torch backend there).
+The adapter goes to --output-dir, by default a new temporary directory (printed).
 """
 
 import argparse
@@ -44,8 +45,9 @@ def linear_weight_bytes(model):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--output-dir", default="qlora-adapter")
+    parser.add_argument("--output-dir", default=None, help="where the adapter goes (default: a new temporary dir)")
     args = parser.parse_args(argv)
+    output_dir = args.output_dir or tempfile.mkdtemp(prefix="qlora-adapter-")
     import transformers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,15 +64,15 @@ def main(argv=None):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable {trainable:,} parameters (the 4-bit weights stay frozen and packed)")
     losses = train_on_counting(model, args.steps, VOCAB, device)
-    save_adapter(model, args.output_dir)
-    print(f"adapter saved to {args.output_dir}/ (PEFT's files and keys)")
+    save_adapter(model, output_dir)
+    print(f"adapter saved to {output_dir}/ (PEFT's files and keys)")
 
     model.eval()
     ids = counting_batch(4, 12, VOCAB, device)
     with torch.no_grad():
         adapted = model(ids).logits.float()
     result = dict(losses=losses, weight_bytes=(packed, dense))
-    result["peft_max_diff"] = _check_in_peft(reference_base, args.output_dir, ids, adapted)
+    result["peft_max_diff"] = _check_in_peft(reference_base, output_dir, ids, adapted)
     merge_and_unload(model)  # 4-bit layers become bf16 nn.Linear: W dequantized + scaling * B A
     with torch.no_grad():
         merged = model(ids).logits.float()
