@@ -14,15 +14,23 @@ without register spills, as tests/test_aot_build.py checks for every config thes
 can return.
 """
 
-import triton
-
 # Padded ranks the kernels are built for: ranks 1..256 padded to a power of two >= 16.
 PADDED_RANKS = (16, 32, 64, 128, 256)
 
 
+def cdiv(a, b):
+    """ceil(a / b) for ints on the host (`triton.cdiv` is a constexpr function: ~6 us a call from Python)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    """The smallest power of two >= n (n >= 1), on the host (see `cdiv`)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def padded_rank(r):
     """Rank padded to a power of two >= 16: `tl.dot` needs every dimension >= 16 on a GPU."""
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_power_of_2(r))
 
 
 def _gemm(bm, bn, bk, warps, stages, group_m=8):

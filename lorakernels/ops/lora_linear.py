@@ -26,7 +26,6 @@ import functools
 from typing import NamedTuple
 
 import torch
-import triton
 
 from lorakernels.operands import Adapter, DenseWeight, FourBitWeight, GradsNeeded
 from lorakernels.ops import configs, specs
@@ -34,7 +33,7 @@ from lorakernels.plan import Backend, BaseGemm, resolve_plan
 
 
 def _gemm_grid(M, n_out):
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
+    return lambda meta: (configs.cdiv(M, meta["BLOCK_M"]) * configs.cdiv(n_out, meta["BLOCK_N"]),)
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,7 +44,7 @@ def _multiprocessors(device):
 def _persistent_grid(M, n_out, device):
     """At most one program per SM (the interpreter: 3, so that each loops over several tiles)."""
     programs = _multiprocessors(device) if device.type == "cuda" else 3
-    return lambda meta: (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"])),)
+    return lambda meta: (min(programs, configs.cdiv(M, meta["BLOCK_M"]) * configs.cdiv(n_out, meta["BLOCK_N"])),)
 
 
 def tma_addressable(*tensors):
@@ -123,7 +122,7 @@ def _reduce_partials(partials, out, scaling):
     rows, cols = out.shape
     transposed = out.stride(1) != 1
     block = specs.REDUCE.fixed_config(4)["BLOCK"]
-    specs.REDUCE.launch(lambda meta: (triton.cdiv(rows * cols, block),), part=partials, out=out,
+    specs.REDUCE.launch(lambda meta: (configs.cdiv(rows * cols, block),), part=partials, out=out,
                         num_parts=partials.shape[0], numel=rows * cols, cols=cols, scaling=scaling,
                         TRANSPOSED=transposed)
     return out
@@ -143,7 +142,7 @@ def lora_forward(x, base, adapter, plan):
     u = (torch.empty if segments is None else torch.zeros)((M, width), device=x.device, dtype=torch.float32)
     if M == 0:
         return y, u
-    specs.F1.launch(lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), _segment_count(segments)), x=x,
+    specs.F1.launch(lambda meta: (configs.cdiv(M, meta["BLOCK_M"]), _segment_count(segments)), x=x,
                     a=adapter.lora_A, u=u, M=M, K=K, R=R, seed=adapter.seed, p=adapter.dropout_p,
                     HAS_DROPOUT=adapter.has_dropout, R_PAD=configs.padded_rank(width),
                     **plan.low_rank(x.dtype, adapter.lora_A.dtype), **_segment_args(segments))
@@ -187,7 +186,7 @@ def pass_over_dy(dy, u, adapter, db, passes, rank_math):
     R, width, segments = adapter.rank, adapter.rank_width, adapter.segments
     r_pad = configs.padded_rank(width)
     block_m = specs.B1.fixed_config(specs.B1.config_bytes(dy.element_size(), rank_math), r_pad)["BLOCK_M"]
-    num_slabs = triton.cdiv(M, block_m)
+    num_slabs = configs.cdiv(M, block_m)
     allocate = torch.empty if segments is None else torch.zeros
     v = allocate((M, width), device=dy.device, dtype=torch.float32) if passes.v else None
     db_part = (torch.empty((num_slabs, N, R), device=dy.device, dtype=torch.float32) if passes.db_in_dy_pass
@@ -213,13 +212,13 @@ def adapter_grad_pass(v, x, out, scaling, seed, dropout_p, rank_math, segments=N
     R = out.shape[0]
     r_pad = configs.padded_rank(v.shape[1])
     cfg = specs.B3.fixed_config(specs.B3.config_bytes(x.element_size(), rank_math), r_pad)
-    col_tiles = triton.cdiv(K, cfg["BLOCK_K"])
-    row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
-    splits = max(1, min(row_blocks, triton.cdiv(configs.ADAPTER_GRAD_TARGET_PROGRAMS, col_tiles)))
-    rows_per_split = triton.cdiv(row_blocks, splits) * cfg["BLOCK_M"]
-    splits = triton.cdiv(M, rows_per_split)
+    col_tiles = configs.cdiv(K, cfg["BLOCK_K"])
+    row_blocks = configs.cdiv(M, cfg["BLOCK_M"])
+    splits = max(1, min(row_blocks, configs.cdiv(configs.ADAPTER_GRAD_TARGET_PROGRAMS, col_tiles)))
+    rows_per_split = configs.cdiv(row_blocks, splits) * cfg["BLOCK_M"]
+    splits = configs.cdiv(M, rows_per_split)
     partials = torch.empty((splits, R, K), device=x.device, dtype=torch.float32)
-    specs.B3.launch(lambda meta: (col_tiles, splits, _segment_count(segments)), config=cfg, x=x, v=v, part=partials,
+    specs.B3.launch(lambda meta: (col_tiles, splits, _segment_count(segments)), x=x, v=v, part=partials,
                     M=M, K=K, R=R, rows_per_split=rows_per_split, seed=seed, p=dropout_p, HAS_DROPOUT=dropout_p > 0,
                     R_PAD=r_pad, **rank_math, **_segment_scale_args(segments))
     return _reduce_partials(partials, out, scaling)
@@ -292,6 +291,6 @@ def dropout_keep_mask(seed, M, K, dropout_p, device):
     out = torch.empty((M, K), device=device, dtype=torch.int8)
     if M and K:
         cfg = specs.DROPOUT_MASK.fixed_config(1)
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
+        grid = (configs.cdiv(M, cfg["BLOCK_M"]), configs.cdiv(K, cfg["BLOCK_K"]))
         specs.DROPOUT_MASK.launch(lambda meta: grid, config=cfg, out=out, M=M, K=K, seed=seed, p=dropout_p)
     return out.bool()

@@ -1,9 +1,8 @@
 """Host function of the merge kernel: W +/- s * B @ A, in place or into a new tensor."""
 
 import torch
-import triton
 
-from lorakernels.ops import specs
+from lorakernels.ops import configs, specs
 from lorakernels.plan import Backend
 
 
@@ -28,7 +27,7 @@ def lora_merge(weight, lora_A, lora_B, scaling, subtract=False, out=None, backen
         merged = weight.double() - delta if subtract else weight.double() + delta
         return out.copy_(merged.float().to(weight.dtype))
     if N and K:
-        specs.MERGE.launch(lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"])),
+        specs.MERGE.launch(lambda meta: (configs.cdiv(N, meta["BLOCK_N"]), configs.cdiv(K, meta["BLOCK_K"])),
                            w=weight, b=lora_B, a=lora_A, out=out, N=N, K=K, R=R, scaling=scaling,
                            SUBTRACT=subtract)
     return out

@@ -23,6 +23,8 @@ import itertools
 from typing import Callable, Optional
 
 import triton
+from triton import knobs
+from triton.runtime import driver
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from lorakernels._interpreter import ensure_interpreter_fixes
@@ -121,7 +123,7 @@ ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 def token_bucket(M):
     """The autotuning bucket of a launch with M rows (tokens): a power of two in [64, 16384]."""
-    return min(max(triton.next_power_of_2(M), 64), 16384)
+    return min(max(configs.next_power_of_2(M), 64), 16384)
 
 
 def _always(flags, r_pad):
@@ -173,28 +175,6 @@ class KernelSpec:
         combos = (dict(zip(names, values)) for values in itertools.product(*self.flags.values()))
         return [c for c in combos if self.valid_flags(c, r_pad)]
 
-    def _arguments(self, values):
-        """The kernel's runtime arguments in order, from tensors (by tensor name) and scalars (by name)."""
-        tensors = [values[a.tensor] for a in self.args if isinstance(a, Ptr) and values[a.tensor] is not None]
-        out = []
-        for a in self.args:
-            if isinstance(a, Desc):
-                t = values[a.tensor]  # the block shape is the config's: set at launch (`_set_desc_blocks`)
-                out.append(TensorDescriptor(t, list(t.shape), list(t.stride()), [1] * t.dim()))
-            elif isinstance(a, Ptr):
-                t = values[a.tensor]
-                if t is None and not a.optional:
-                    raise ValueError(f"{self.code} ({self.name}): tensor {a.tensor!r} is required")
-                out.append(t if t is not None else tensors[0])  # stand-in: compiled out by the flags
-            elif isinstance(a, Stride):
-                t = values[a.tensor]
-                out.append(t.stride(a.dim) if t is not None else 0)
-            elif isinstance(a, Scalar):
-                out.append(float(values[a.name]))
-            else:
-                out.append(values[a.name])
-        return out
-
     def _check_devices(self, arguments):
         """Compiled kernels take CUDA tensors (the interpreter, CPU tensors). The callers put every
         operand on one device (validated at the public boundary), so the first tensor tells."""
@@ -227,35 +207,75 @@ class KernelSpec:
 
     def launch(self, grid, config=None, **values):
         """Launch over `grid(config)` with the named values; returns the config it ran with
-        (None when the autotuner chose it).
+        (None when the autotuner chose it, or when a bound launcher ran).
 
         values: each tensor by its name without `_ptr` (None for an absent optional one), each
         size, scalar and seed by its argument name, each feature flag and case constexpr.
         config: a config dict to run with instead of the spec's choice.
+
+        The first launch of a variant (its constexprs, the Triton specialization of its arguments,
+        its device and, for autotuned kernels, its token bucket and tuning key) goes through
+        Triton's JIT (and the autotuner): that compiles it, and the compiled kernel is kept as a
+        `BoundLaunch`. Every later launch of the variant fills the positional argument list
+        (`_bind_arguments`, generated once per spec) and calls the compiled kernel's launcher
+        directly: no name checks, no config choice, no JIT key, no autotuner dispatch.
         """
+        try:
+            arguments, key = self._bind_arguments(**values)
+        except (TypeError, AttributeError):
+            self._check_values(values)
+            raise
+        if config is None:
+            bound = self._bound.get(key)
+            if bound is not None:
+                bound(grid, arguments)
+                return None
+        return self._launch_through_jit(grid, config, arguments, key, values)
+
+    def _check_values(self, values):
+        """The error for values the generated binder could not take: names missing or unknown, a
+        required tensor absent. (Values it takes are what the launchers pass: no checks per launch.)"""
         expected = {a.tensor if isinstance(a, (Ptr, Desc)) else a.name for a in self.args
                     if not isinstance(a, Stride)}
         expected |= {*self.flags, *self.case_constexprs}
         if set(values) != expected:
             raise TypeError(f"{self.code} ({self.name}): missing {sorted(expected - set(values))}, "
                             f"unexpected {sorted(set(values) - expected)}")
+        for a in self.args:
+            if isinstance(a, (Ptr, Desc)) and values[a.tensor] is None and not getattr(a, "optional", False):
+                raise ValueError(f"{self.code} ({self.name}): tensor {a.tensor!r} is required")
+
+    def _launch_through_jit(self, grid, config, arguments, key, values):
+        """A launch through Triton's JIT (or interpreter): checks, config choice, compilation on the
+        first launch of a variant; the compiled kernel is then bound for the variant's next launches."""
         if interpreting():
             ensure_interpreter_fixes()  # bf16 would be garbage without them (lorakernels._interpreter)
-        constexprs = {n: values.pop(n) for n in (*self.flags, *self.case_constexprs)}
-        arguments = self._arguments(values)
+        arguments = self._descriptors(arguments, values)
         self._check_devices(arguments)
+        constexprs = {n: values[n] for n in (*self.flags, *self.case_constexprs)}
         elem_bytes = self.config_bytes(self.activation_bytes(values), constexprs)
         r_pad = constexprs.get("R_PAD")
-        if config is None:
-            config = self.pick_config(arguments, elem_bytes, r_pad)
-        if config == "autotune":
-            self.autotuner(values["M"], elem_bytes, r_pad)[grid](*arguments, **constexprs)
-            return None
-        meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
-        self._set_desc_blocks({**dict(zip((a.name for a in self.args), arguments)), **meta})
-        self.kernel[grid(meta)](*arguments, **constexprs, **meta, num_warps=config["num_warps"],
-                                num_stages=config["num_stages"])
-        return config
+        chosen = config if config is not None else self.pick_config(arguments, elem_bytes, r_pad)
+        if chosen == "autotune":
+            tuner = self.autotuner(values["M"], elem_bytes, r_pad)
+            compiled = tuner[grid](*arguments, **constexprs)
+            meta = dict(tuner.best_config.kwargs)
+        else:
+            meta = {k: v for k, v in chosen.items() if k not in ("num_warps", "num_stages")}
+            self._set_desc_blocks({**dict(zip((a.name for a in self.args), arguments)), **meta})
+            compiled = self.kernel[grid(meta)](*arguments, **constexprs, **meta, num_warps=chosen["num_warps"],
+                                               num_stages=chosen["num_stages"])
+        if config is None and _bindable(compiled) and self.bindable:
+            self._bound[key] = BoundLaunch(compiled, meta, [{**constexprs, **meta}[n] for n in self._constexpr_order])
+        return None if chosen == "autotune" else chosen
+
+    def _descriptors(self, arguments, values):
+        """The arguments with a TMA descriptor for each `Desc` (its block shape set at launch)."""
+        if not any(isinstance(a, Desc) for a in self.args):
+            return arguments
+        return [TensorDescriptor(values[a.tensor], list(values[a.tensor].shape), list(values[a.tensor].stride()),
+                                 [1] * values[a.tensor].dim()) if isinstance(a, Desc) else value
+                for a, value in zip(self.args, arguments)]
 
     def pick_config(self, arguments, elem_bytes, r_pad=None):
         """The config a launch with these arguments runs: a dict, or "autotune"."""
@@ -297,8 +317,109 @@ class KernelSpec:
             if isinstance(a, Desc):
                 named[a.name].block_shape = [named[b] for b in a.block]
 
+    @property
+    def bindable(self):
+        """Whether compiled launches of this kernel are bound (`BoundLaunch`): not with TMA
+        descriptors, which are built per launch."""
+        return not any(isinstance(a, Desc) for a in self.args)
+
     def __post_init__(self):
         object.__setattr__(self, "_autotuners", {})
+        object.__setattr__(self, "_bound", {})
+        object.__setattr__(self, "_bind_arguments", _argument_binder(self))
+        object.__setattr__(self, "_constexpr_order", tuple(self.kernel.arg_names[len(self.args):]))
+
+
+def _bindable(compiled):
+    """Whether a JIT launch returned a compiled kernel with a launcher of its own (not under the
+    interpreter, which returns nothing)."""
+    return compiled is not None and hasattr(compiled, "packed_metadata")
+
+
+def _current_stream():
+    """The current CUDA device's current stream, as Triton's JIT launches on it."""
+    return driver.active.get_current_stream(driver.active.get_current_device())
+
+
+class BoundLaunch:
+    """One compiled variant of a kernel, launched without Triton's JIT: the grid's meta (its
+    config's block sizes), the constexpr values the compiled launcher takes after the runtime
+    arguments (Triton passes every bound argument positionally, constexprs included), and the
+    compiled kernel's own launcher (`CompiledKernel.run`, the last step of `JITFunction.run`).
+    """
+
+    __slots__ = ("compiled", "meta", "constexprs", "run", "function", "packed_metadata")
+
+    def __init__(self, compiled, meta, constexprs):
+        self.compiled = compiled
+        self.meta = meta
+        self.constexprs = tuple(constexprs)
+        self.run = compiled.run  # loads the module once
+        self.function = compiled.function
+        self.packed_metadata = compiled.packed_metadata
+
+    def __call__(self, grid, arguments):
+        grid = grid(self.meta)
+        stream = _current_stream()
+        enter_hook = knobs.runtime.launch_enter_hook
+        # Launch metadata only for a hook that reads it (a profiler): None, or (triton 3.7+) an empty chain.
+        metadata = (self.compiled.launch_metadata(grid, stream, *arguments, *self.constexprs)
+                    if enter_hook is not None and getattr(enter_hook, "calls", True) else None)
+        self.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, self.function,
+                 self.packed_metadata, metadata, enter_hook, knobs.runtime.launch_exit_hook, *arguments,
+                 *self.constexprs)
+
+
+_INT32_LIMIT = 2**31
+
+
+def _argument_binder(spec):
+    """A function generated from `spec`, straight-line: named values -> (the kernel's runtime
+    arguments in order, the variant key).
+
+    The arguments: each tensor (an absent optional one replaced by the first required tensor,
+    which its flag compiles out), the strides read off their tensors, the sizes, the scalars as
+    floats, the seed. The key holds everything that decides which compiled kernel a launch
+    runs: the feature and case constexprs; each tensor's dtype and 16-byte alignment and each
+    integer's divisibility by 16, equality to 1 and 32-bit range (Triton's specialization, so a
+    bound kernel never runs arguments it was not compiled for); the device (-1: CPU); and for
+    autotuned kernels the token bucket and the tuning key's values (the config the autotuner
+    chose for them).
+    """
+    constexprs = (*spec.flags, *spec.case_constexprs)
+    first_required = next(a.tensor for a in spec.args if isinstance(a, (Ptr, Desc)) and not getattr(a, "optional",
+                                                                                                    False))
+    optional = {a.tensor for a in spec.args if isinstance(a, Ptr) and a.optional}
+    parameters = [a.tensor if isinstance(a, (Ptr, Desc)) else a.name for a in spec.args if not isinstance(a, Stride)]
+    lines, key = [], [*constexprs, f"{first_required}.get_device()"]
+    for i, a in enumerate(spec.args):
+        local = f"a{i}"
+        if isinstance(a, (Ptr, Desc)):
+            value = f"({a.tensor} if {a.tensor} is not None else {first_required})" if a.tensor in optional \
+                else a.tensor
+            key += [f"{local}.dtype", f"{local}.data_ptr() % 16 == 0"]
+        elif isinstance(a, Stride):
+            value = f"{a.tensor}.stride({a.dim})"
+            if a.tensor in optional:
+                value = f"({value} if {a.tensor} is not None else 0)"
+        elif isinstance(a, Scalar):
+            value = f"float({a.name})"
+        else:
+            value = a.name
+        lines.append(f"    {local} = {value}")
+        if isinstance(a, (Size, Stride)):
+            key += [f"{local} % 16 == 0", f"{local} == 1", f"{local} < {_INT32_LIMIT}"]
+        elif isinstance(a, Seed):
+            key.append(f"{local} < {_INT32_LIMIT}")
+    if spec.autotune_key:
+        key += ["token_bucket(M)", *(n for n in spec.autotune_key if n not in constexprs)]
+    name = f"bind_{spec.kernel.fn.__name__}"
+    source = (f"def {name}(*, {', '.join([*parameters, *constexprs])}):\n" + "\n".join(lines) + "\n"
+              f"    return [{', '.join(f'a{i}' for i in range(len(spec.args)))}], "
+              f"({', '.join(key)},)\n")
+    namespace = {"token_bucket": token_bucket}
+    exec(compile(source, f"<lorakernels.ops.specs {name}>", "exec"), namespace)
+    return namespace[name]
 
 
 def _b1_valid(flags, r_pad):
