@@ -17,6 +17,7 @@ from lorakernels.model import lora_modules
 
 transformers = pytest.importorskip("transformers")
 from tests.test_model import tiny_llama  # noqa: E402
+from tests.utils import DEVICE  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EXTRA = {"b": dict(r=8, lora_alpha=4), "c": dict(r=2, lora_alpha=2, use_rslora=True)}
@@ -112,8 +113,11 @@ def test_jobs_trained_in_one_loop_match_jobs_trained_one_after_another(backend, 
 
     monkeypatch.setenv("LORAKERNELS_BACKEND", backend)
     steps = 6 if backend == "torch" else 2  # the interpreter is slow; two steps still include an update
-    together = multi_adapter.train_together(steps, "cpu")
-    alone = multi_adapter.train_one_after_another(steps, "cpu")
+    # On the device under test, with the CPU as the default device, as `python -m` runs the example:
+    # it moves what it builds to the device it is given.
+    with torch.device("cpu"):
+        together = multi_adapter.train_together(steps, DEVICE)
+        alone = multi_adapter.train_one_after_another(steps, DEVICE)
     for job in multi_adapter.JOBS:
         assert together[job] == pytest.approx(alone[job], rel=1e-5, abs=1e-6), job
         assert together[job][-1] < together[job][0], job

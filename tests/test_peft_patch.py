@@ -15,7 +15,7 @@ from torch import nn
 
 from lorakernels import patch_peft, peft_patch_stats, unpatch_peft
 from tests.test_model import tiny_llama
-from tests.utils import assert_same, run
+from tests.utils import DEVICE, assert_same, run
 
 peft = pytest.importorskip("peft")
 from peft.tuners import lora as peft_lora  # noqa: E402
@@ -239,14 +239,14 @@ def test_inference_mode_is_fused():
 def test_autocast_matches_peft(backend):
     model = lora_mlp()
     x = torch.randn(6, 20)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         expected, actual = patched_vs_peft(model, x, backend)
     assert actual["y"].dtype == torch.bfloat16
     # PEFT's LoRA term runs in bf16 under autocast, the fused one in fp32 (fp32 adapters):
     # they differ by bf16 rounding of the output and of the adapter gradients.
     assert_same(actual, expected, tol=3e-2)
     patch_peft(model, backend=backend)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         model(x)
     assert peft_patch_stats(model)["fused"] == 2
 
@@ -293,7 +293,7 @@ def _llama(checkpointing, reentrant=False, dropout=0.0):
 
 def _llama_step(model, seed=1):
     model.zero_grad()
-    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator(DEVICE).manual_seed(5), device=DEVICE)
     torch.manual_seed(seed)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()

@@ -8,6 +8,7 @@ import torch
 
 from lorakernels import patch_peft, peft_patch_stats
 from tests.test_model import tiny_llama
+from tests.utils import DEVICE
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -20,8 +21,9 @@ class CountingData(torch.utils.data.Dataset):
     """Token sequences that count upward from a random start (a pattern a LoRA can learn)."""
 
     def __init__(self, n=64, length=12, vocab=97):
-        starts = torch.randint(0, vocab, (n, 1), generator=torch.Generator().manual_seed(3))
-        self.ids = (starts + torch.arange(length)) % vocab
+        # A dataset lives on the CPU (the Trainer moves each batch to its device).
+        starts = torch.randint(0, vocab, (n, 1), generator=torch.Generator().manual_seed(3), device="cpu")
+        self.ids = (starts + torch.arange(length, device="cpu")) % vocab
 
     def __len__(self):
         return len(self.ids)
@@ -44,17 +46,25 @@ class LossRecordingTrainer(transformers.Trainer):
 
 
 def train(tmp_path, patched, backend):
-    """(losses of every step, saved adapter tensors, fused calls)."""
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
-    model = peft.get_peft_model(tiny_llama(seed=0).train(), config)
-    if patched:
-        assert len(patch_peft(model, backend=backend).patched) == 14  # 7 linears x 2 decoder layers
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=5e-3,
-        save_strategy="no", report_to=[], seed=0, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
-    trainer = LossRecordingTrainer(model=model, args=args, train_dataset=CountingData())
-    trainer.train()
-    model.save_pretrained(tmp_path / "adapter")
+    """(losses of every step, saved adapter tensors, fused calls), trained on the device under test.
+
+    Run as a training script runs it, with the CPU as the default device: the Trainer moves the
+    model and each batch to its device itself, and what it creates without naming a device stays on
+    the CPU (its sampler draws a permutation with a CPU generator, which a CUDA default device
+    refuses: torch.utils.data.RandomSampler)."""
+    with torch.device("cpu"):
+        config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+        model = peft.get_peft_model(tiny_llama(seed=0).train(), config)
+        if patched:
+            assert len(patch_peft(model, backend=backend).patched) == 14  # 7 linears x 2 decoder layers
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / "run"), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=5e-3,
+            save_strategy="no", report_to=[], seed=0, use_cpu=DEVICE.type == "cpu", disable_tqdm=True,
+            dataloader_num_workers=0)
+        trainer = LossRecordingTrainer(model=model, args=args, train_dataset=CountingData())
+        trainer.train()
+        assert {p.device.type for p in model.parameters()} == {DEVICE.type}  # trained where the suite runs
+        model.save_pretrained(tmp_path / "adapter")
     adapter = safetensors_torch.load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     return trainer.losses, adapter, peft_patch_stats(model)["fused"]
 

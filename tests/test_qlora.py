@@ -516,7 +516,7 @@ def test_patch_peft_qlora_cases_the_kernels_do_not_compute_run_peft_forward(case
         x_dtype, compute_dtype, autocast = torch.bfloat16, torch.bfloat16, torch.float16
     model = _peft_4bit_mlp(peft, True, compute_dtype, x_dtype=x_dtype, adapter_dtype=adapter_dtype)
     layer, x = model.base_model.model[0], torch.randn(4, 128, dtype=x_dtype)
-    with torch.no_grad(), torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         expected = layer(x)
         patch_peft(model, backend="torch")
         y = layer(x)
