@@ -66,9 +66,14 @@ def test_scalar_pack_round_trips_seeds_and_floats():
     """The seed travels as a float64: every seed draw_seed can return must come back exact."""
     from lorakernels.autograd import draw_seed, pack_scalars, unpack_scalars
 
-    for seed in (0, 2**31 - 2, draw_seed()):
-        assert unpack_scalars(pack_scalars(seed, 0.3, 0.25)) == (int(seed), 0.3, 0.25)
-    packed = torch.compile(pack_scalars, fullgraph=True, backend="eager")(torch.tensor(2**31 - 2), 0.3, 0.25)
+    # Seeds as draw_seed gives them: ints and int64 CPU tensors (whatever the default device).
+    largest = torch.tensor(2**31 - 2, device="cpu")
+    for seed in (0, 2**31 - 2, largest, draw_seed()):
+        packed = pack_scalars(seed, 0.3, 0.25)
+        assert (packed.device.type, packed.dtype) == ("cpu", torch.float64)  # read without a GPU sync
+        assert unpack_scalars(packed) == (int(seed), 0.3, 0.25)
+    packed = torch.compile(pack_scalars, fullgraph=True, backend="eager")(largest, 0.3, 0.25)
+    assert (packed.device.type, packed.dtype) == ("cpu", torch.float64)
     assert unpack_scalars(packed) == (2**31 - 2, 0.3, 0.25)
 
 
