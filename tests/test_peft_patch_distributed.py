@@ -1,18 +1,20 @@
 """A patched PEFT model under DistributedDataParallel and FSDP2 (2 gloo processes on the CPU):
 the same LoRA gradients as PEFT unpatched in one process on the whole batch, with the fused path
 taken. Would catch a patch that DDP's or FSDP2's wrapping bypasses or breaks (FSDP2 swaps the
-layer's class and unshards its parameters around the forward)."""
+layer's class and unshards its parameters around the forward).
 
-import faulthandler
+The workers run on the CPU whatever device the suite runs on (tests.utils.spawn_cpu_workers: the
+CPU suite's environment, no GPU visible, FSDP2 on an explicit CPU mesh)."""
+
+import datetime
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lorakernels import patch_peft, peft_patch_stats
+from tests.utils import spawn_cpu_workers, worker_log
 
 pytest.importorskip("peft")
 from tests.test_peft_patch import lora_mlp  # noqa: E402
@@ -37,27 +39,21 @@ def _wrap(model, mode):
     if mode == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
     from peft.tuners.lora import LoraLayer
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh("cpu", (WORLD,))  # the default mesh is a CUDA one wherever CUDA is
     for layer in [m for m in model.modules() if isinstance(m, LoraLayer)]:
-        fully_shard(layer)
-    return fully_shard(model)
-
-
-TIMEOUT = 180
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def _worker(rank, init_file, out_dir, mode):
-    # Where a worker is stuck, if it is: its progress and, near the time limit, every thread's stack.
-    log = open(os.path.join(out_dir, f"rank{rank}.log"), "w", buffering=1)
-    faulthandler.dump_traceback_later(TIMEOUT - 15, file=log)
-    start = time.monotonic()
-
-    def step(what):
-        log.write(f"{time.monotonic() - start:7.2f} s  {what}\n")
-
-    step("started")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # Where a worker is stuck or crashed, if it is: its progress and its stacks (tests.utils.worker_log).
+    step = worker_log(out_dir, rank)
+    # A peer that died makes a collective fail after this long instead of waiting for ever.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
     step("process group ready")
     try:
         with torch.device("cpu"):
@@ -76,30 +72,7 @@ def _worker(rank, init_file, out_dir, mode):
         step("barrier passed")
     finally:
         dist.destroy_process_group()
-        faulthandler.cancel_dump_traceback_later()
         step("done")
-
-
-def _spawn(fn, args, out_dir, timeout=TIMEOUT):
-    """Run `fn` in WORLD processes; a stuck rendezvous fails the test, with the workers' logs,
-    instead of hanging the suite."""
-    context = mp.spawn(fn, args=args, nprocs=WORLD, join=False)
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            logs = "\n".join(f"--- rank {rank} ---\n" + _read(os.path.join(out_dir, f"rank{rank}.log"))
-                             for rank in range(WORLD))
-            pytest.fail(f"the {WORLD} worker processes did not finish within {timeout} s\n{logs}")
-
-
-def _read(path):
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError as exc:
-        return f"(no log: {exc})"
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
@@ -110,7 +83,7 @@ def test_patched_peft_model_under_ddp_and_fsdp2(tmp_path, mode):
         model = lora_mlp()
         model(_batch()).pow(2).mean().backward()
     expected = _grads(model)
-    _spawn(_worker, (str(tmp_path / "init"), str(tmp_path), mode), str(tmp_path))
+    spawn_cpu_workers(_worker, (str(tmp_path / "init"), str(tmp_path), mode), str(tmp_path), WORLD)
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["fused"] == 2  # both LoRA layers ran the fused path
