@@ -29,6 +29,8 @@ def check_lora_linear_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p
 
     weight: a dense tensor, or an `operands.FourBitWeight` (a 4-bit base).
     """
+    if _valid_dense_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+        return
     named = [("x", x), *_base_operands(weight), ("lora_A", lora_A), ("lora_B", lora_B)]
     if bias is not None:
         named.append(("bias", bias))
@@ -51,6 +53,36 @@ def check_lora_linear_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p
             raise ValueError(f"{name} must have a unit stride in its last dimension; got strides {t.stride()}")
     check_scalars(scaling, dropout_p)
     check_scaling_fits(scaling, lora_A.dtype, f"r = {lora_A.shape[0]}")
+
+
+_LARGEST = {dtype: torch.finfo(dtype).max for dtype in FLOAT_DTYPES}
+
+
+def _valid_dense_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """True when a call with a dense weight passes every check of `check_lora_linear_inputs` (the
+    common case, in a few comparisons per call); False sends the call through those checks, which
+    name what is wrong. Under torch.compile always False (the scalars are not checked there)."""
+    tensor = torch.Tensor
+    if not (isinstance(x, tensor) and isinstance(weight, tensor) and isinstance(lora_A, tensor)
+            and isinstance(lora_B, tensor) and (bias is None or isinstance(bias, tensor))):
+        return False
+    dtype, device = x.dtype, x.device
+    if (dtype not in FLOAT_DTYPES or weight.dtype != dtype or weight.device != device or lora_A.device != device
+            or lora_B.device != device or x.dim() < 1 or weight.dim() != 2 or lora_A.dim() != 2):
+        return False
+    out_features, in_features = weight.shape
+    r = lora_A.shape[0]
+    if (x.shape[-1] != in_features or in_features == 0 or lora_A.shape[1] != in_features or not 1 <= r <= MAX_RANK
+            or lora_B.shape != (out_features, r) or lora_B.dtype != lora_A.dtype
+            or lora_A.dtype not in (dtype, torch.float32)
+            or weight.stride(-1) != 1 or lora_A.stride(-1) != 1 or lora_B.stride(-1) != 1):
+        return False
+    if bias is not None and (bias.dtype != dtype or bias.device != device or bias.shape != (out_features,)
+                             or bias.stride(-1) != 1):
+        return False
+    if type(scaling) not in (float, int) or type(dropout_p) not in (float, int) or torch.compiler.is_compiling():
+        return False
+    return math.isfinite(scaling) and abs(scaling) <= _LARGEST[lora_A.dtype] and 0.0 <= dropout_p < 1.0
 
 
 def _check_x_matches(x, out_features, in_features, weight_text):

@@ -295,7 +295,8 @@ def _grads_of_inputs(ctx, dy, backward):
     """The gradients of (x, weight, bias, lora_A, lora_B, scalars), then None for each other argument."""
     needs_dx, _, needs_dbias, needs_da, needs_db = ctx.needs_input_grad[:5]
     dx = da = db = None
-    with torch.no_grad():
+    # Backward runs without grad mode unless create_graph: only then does it need switching off.
+    with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
         if needs_dx or needs_da or needs_db:
             needs = GradsNeeded(needs_dx, needs_da, needs_db)
             dx, da, db = backward(dy.contiguous(), SavedState.load(ctx), ctx.plan, needs)
@@ -320,40 +321,45 @@ def _op_backward(ctx, dy, du):
 lora_linear_forward_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
+class EagerCall(NamedTuple):
+    """What an eager call passes through autograd besides the tensors autograd tracks: its
+    `LaunchPlan`, the base weight's `BaseOpArgs` (its .weight is the `weight` argument), the
+    several-adapter `Segments` (or None) and, with segments, the (adapter index, lora_A, lora_B)
+    triples whose factors lora_A and lora_B concatenate (or None)."""
+
+    plan: LaunchPlan
+    base: BaseOpArgs
+    segments: Optional[Segments] = None
+    parts: Optional[tuple] = None
+
+
 class EagerLoRALinear(torch.autograd.Function):
     """The same forward, backward and saved state as the custom ops, for eager mode.
 
-    apply(x, weight, bias, lora_A, lora_B, scalars, plan, weight_absmax=None, weight_table=None,
-    weight_blocksize=0, weight_nested=None, weight_nested_blocksize=0, row_segment=None, segment_rank_start=None,
-    segment_scale=None, segment_max_rank=0) -> y: the custom op's arguments, with the `LaunchPlan`
-    itself in place of its op arguments.
+    apply(x, weight, bias, lora_A, lora_B, scalars, call) -> y: the custom op's tensors, then an
+    `EagerCall` with the rest (plan, base weight, segments) as objects, not flattened to the op's
+    plain arguments.
 
     A custom op call goes through the dispatcher, the registered autograd wrapper and a
     torch.compile guard, in both directions: on a 2-core CPU that added about 175 us of Python
     per layer per forward + backward, the order of a GPU's time for the GEMMs of a layer with
     a few thousand tokens, so eager training would wait on the host. torch.compile keeps
     using the custom ops (`lora_linear` switches on `torch.compiler.is_compiling()`), where
-    that cost is paid once, at tracing.
+    that cost is paid once, at tracing. Every argument of `apply` costs Python too (autograd
+    inspects each), hence the one `EagerCall`.
 
-    With several adapters (segments), `parts` (after the op's arguments) are the (adapter index,
-    lora_A, lora_B) triples whose factors lora_A and lora_B concatenate: backward concatenates them
-    again instead of keeping the concatenation (a copy of every adapter in the batch, per layer)
-    from forward to backward.
+    With several adapters (segments), backward concatenates the `parts` again instead of keeping
+    the concatenation (a copy of every adapter in the batch, per layer) from forward to backward.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scalars, plan, weight_absmax=None, weight_table=None,
-                weight_blocksize=0, weight_nested=None, weight_nested_blocksize=0, row_segment=None,
-                segment_rank_start=None, segment_scale=None, segment_max_rank=0, parts=None):
-        base = BaseOpArgs(weight, weight_absmax, weight_table, weight_blocksize, weight_nested,
-                          weight_nested_blocksize)
-        segments = segments_of(row_segment, segment_rank_start, segment_scale, segment_max_rank)
-        y, u = _forward(x, base, bias, lora_A, lora_B, scalars, plan, segments)
-        state = SavedState.of_forward(x, base, lora_A, lora_B, u, scalars, segments)
-        if parts is not None:
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scalars, call):
+        y, u = _forward(x, call.base, bias, lora_A, lora_B, scalars, call.plan, call.segments)
+        state = SavedState.of_forward(x, call.base, lora_A, lora_B, u, scalars, call.segments)
+        if call.parts is not None:
             state = state._replace(lora_A=None, lora_B=None)
-            ctx.parts = _ConcatenatedParts(parts)
-        state.save(ctx, plan, bias is not None)
+            ctx.parts = _ConcatenatedParts(call.parts)
+        state.save(ctx, call.plan, bias is not None)
         return y
 
     @staticmethod

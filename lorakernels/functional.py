@@ -12,6 +12,7 @@ import torch
 from lorakernels._validation import MAX_RANK, check_lora_linear_inputs
 from lorakernels.autograd import (
     BaseOpArgs,
+    EagerCall,
     EagerLoRALinear,
     draw_seed,
     lora_linear_forward_op,
@@ -26,6 +27,8 @@ from lorakernels.reference import lora_linear_ref, lora_linear_segmented_ref
 
 def _as_rows(t):
     """2-D [M, features] view (a copy only if no view exists) with a unit last-dim stride."""
+    if t.dim() == 2 and t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1]):
+        return t
     rows = t.reshape(-1, t.shape[-1])
     if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < rows.shape[1]):
         rows = rows.contiguous()
@@ -108,9 +111,8 @@ def _fused(x, weight, bias, lora_A, lora_B, scaling, p, backend, base_gemm, segm
         y, _ = lora_linear_forward_op(rows, base.weight, bias, lora_A, lora_B, scalars, *plan.to_op_args(),
                                       *base[1:], *segment_args(segments))
     else:
-        y = EagerLoRALinear.apply(rows, base.weight, bias, lora_A, lora_B, scalars, plan, *base[1:],
-                                  *segment_args(segments), parts)
-    return y.view(*x.shape[:-1], base.shape[0])
+        y = EagerLoRALinear.apply(rows, base.weight, bias, lora_A, lora_B, scalars, EagerCall(plan, base, segments, parts))
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], base.shape[0])
 
 
 def lora_linear_segmented(x, weight, bias, adapters, row_adapter, dropout_p=0.0, training=True, backend=None,

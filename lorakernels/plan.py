@@ -186,12 +186,31 @@ def has_tma(device):
     return interpreting()
 
 
+_RESOLVED = {}  # (device, backend, base GEMM (arguments, else the environment), tf32, interpreter) -> plan
+
+
 def resolve_plan(device, backend=None, base_gemm=None):
     """The LaunchPlan for a call on tensors on `device`; None arguments follow the environment.
 
     TRITON_TMA on a device without TMA (Ampere) resolves to TRITON: the same fused GEMMs with
-    pointer loads."""
+    pointer loads. Resolved once per (device, arguments, environment values, TF32 switch): a
+    call reads the environment and the switch, and looks the plan up."""
     tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    if backend is None:
+        backend = os.environ.get(BACKEND_ENV, "auto")
+    if base_gemm is None:
+        base_gemm = os.environ.get(BASE_GEMM_ENV, BaseGemm.TRITON.value)
+    key = (device, backend, base_gemm, tf32, _KERNELS_INTERPRETED)
+    try:
+        plan = _RESOLVED.get(key)
+    except TypeError:  # an unhashable argument: not a valid choice, refused with the message of `_choice`
+        return _resolve_plan(device, backend, base_gemm, tf32)
+    if plan is None:
+        plan = _RESOLVED[key] = _resolve_plan(device, backend, base_gemm, tf32)
+    return plan
+
+
+def _resolve_plan(device, backend, base_gemm, tf32):
     chosen_backend = resolve_backend(backend, device)
     strategy = resolve_base_gemm(base_gemm)
     if strategy is BaseGemm.TRITON_TMA and not has_tma(device):

@@ -151,7 +151,8 @@ def test_eager_path_equals_the_custom_ops(backend, monkeypatch):
 
     dy = torch.randn(37, 20)
     saved_op, custom_op = run(lambda *a: autograd.lora_linear_forward_op(*a, *plan.to_op_args())[0])
-    saved_eager, eager = run(lambda *a: autograd.EagerLoRALinear.apply(*a, plan))
+    saved_eager, eager = run(lambda *a: autograd.EagerLoRALinear.apply(
+        *a, autograd.EagerCall(plan, autograd.BaseOpArgs(a[1]))))
     assert saved_eager == saved_op == x.nbytes + 4 * 37 * 4 + 24
     for a, b in zip(eager, custom_op):
         assert torch.equal(a, b)

@@ -166,6 +166,7 @@ class BackwardPlan(NamedTuple):
     da: bool
 
 
+@functools.lru_cache(maxsize=None)
 def plan_backward(needs, rank, segment_count=1):
     """The passes for the gradients `needs` asks for at adapter rank `rank`.
 

@@ -289,9 +289,13 @@ class KernelSpec:
     def fixed_config(self, elem_bytes, r_pad=None):
         """The config of a kernel with one candidate (the interpreter's under the interpreter),
         for launchers whose grid or buffers depend on it before the launch."""
-        if interpreting():
-            return self.interpreter_config
-        (config,) = self.configs(elem_bytes, r_pad)
+        config = self._fixed.get((elem_bytes, r_pad))
+        if config is None:
+            if interpreting():
+                config = self.interpreter_config
+            else:
+                (config,) = self.configs(elem_bytes, r_pad)
+            self._fixed[(elem_bytes, r_pad)] = config
         return config
 
     def autotuner(self, M, elem_bytes, r_pad=None):
@@ -326,6 +330,7 @@ class KernelSpec:
     def __post_init__(self):
         object.__setattr__(self, "_autotuners", {})
         object.__setattr__(self, "_bound", {})
+        object.__setattr__(self, "_fixed", {})
         object.__setattr__(self, "_bind_arguments", _argument_binder(self))
         object.__setattr__(self, "_constexpr_order", tuple(self.kernel.arg_names[len(self.args):]))
 
