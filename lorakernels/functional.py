@@ -80,7 +80,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         scaling: lora_alpha / r (or lora_alpha / sqrt(r) for rsLoRA), finite in the adapters' dtype.
         dropout_p: dropout on the input of A, in [0, 1). training: False disables dropout.
         backend: 'auto' | 'triton' | 'torch' or a `plan.Backend` (default: env LORAKERNELS_BACKEND, else 'auto').
-        base_gemm: 'triton' | 'cublas' or a `plan.BaseGemm` (default: env LORAKERNELS_BASE_GEMM, else 'triton').
+        base_gemm: 'auto' | 'triton' | 'triton-tma' | 'cublas' or a `plan.BaseGemm` (default: env
+            LORAKERNELS_BASE_GEMM, else 'auto': the measured-fastest per kind of call; see `plan.BaseGemm`).
     Returns:
         y: [*, out_features] in x's dtype.
     """

@@ -97,7 +97,8 @@ class LoRALinear(nn.Module):
         device, dtype: of the frozen base (and of the adapters unless adapter_dtype is given).
         adapter_dtype: dtype of lora_A/lora_B, e.g. torch.float32 with a bf16 base (PEFT's default).
         backend: 'auto' | 'triton' | 'torch' (see `lora_linear`); None follows LORAKERNELS_BACKEND.
-        base_gemm: 'triton' | 'cublas' (see `lora_linear`); None follows LORAKERNELS_BASE_GEMM.
+        base_gemm: 'auto' | 'triton' | 'triton-tma' | 'cublas' (see `lora_linear`); None follows
+            LORAKERNELS_BASE_GEMM, else 'auto'.
 
     Parameters: weight [out, in] and bias [out] (frozen), lora_A [r, in] (kaiming-uniform,
     a = sqrt(5)) and lora_B [out, r] (zeros, so a fresh adapter leaves the layer unchanged).

@@ -31,14 +31,19 @@ class BaseGemm(enum.Enum):
     TRITON: the fused kernels (F2, B2) run them with the LoRA term in the same accumulator.
     TRITON_TMA: the same fused GEMMs as Hopper kernels: persistent programs, TMA tensor
     descriptors (sm_90 and newer; elsewhere, for fp32 activations and for operands TMA cannot
-    address, the TRITON kernels run). Not yet measured on a GPU, so not the default.
+    address, the TRITON kernels run).
     CUBLAS: the kernels write only the LoRA term (and bias), then `torch.addmm` adds the GEMM
     in cuBLAS's epilogue (DESIGN's second strategy).
+    AUTO (the default): per kind of GEMM pass (forward or dX, token bucket, shapes, dtypes,
+    flags), the fastest of the above as measured on its first call on a GPU
+    (`lorakernels.ops.gemm_strategy`); TRITON where nothing can be measured (the interpreter).
+    A 4-bit base always runs its fused 4-bit kernels.
     """
 
     TRITON = "triton"
     TRITON_TMA = "triton-tma"
     CUBLAS = "cublas"
+    AUTO = "auto"
 
 
 def _interpret_requested():
@@ -74,13 +79,8 @@ class LaunchPlan:
     """
 
     backend: Backend
-    base_gemm: BaseGemm = BaseGemm.TRITON
+    base_gemm: BaseGemm = BaseGemm.AUTO
     tf32: bool = False
-
-    @property
-    def fused_base_gemm(self):
-        """True when the Triton kernels run the frozen GEMM themselves."""
-        return self.base_gemm is not BaseGemm.CUBLAS
 
     @property
     def tma(self):
@@ -113,23 +113,43 @@ class LaunchPlan:
 
 
 def low_rank_math(activations_fp32, adapters_fp32, input_precision):
-    """(fp32 operands?, `tl.dot` input_precision) of the rank-R products: the adapters' precision.
+    """(fp32 operands?, `tl.dot` input_precision) of the rank-R products (F1: U, B1: V and dB, B3:
+    dA): the adapters' precision, with the arithmetic torch.matmul gives them in PEFT.
 
-    fp32 adapters under 16-bit activations (PEFT's default): fp32 operands with 3xTF32 dots
-    ("tf32x3": about fp32 accuracy, on tensor cores), as PEFT computes its fp32 adapters in fp32
-    outside autocast; the products are r/K of the main GEMM's work. fp32 activations: fp32 with
-    the main GEMM's `input_precision` (TF32 only where torch.matmul would use it). 16-bit
-    adapters: the activations' 16-bit dtype.
+    | activations | adapters | rank-R products (F1, B1, B3)  | rank-R term in F2, B2          |
+    | fp32        | fp32     | fp32, `input_precision`       | fp32, `input_precision`        |
+    | bf16/fp16   | fp32     | fp32, "ieee" (FMA)            | two-part bf16 (`split_rank_term`) |
+    | bf16/fp16   | same     | 16-bit on tensor cores        | 16-bit on tensor cores         |
+
+    fp32 activations: the main GEMM's `input_precision`, full fp32 ("ieee") unless
+    torch.backends.cuda.matmul.allow_tf32 asks torch.matmul for TF32, where it is "tf32".
+
+    fp32 adapters under 16-bit activations (PEFT's default; PEFT runs them in fp32 outside
+    autocast, on cuBLAS's fp32 GEMM with TF32 off by default): fp32 operands (the 16-bit tile
+    converted in registers, exactly) and "ieee" dots, one rounded FMA per product on the FMA units:
+    the arithmetic of cuBLAS's fp32 GEMM, so U, V, dA and dB are as accurate as PEFT's. 3xTF32
+    ("tf32x3") was used before: it keeps 22 bits of each fp32 operand and the tensor cores
+    accumulate with truncation, and on the H200 dB came out 1.6-3.6x PEFT's error (the same
+    under the GPU model of tests/gpu_dots.py). The cost: these products are r/K of the main GEMM's
+    work but run on the FMA units (67 TFLOP/s on an H200, against ~990 for bf16 tensor cores): at
+    r = 16, F1's 2r FLOP per 2-byte element of x (16 FLOP/byte) is near the FMA units' ridge
+    (~14 FLOP/byte at 4.8 TB/s), so about memory-bound, and about r/16 times its memory time
+    above. Not yet measured on a GPU; Triton's "bf16x6" (three bf16 parts, six tensor-core
+    products) is the candidate to measure against it, for both speed and accuracy.
+
+    16-bit adapters: the activations' 16-bit dtype, fp32 accumulation.
     """
     if activations_fp32:
         return True, input_precision
-    return (True, "tf32x3") if adapters_fp32 else (False, "ieee")
+    return adapters_fp32, "ieee"
 
 
 def split_rank_term(activations_fp32, adapters_fp32):
     """Whether F2 and B2 split the rank-R term's fp32 operands into two bf16 parts: with fp32
     adapters under 16-bit activations, where the term must keep the adapters' precision but the
-    GEMM's registers leave no room for fp32 tiles (see `tiles.split_dot`)."""
+    GEMM's registers leave no room for fp32 tiles (see `tiles.split_dot`). The parts keep 16 bits of
+    each operand (relative error ~2^-16), far below the rounding of the 16-bit output (2^-9 for
+    bf16, 2^-11 for fp16), so y and dX lose nothing against fp32 products."""
     return adapters_fp32 and not activations_fp32
 
 
@@ -173,9 +193,9 @@ def check_options(backend=None, base_gemm=None):
 
 
 def resolve_base_gemm(requested=None):
-    """The BaseGemm from an argument ('triton', 'triton-tma', 'cublas' or a member), else
-    LORAKERNELS_BASE_GEMM, else TRITON."""
-    return _choice(BaseGemm, requested, BASE_GEMM_ENV, BaseGemm.TRITON.value, "base GEMM strategy")
+    """The BaseGemm from an argument ('auto', 'triton', 'triton-tma', 'cublas' or a member), else
+    LORAKERNELS_BASE_GEMM, else AUTO."""
+    return _choice(BaseGemm, requested, BASE_GEMM_ENV, BaseGemm.AUTO.value, "base GEMM strategy")
 
 
 def has_tma(device):
@@ -199,7 +219,7 @@ def resolve_plan(device, backend=None, base_gemm=None):
     if backend is None:
         backend = os.environ.get(BACKEND_ENV, "auto")
     if base_gemm is None:
-        base_gemm = os.environ.get(BASE_GEMM_ENV, BaseGemm.TRITON.value)
+        base_gemm = os.environ.get(BASE_GEMM_ENV, BaseGemm.AUTO.value)
     key = (device, backend, base_gemm, tf32, _KERNELS_INTERPRETED)
     try:
         plan = _RESOLVED.get(key)

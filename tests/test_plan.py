@@ -57,7 +57,7 @@ def test_bad_choices_name_the_choices_and_where_the_value_came_from(monkeypatch)
                                          r"\(argument or env LORAKERNELS_BACKEND\); got 'cuda'"):
         resolve_plan(DEVICE, "cuda")
     monkeypatch.setenv("LORAKERNELS_BASE_GEMM", "magma")
-    with pytest.raises(ValueError, match=r"base GEMM strategy must be one of \('triton', 'triton-tma', 'cublas'\) "
+    with pytest.raises(ValueError, match=r"base GEMM strategy must be one of \('triton', 'triton-tma', 'cublas', 'auto'\) "
                                          r"\(argument or env LORAKERNELS_BASE_GEMM\); got 'magma'"):
         resolve_plan(DEVICE)
     with pytest.raises(ValueError, match=r"base GEMM strategy must be one of .* got 'magma'"):
@@ -151,7 +151,7 @@ def test_module_with_cublas_base_gemm_matches_the_default(p, monkeypatch):
     x, dy = torch.randn(3, 7, 45), torch.randn(3, 7, 37)
     plans = _plans_seen(monkeypatch)
     expected = _output_and_grads(default, x, dy)
-    assert [plan.base_gemm for plan in plans] == [BaseGemm.TRITON] * 2
+    assert [plan.base_gemm for plan in plans] == [BaseGemm.AUTO] * 2
     del plans[:]
     actual = _output_and_grads(cublas, x, dy)
     assert [plan.base_gemm for plan in plans] == [BaseGemm.CUBLAS] * 2

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lorakernels import lora_linear, ops
+from lorakernels import plan as plan_module
 from lorakernels.ops import specs
 from lorakernels.plan import BaseGemm, resolve_plan
 from tests.test_lora_linear import run_case
@@ -87,8 +88,10 @@ def test_gemm_alone_on_the_tma_path(launched):
 def test_ampere_resolves_tma_to_the_pointer_kernels(monkeypatch):
     """The plan picks by capability: sm_80 has no TMA, so triton-tma means the pointer kernels there."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(plan_module, "_RESOLVED", {})  # plans are cached per device, whose capability is fixed
     assert resolve_plan(torch.device("cuda"), "triton", "triton-tma").base_gemm is BaseGemm.TRITON
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(plan_module, "_RESOLVED", {})
     assert resolve_plan(torch.device("cuda"), "triton", "triton-tma").base_gemm is BaseGemm.TRITON_TMA
 
 

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 
 from lorakernels.operands import Adapter, DenseWeight, FourBitWeight, GradsNeeded
-from lorakernels.ops import configs, specs
+from lorakernels.ops import configs, gemm_strategy, specs
 from lorakernels.plan import Backend, BaseGemm, resolve_plan
 
 
@@ -78,42 +78,46 @@ def _segment_count(segments):
     return 1 if segments is None else segments.count
 
 
-def _launch_gemm_core(kernels, base, plan, operand, out, shared):
+def _launch_gemm_core(kernels, base, strategy, operand, out, shared):
     """Launch the GEMM core on `operand` (its name, its [M, reduction] tensor) into `out` (name,
-    [M, n_out] tensor): the 4-bit kernel over a 4-bit base, the TMA-persistent kernel where the plan
-    asks for it and TMA can address the operands, else the pointer kernel. kernels: the (4-bit,
-    TMA, pointer) specs of F2 or of B2."""
+    [M, n_out] tensor): the 4-bit kernel over a 4-bit base, the TMA-persistent kernel where the
+    strategy (a concrete `BaseGemm`) asks for it and TMA can address the operands, else the pointer
+    kernel (without the base GEMM under CUBLAS). kernels: the (4-bit, TMA, pointer) specs of F2 or of B2."""
     four_bit_kernel, tma_kernel, pointer_kernel = kernels
     (a_name, a), (out_name, y) = operand, out
     M, n_out = y.shape
     tensors = {a_name: a, out_name: y}
     if isinstance(base, FourBitWeight):
         four_bit_kernel.launch(_gemm_grid(M, n_out), **tensors, **_four_bit(base), **shared)
-    elif plan.tma and tma_addressable(a, base.weight, y):
+    elif strategy is BaseGemm.TRITON_TMA and tma_addressable(a, base.weight, y):
         tma_kernel.launch(_persistent_grid(M, n_out, a.device), **tensors, w=base.weight, **shared)
     else:
-        pointer_kernel.launch(_gemm_grid(M, n_out), **tensors, w=base.weight, BASE_GEMM=plan.fused_base_gemm,
-                              **shared)
+        pointer_kernel.launch(_gemm_grid(M, n_out), **tensors, w=base.weight,
+                              BASE_GEMM=strategy is not BaseGemm.CUBLAS, **shared)
 
 
-def _f2(x, base, u, lora_B, y, scaling, plan, segments=None):
-    """F2 into y: b + s U B^T, plus X W^T when the plan fuses the base GEMM."""
+def _f2(x, base, u, lora_B, y, scaling, plan, strategy, segments=None):
+    """F2 into y: b + s U B^T, plus X W^T unless the strategy is CUBLAS (then cuBLAS adds it)."""
     M, K = x.shape
     N, R = base.out_features, u.shape[1]
     shared = dict(bias=base.bias, u=u, b=lora_B, M=M, N=N, K=K, R=R, scaling=scaling, HAS_BIAS=base.bias is not None,
                   INPUT_PRECISION=plan.input_precision(x.dtype), **plan.split_rank(x.dtype, lora_B.dtype),
                   **_segment_scale_args(segments))
-    _launch_gemm_core((specs.F2_4BIT, specs.F2_TMA, specs.F2), base, plan, ("x", x), ("y", y), shared)
+    _launch_gemm_core((specs.F2_4BIT, specs.F2_TMA, specs.F2), base, strategy, ("x", x), ("y", y), shared)
+    if strategy is BaseGemm.CUBLAS and not isinstance(base, FourBitWeight):
+        y.addmm_(x, base.weight.t())  # cuBLAS adds X W^T to b + s U B^T in its epilogue (beta = 1).
 
 
-def _b2(dy, base, v, lora_A, dx, adapter, plan):
-    """B2 into dx: (V A) * keep / (1 - p), plus dY W when the plan fuses the base GEMM."""
+def _b2(dy, base, v, lora_A, dx, adapter, plan, strategy):
+    """B2 into dx: (V A) * keep / (1 - p), plus dY W unless the strategy is CUBLAS (then cuBLAS adds it)."""
     M, N = dy.shape
     K, R = base.in_features, v.shape[1]
     shared = dict(v=v, a=lora_A, M=M, N=N, K=K, R=R, seed=adapter.seed, p=adapter.dropout_p,
                   HAS_DROPOUT=adapter.has_dropout, INPUT_PRECISION=plan.input_precision(dy.dtype),
                   **plan.split_rank(dy.dtype, lora_A.dtype), **_segment_scale_args(adapter.segments))
-    _launch_gemm_core((specs.B2_4BIT, specs.B2_TMA, specs.B2), base, plan, ("dy", dy), ("dx", dx), shared)
+    _launch_gemm_core((specs.B2_4BIT, specs.B2_TMA, specs.B2), base, strategy, ("dy", dy), ("dx", dx), shared)
+    if strategy is BaseGemm.CUBLAS and not isinstance(base, FourBitWeight):
+        dx.addmm_(dy, base.weight)
 
 
 def _reduce_partials(partials, out, scaling):
@@ -146,10 +150,24 @@ def lora_forward(x, base, adapter, plan):
                     a=adapter.lora_A, u=u, M=M, K=K, R=R, seed=adapter.seed, p=adapter.dropout_p,
                     HAS_DROPOUT=adapter.has_dropout, R_PAD=configs.padded_rank(width),
                     **plan.low_rank(x.dtype, adapter.lora_A.dtype), **_segment_args(segments))
-    _f2(x, base, u, adapter.lora_B, y, adapter.scaling, plan, segments)
-    if not plan.fused_base_gemm and not isinstance(base, FourBitWeight):
-        y.addmm_(x, base.weight.t())  # cuBLAS adds X W^T to b + s U B^T in its epilogue (beta = 1).
+    _with_strategy("F2", x, base, y, adapter, plan, adapter.has_dropout,
+                   lambda strategy: _f2(x, base, u, adapter.lora_B, y, adapter.scaling, plan, strategy, segments))
     return y, u
+
+
+def _with_strategy(pass_name, a, base, out, adapter, plan, has_dropout, run):
+    """run(strategy) with the plan's base-GEMM strategy; under AUTO the one `ops.gemm_strategy` chose for
+    this kind of pass (timed on its first call). a: the GEMM's streamed operand, out: its output."""
+    if plan.base_gemm is not BaseGemm.AUTO:
+        run(plan.base_gemm)
+        return
+    four_bit = isinstance(base, FourBitWeight)
+    M, n_out = out.shape
+    kind = (pass_name, specs.token_bucket(M), n_out, a.shape[1], a.dtype, adapter.lora_A.dtype, base.bias is not None,
+            has_dropout, adapter.segments is not None, configs.padded_rank(adapter.rank_width), plan.tf32, four_bit,
+            a.device)
+    gemm_strategy.run_chosen(kind, a.device, lambda: gemm_strategy.candidates(
+        a.device, four_bit, not four_bit and tma_addressable(a, base.weight, out)), run)
 
 
 class BackwardPlan(NamedTuple):
@@ -228,9 +246,8 @@ def adapter_grad_pass(v, x, out, scaling, seed, dropout_p, rank_math, segments=N
 def dx_gemm_pass(dy, base, v, adapter, plan):
     """B2: dX = dY W + (V A) * keep / (1 - p) [M, K], written once (cuBLAS adds dY W if so planned)."""
     dx = torch.empty((dy.shape[0], base.in_features), device=dy.device, dtype=dy.dtype)
-    _b2(dy, base, v, adapter.lora_A, dx, adapter, plan)
-    if not plan.fused_base_gemm and not isinstance(base, FourBitWeight):
-        dx.addmm_(dy, base.weight)
+    _with_strategy("B2", dy, base, dx, adapter, plan, adapter.has_dropout,
+                   lambda strategy: _b2(dy, base, v, adapter.lora_A, dx, adapter, plan, strategy))
     return dx
 
 
@@ -274,7 +291,8 @@ def base_gemm_forward(x, weight, bias=None, plan=None):
     y = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
     if x.shape[0]:
         unread = _unread_operand(16, x.device)
-        _f2(x, DenseWeight(weight, bias), unread[:, :0], unread, y, 1.0, _gemm_alone_plan(x.device, plan))
+        plan = _gemm_alone_plan(x.device, plan)
+        _f2(x, DenseWeight(weight, bias), unread[:, :0], unread, y, 1.0, plan, plan.base_gemm)
     return y
 
 
