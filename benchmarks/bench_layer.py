@@ -8,7 +8,7 @@ import traceback
 
 import torch
 
-from benchmarks.harness import Budget, call_batches, interleave, one_call, peak_memory
+from benchmarks.harness import QUIET, Budget, call_batches, interleave, one_call, peak_memory
 from benchmarks.providers import make_providers
 from lorakernels import LoRALinear, ops
 from lorakernels.ops.lora_linear import tma_addressable
@@ -30,6 +30,11 @@ def _record(records, shape, provider, mode, metric, value, p20=None, p80=None, u
                         dtype=dtype_name(dtype), metric=metric, value=value, p20=p20, p80=p80, unit=unit))
 
 
+def shape_text(M, K, N, r, dropout, *_):
+    """A shape as progress lines and failures name it."""
+    return f"M={M} K={K} N={N} r={r} p={dropout}"
+
+
 def failure(section, what, error):
     """A failed measurement, kept for the report (and the exit status) instead of ending the run."""
     print(f"\nFAILED {section} {what}: {type(error).__name__}: {error}")
@@ -37,46 +42,61 @@ def failure(section, what, error):
     return dict(section=section, what=what, error=f"{type(error).__name__}: {error}")
 
 
-def layer_benchmarks(device, shapes, dtype, providers, budget, progress=None, failures=None, extras=True,
+def layer_benchmarks(device, shapes, dtype, providers, budget, progress=QUIET, failures=None, extras=True,
                      calls=None):
     """shapes: (tokens M, K, N, r, dropout) tuples. Returns long-format records; a provider that
     fails is reported in `failures` and the others still run. Each mode times the providers in
     alternation (harness.interleave). extras=False skips inference after merge and the GEMM
     comparison; `calls`: time batches of that many back-to-back calls by the host clock
-    (harness.call_batches, where the host's cost is the point) instead of single calls."""
+    (harness.call_batches, where the host's cost is the point) instead of single calls.
+    `progress` (a harness.Progress): a line per measurement, a step per shape."""
     records = []
     failures = [] if failures is None else failures
     sample = call_batches(device, calls) if calls else one_call(device, budget)
     gemm_shapes = set()
     for M, K, N, r, dropout in shapes:
-        shape = (M, K, N, r, dropout, dtype)
-        layers = make_providers(K, N, r, dtype, dropout, device, names=providers)
-        x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
-        dy = torch.randn(M, N, device=device, dtype=dtype)
-        records += _shape_benchmarks(device, shape, layers, x, dy, budget, sample, failures)
-        for _ in layers if progress else ():
-            progress()
-        if not extras:
-            continue
         try:
-            records += _inference_after_merge(device, shape, layers, x, budget)
+            records += _one_shape(device, (M, K, N, r, dropout, dtype), providers, budget, sample, failures, extras,
+                                  gemm_shapes, progress)
+        finally:
+            progress.step()
+    return records
+
+
+def _one_shape(device, shape, providers, budget, sample, failures, extras, gemm_shapes, progress):
+    M, K, N, r, dropout, dtype = shape
+    progress.note(f"{shape_text(*shape)}: building the providers")
+    try:
+        layers = make_providers(K, N, r, dtype, dropout, device, names=providers)
+    except Exception as error:  # noqa: BLE001 - the other shapes still run
+        failures.append(failure("layer", f"providers at {shape}", error))
+        return []
+    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+    records = _shape_benchmarks(device, shape, layers, x, dy, budget, sample, failures, progress=progress)
+    if not extras:
+        return records
+    try:
+        records += _inference_after_merge(device, shape, layers, x, budget)
+        progress.note(f"{shape_text(*shape)} inference-merged")
+    except Exception as error:  # noqa: BLE001
+        failures.append(failure("layer", f"inference after merge at {shape}", error))
+    if device.type == "cuda" and (M, K, N) not in gemm_shapes:
+        gemm_shapes.add((M, K, N))
+        try:
+            records += gemm_benchmark(device, M, K, N, dtype, budget)
+            progress.note(f"M={M} K={K} N={N}: GEMM main loop against cuBLAS")
         except Exception as error:  # noqa: BLE001
-            failures.append(failure("layer", f"inference after merge at {shape}", error))
-        if device.type == "cuda" and (M, K, N) not in gemm_shapes:
-            gemm_shapes.add((M, K, N))
-            try:
-                records += gemm_benchmark(device, M, K, N, dtype, budget)
-            except Exception as error:  # noqa: BLE001
-                failures.append(failure("gemm", f"at {shape}", error))
-        del layers, x, dy
+            failures.append(failure("gemm", f"at {shape}", error))
     return records
 
 
 def _shape_benchmarks(device, shape, layers, x, dy, budget, sample, failures, references=LAYER_REFERENCES,
-                      benchmark="layer"):
+                      benchmark="layer", progress=QUIET, label=None):
     """Every provider at one shape: counts and saved bytes, then each mode's timings with the
-    providers in alternation (each one's ratios to `references`), then peak memory. A provider
-    that fails leaves the later modes. Records are tagged `benchmark`."""
+    providers in alternation (each one's ratios to `references`; a progress line each, naming the
+    shape or `label`), then peak memory. A provider that fails leaves the later modes. Records are
+    tagged `benchmark`."""
     records, modules = [], {}
     for name, provider in layers.items():
         modules[name] = provider.module.train()
@@ -94,6 +114,8 @@ def _shape_benchmarks(device, shape, layers, x, dy, budget, sample, failures, re
         records += _timing_records(shape, benchmark, mode, timing, references)
         for name, error in timing.errors.items():
             failures.append(failure(benchmark, f"{name} {mode} at {shape}", error))
+        progress.note(f"{label or shape_text(*shape)} {mode}: {len(timing.names())} providers, "
+                      f"{len(timing.rounds)} round{'s' if len(timing.rounds) != 1 else ''}" + (f", {len(timing.errors)} FAILED" if timing.errors else ""))
         modules = {name: m for name, m in modules.items() if name in timing.names()}
         del fns, timing
     for name, module in modules.items():

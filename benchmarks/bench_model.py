@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from benchmarks.bench_layer import dtype_name, failure
-from benchmarks.harness import call_batches, installed, interleave, one_call, peak_memory
+from benchmarks.harness import QUIET, call_batches, installed, interleave, one_call, peak_memory
 from benchmarks.providers import BottleneckAdapter, UnfusedLoRA
 from lorakernels import LoRALinear, apply_lora, merge_lora, patch_peft
 from lorakernels.model import _set_submodule, find_target_modules
@@ -60,25 +60,41 @@ def _variant(name, size, dtype, device, r, dropout):
 
 
 def model_benchmarks(device, size, batch, seq, dtype, r, dropout, budget, inference_shapes, providers=None,
-                     failures=None):
+                     failures=None, progress=QUIET):
     """One AdamW training step per variant, then inference latency, each with the variants in
-    alternation. A variant that fails is reported in `failures` and the others still run."""
+    alternation. A variant that fails is reported in `failures` and the others still run.
+    `progress`: a line per measurement, a step for the training steps and one for inference."""
+    return [rec for part in model_benchmark_parts(device, size, batch, seq, dtype, r, dropout, budget,
+                                                   inference_shapes, providers, failures, progress) for rec in part]
+
+
+def model_benchmark_parts(device, size, batch, seq, dtype, r, dropout, budget, inference_shapes, providers=None,
+                          failures=None, progress=QUIET):
+    """`model_benchmarks` in two parts, each measured when asked for: the training steps' records,
+    then inference's (a run can write the first before it starts the second)."""
     failures = [] if failures is None else failures
     ids = torch.randint(0, size["vocab"], (batch, seq), device=device)
     peft = ["peft", "peft-patched"] if installed("peft") else []
     names = providers or ["full-ft", "lorakernels", *peft, "adapter"]
     base = dict(benchmark="model", M=batch * seq, K=size["hidden"], N=size["layers"], r=r, dropout=dropout,
                 dtype=dtype_name(dtype), p20=None, p80=None)
-    records = train_steps(device, names, lambda name: _variant(name, size, dtype, device, r, dropout), budget, ids,
-                          base, failures)
     try:
-        records += _inference(device, size, dtype, r, budget, inference_shapes, base)
+        records = train_steps(device, names, lambda name: _variant(name, size, dtype, device, r, dropout), budget,
+                              ids, base, failures, progress=progress)
+    finally:
+        progress.step()
+    yield records
+    records = []
+    try:
+        records = _inference(device, size, dtype, r, budget, inference_shapes, base, progress)
     except Exception as error:  # noqa: BLE001
         failures.append(failure("model", "inference", error))
-    return records
+    finally:
+        progress.step()
+    yield records
 
 
-def train_steps(device, names, build, budget, ids, base, failures, section="model"):
+def train_steps(device, names, build, budget, ids, base, failures, section="model", progress=QUIET):
     """The variants' training steps in alternation (every model held at once), each sample one
     step by the host clock, the device synchronized around it: a ~1B-model step takes ~0.1 s on
     a GPU, so do_bench's L2 flush does not matter and its extra runs would cost seconds. Then
@@ -88,6 +104,7 @@ def train_steps(device, names, build, budget, ids, base, failures, section="mode
     for name in names:
         try:
             steps[name], params[name] = _training_step(build(name), ids)
+            progress.note(f"{name}: built, one training step run")
         except Exception as error:  # noqa: BLE001 - one broken variant must not end a GPU session
             failures.append(failure(section, f"{name} train step", error))
     # At least 10 steps per variant (the GPU protocol's 5 rounds would leave p20 and p80 at the extremes).
@@ -95,6 +112,7 @@ def train_steps(device, names, build, budget, ids, base, failures, section="mode
     timing = interleave(steps, call_batches(device, calls=1), budget, warmup=1)
     for name, error in timing.errors.items():
         failures.append(failure(section, f"{name} train step", error))
+    progress.note(f"training step timed: {len(timing.names())} variants, {len(timing.rounds)} rounds")
     records = []
     for name in timing.names():
         median, p20, p80 = timing.stats(name)
@@ -109,10 +127,10 @@ def train_steps(device, names, build, budget, ids, base, failures, section="mode
     del steps, timing
     _release(device)
     timed = [rec["provider"] for rec in records if rec["metric"] == "time"]
-    return records + _train_peak_memory(device, timed, build, ids, base, failures, section)
+    return records + _train_peak_memory(device, timed, build, ids, base, failures, section, progress)
 
 
-def _train_peak_memory(device, names, build, ids, base, failures, section):
+def _train_peak_memory(device, names, build, ids, base, failures, section, progress=QUIET):
     """Peak memory of a training step (CUDA; nothing elsewhere): weights, gradients, optimizer
     state and activations, each variant built anew and alone in memory."""
     records = []
@@ -122,6 +140,7 @@ def _train_peak_memory(device, names, build, ids, base, failures, section):
             mem = peak_memory(step, device, include_resident=True)
             records.append(dict(base, provider=name, mode="train-step", metric="peak_memory_incl_optimizer",
                                 value=mem, unit="B"))
+            progress.note(f"{name}: peak memory of a training step")
         except Exception as error:  # noqa: BLE001
             failures.append(failure(section, f"{name} peak memory", error))
         step = None
@@ -152,7 +171,7 @@ def _training_step(model, ids):
 
 
 @torch.no_grad()
-def _inference(device, size, dtype, r, budget, shapes, base):
+def _inference(device, size, dtype, r, budget, shapes, base, progress=QUIET):
     """Inference latency of base, LoRA unmerged, LoRA merged (a merged copy) and adapters, the four
     in alternation, with each one's per-round ratio to base."""
     models = {"base": build_llama(size, dtype, device).eval(),
@@ -162,6 +181,7 @@ def _inference(device, size, dtype, r, budget, shapes, base):
         if isinstance(m, LoRALinear):
             nn.init.normal_(m.lora_B, std=0.02)
     models["lora-merged"] = merge_lora(copy.deepcopy(models["lora-unmerged"]))
+    progress.note(f"inference: {len(models)} models built")
     records = []
     for batch, seq in shapes:
         ids = torch.randint(0, size["vocab"], (batch, seq), device=device)
@@ -177,4 +197,5 @@ def _inference(device, size, dtype, r, budget, shapes, base):
             if ratio:
                 records.append(dict(rec, provider=name, metric="ratio_to_base", value=ratio[0], p20=ratio[1],
                                     p80=ratio[2], unit="x"))
+        progress.note(f"inference b{batch} s{seq}: {len(timing.names())} models, {len(timing.rounds)} rounds")
     return records

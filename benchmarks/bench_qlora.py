@@ -19,9 +19,9 @@ decoder Linear layers are NF4: time, tokens/s, saved bytes, weight bytes, peak m
 import torch
 from torch import nn
 
-from benchmarks.bench_layer import _shape_benchmarks, dtype_name, failure
+from benchmarks.bench_layer import _shape_benchmarks, dtype_name, failure, shape_text
 from benchmarks.bench_model import TARGETS, build_llama, train_steps
-from benchmarks.harness import installed, one_call
+from benchmarks.harness import QUIET, installed, one_call
 from benchmarks.providers import Provider, _peft_layer
 from lorakernels import LoRALinear, apply_lora, four_bit, patch_peft
 from lorakernels.model import _set_submodule
@@ -152,34 +152,43 @@ def make_qlora_providers(K, N, r, dtype, dropout, device, names=None):
     return out, linear4bit
 
 
-def qlora_layer_benchmarks(device, shapes, dtype, budget, failures=None, names=None):
+def qlora_layer_benchmarks(device, shapes, dtype, budget, failures=None, names=None, progress=QUIET):
     """Every QLoRA provider at each (tokens M, K, N, r, dropout) shape: forward, backward and full
     times in alternation with ratios to PEFT and to dequant-cublas, saved bytes, trainable
     parameters, peak memory (CUDA), and the weight bytes (4-bit storage; dequant-cublas adds its
-    dense buffer) with the bf16 bytes of the same weight."""
+    dense buffer) with the bf16 bytes of the same weight. `progress`: a line per measurement, a
+    step per shape."""
     failures = [] if failures is None else failures
     records = []
     for M, K, N, r, dropout in shapes:
-        shape = (M, K, N, r, dropout, dtype)
         try:
-            layers, linear4bit = make_qlora_providers(K, N, r, dtype, dropout, device, names)
-        except Exception as error:  # noqa: BLE001
-            failures.append(failure("qlora-layer", f"providers at {shape}", error))
-            continue
-        x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
-        dy = torch.randn(M, N, device=device, dtype=dtype)
-        sample = one_call(device, budget)
-        records += _shape_benchmarks(device, shape, layers, x, dy, budget, sample, failures,
-                                     references=QLORA_REFERENCES, benchmark="qlora-layer")
-        stored = four_bit.storage_bytes(linear4bit.weight)
-        base = dict(benchmark="qlora-layer", mode="full", M=M, K=K, N=N, r=r, dropout=dropout,
-                    dtype=dtype_name(dtype), p20=None, p80=None, unit="B")
-        for name, provider in layers.items():
-            buffer = provider.module.buffer if isinstance(provider.module, DequantizeToBuffer) else None
-            extra = buffer.numel() * buffer.element_size() if buffer is not None else 0
-            records += [dict(base, provider=name, metric="weight_bytes", value=stored + extra),
-                        dict(base, provider=name, metric="weight_bytes_bf16", value=N * K * 2)]
-        del layers, linear4bit, x, dy
+            records += _qlora_shape(device, (M, K, N, r, dropout, dtype), budget, failures, names, progress)
+        finally:
+            progress.step()
+    return records
+
+
+def _qlora_shape(device, shape, budget, failures, names, progress):
+    M, K, N, r, dropout, dtype = shape
+    progress.note(f"{shape_text(*shape)}: building providers on an NF4 weight")
+    try:
+        layers, linear4bit = make_qlora_providers(K, N, r, dtype, dropout, device, names)
+    except Exception as error:  # noqa: BLE001
+        failures.append(failure("qlora-layer", f"providers at {shape}", error))
+        return []
+    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+    sample = one_call(device, budget)
+    records = _shape_benchmarks(device, shape, layers, x, dy, budget, sample, failures, references=QLORA_REFERENCES,
+                                benchmark="qlora-layer", progress=progress)
+    stored = four_bit.storage_bytes(linear4bit.weight)
+    base = dict(benchmark="qlora-layer", mode="full", M=M, K=K, N=N, r=r, dropout=dropout,
+                dtype=dtype_name(dtype), p20=None, p80=None, unit="B")
+    for name, provider in layers.items():
+        buffer = provider.module.buffer if isinstance(provider.module, DequantizeToBuffer) else None
+        extra = buffer.numel() * buffer.element_size() if buffer is not None else 0
+        records += [dict(base, provider=name, metric="weight_bytes", value=stored + extra),
+                    dict(base, provider=name, metric="weight_bytes_bf16", value=N * K * 2)]
     return records
 
 
@@ -235,10 +244,10 @@ def _model_weight_bytes(model):
     return total
 
 
-def qlora_model_benchmarks(device, size, batch, seq, dtype, r, budget, failures=None, names=None):
+def qlora_model_benchmarks(device, size, batch, seq, dtype, r, budget, failures=None, names=None, progress=QUIET):
     """One AdamW step of each QLoRA variant on a 4-bit Llama-style decoder, in alternation; then
     each variant's weight bytes and the bytes one training forward saves for backward (any
-    device), and its peak memory (CUDA)."""
+    device), and its peak memory (CUDA). `progress`: a line per measurement, one step."""
     failures = [] if failures is None else failures
     names = [n for n in (names or QLORA_MODEL_VARIANTS) if not n.startswith("peft") or installed("peft")]
     ids = torch.randint(0, size["vocab"], (batch, seq), device=device)
@@ -259,7 +268,11 @@ def qlora_model_benchmarks(device, size, batch, seq, dtype, r, budget, failures=
                 memory[name] = None
         return model
 
-    records = train_steps(device, names, build, budget, ids, base, failures, section="qlora-model")
+    try:
+        records = train_steps(device, names, build, budget, ids, base, failures, section="qlora-model",
+                              progress=progress)
+    finally:
+        progress.step()
     for name in [rec["provider"] for rec in records if rec["metric"] == "time"]:
         if memory.get(name):
             saved, weight = memory[name]

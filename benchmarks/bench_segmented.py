@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from benchmarks.bench_layer import _shape_benchmarks, failure
-from benchmarks.harness import one_call
+from benchmarks.harness import QUIET, one_call
 from benchmarks.providers import Provider
 from benchmarks.providers import _peft_layer
 from lorakernels import LoRALinear
@@ -107,28 +107,40 @@ def make_segmented_providers(K, N, r, n, dtype, device, sequences, names=None):
 
 
 def segmented_benchmarks(device, sequences, seq_len, K, N, r, adapter_counts, dtype, budget, failures=None,
-                         names=None):
+                         names=None, progress=QUIET):
     """Each provider at each adapter count: modes timed in alternation, ratios to peft, tokens/s,
-    saved bytes, trainable parameters, peak memory (CUDA)."""
+    saved bytes, trainable parameters, peak memory (CUDA). `progress`: a line per measurement, a
+    step per adapter count."""
     failures = [] if failures is None else failures
     records = []
-    M = sequences * seq_len
     for n in adapter_counts:
-        shape = (M, K, N, r, 0.0, dtype)
         try:
-            layers, _ = make_segmented_providers(K, N, r, n, dtype, device, sequences, names)
-        except Exception as error:  # noqa: BLE001
-            failures.append(failure("segmented", f"providers with {n} adapters", error))
-            continue
-        x = torch.randn(sequences, seq_len, K, device=device, dtype=dtype, requires_grad=True)
-        dy = torch.randn(sequences, seq_len, N, device=device, dtype=dtype)
-        shape_records = _shape_benchmarks(device, shape, layers, x, dy, budget, one_call(device, budget), failures,
-                                          references=("peft",), benchmark="segmented")
-        for rec in shape_records:
-            rec["adapters"] = n
-            records.append(rec)
-            if rec["metric"] == "time":
-                records.append(dict(rec, metric="tokens_per_s", value=M / rec["value"], p20=None, p80=None,
-                                    unit="tok/s"))
-        del layers, x, dy
+            records += _adapter_count(device, sequences, seq_len, K, N, r, n, dtype, budget, failures, names, progress)
+        finally:
+            progress.step()
+    return records
+
+
+def _adapter_count(device, sequences, seq_len, K, N, r, n, dtype, budget, failures, names, progress):
+    M = sequences * seq_len
+    shape = (M, K, N, r, 0.0, dtype)
+    label = f"{n} adapters, {sequences} sequences of {seq_len} tokens, K={K} N={N} r={r}"
+    progress.note(f"{label}: building providers")
+    try:
+        layers, _ = make_segmented_providers(K, N, r, n, dtype, device, sequences, names)
+    except Exception as error:  # noqa: BLE001
+        failures.append(failure("segmented", f"providers with {n} adapters", error))
+        return []
+    x = torch.randn(sequences, seq_len, K, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(sequences, seq_len, N, device=device, dtype=dtype)
+    shape_records = _shape_benchmarks(device, shape, layers, x, dy, budget, one_call(device, budget), failures,
+                                      references=("peft",), benchmark="segmented", progress=progress,
+                                      label=label)
+    records = []
+    for rec in shape_records:
+        rec["adapters"] = n
+        records.append(rec)
+        if rec["metric"] == "time":
+            records.append(dict(rec, metric="tokens_per_s", value=M / rec["value"], p20=None, p80=None,
+                                unit="tok/s"))
     return records

@@ -22,6 +22,7 @@ import importlib
 import math
 import platform
 import statistics
+import sys
 import time
 from typing import NamedTuple
 
@@ -47,6 +48,61 @@ class Budget(NamedTuple):
     seconds: float = 0.0
     round_ms: float = 20.0
     max_rounds: int = 10_000
+
+
+class Progress:
+    """A run's progress on stderr: a line as each measurement finishes, flushed at once (a log then
+    shows how far a run got and what took the time), and, where stderr is a terminal and tqdm is
+    installed, one bar over the steps of every section (their number given to `expect` ahead).
+
+    `section(name, what)` opens a section, `note(what)` reports a finished measurement of it,
+    `step()` a finished step of the bar (a shape, an adapter count, a model variant's part).
+    `Progress(lines=False)` (`QUIET`) reports nothing."""
+
+    def __init__(self, lines=True, bar=None, stream=None, clock=time.perf_counter):
+        self.stream = stream or sys.stderr
+        self.lines, self.clock, self.start = lines, clock, clock()
+        self.want_bar = lines and (bar if bar is not None else self.stream.isatty())
+        self.bar, self.name, self.total, self.done = None, "", 0, 0
+
+    def expect(self, steps):
+        """The run's number of steps, counted ahead: the bar's total."""
+        self.total = steps
+        if self.want_bar and self.bar is None:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=steps, desc="benchmarks", file=self.stream, leave=False, dynamic_ncols=True)
+
+    def section(self, name, what="started"):
+        self.name = name
+        if self.bar is not None:
+            self.bar.set_description(name)
+        self.note(what)
+
+    def note(self, what):
+        if not self.lines:
+            return
+        line = f"[{self.clock() - self.start:7.1f} s] {self.name}: {what}"
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)  # above the bar, which stays at the bottom
+            self.stream.flush()
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def step(self):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+QUIET = Progress(lines=False)
 
 
 def environment(device):

@@ -321,10 +321,12 @@ def _qlora_model_section(records):
     return lines
 
 
-def summary(records):
-    """A few lines for the end of a run's output: per layer shape, lorakernels' forward + backward
-    time against the floor and PEFT; the Triton GEMM against cuBLAS; the model's tokens/s."""
-    return _layer_summary(records) + _gemm_summary(records) + _model_summary(records)
+def summary(records, note):
+    """A few lines for the end of a run's output, under a heading that says what the timings are
+    (`note`: the environment's, e.g. that CPU timings are the torch backend's, not GPU speed): per
+    layer shape, lorakernels' forward + backward time against the floor and PEFT; the Triton GEMM
+    against cuBLAS; the model's tokens/s."""
+    return [f"summary ({note}):"] + _layer_summary(records) + _gemm_summary(records) + _model_summary(records)
 
 
 def _layer_summary(records):

@@ -7,7 +7,12 @@ batches over 1, 4 and 16 adapters against PEFT's adapter_names loop; QLoRA
 (NF4 base, with bitsandbytes installed) against PEFT's QLoRA layer and Unsloth's
 dequantize-to-buffer method, per layer and on the ~1B Llama in 4 bits).
 Elsewhere it runs a small CPU protocol: memory, saved bytes and parameters are the same
-quantities, and the timings are CPU timings (lorakernels on its torch backend), labelled so.
+quantities, and the timings are CPU timings (lorakernels on its torch backend), labelled so,
+in the results and in the closing summary.
+
+Progress goes to stderr as it happens: a line as each measurement finishes, and a bar over every
+section on a terminal (--no-progress: none). The results files are rewritten after every step of
+every section, so that a run cut off by a time limit keeps what it finished.
 
 Writes results.csv (long format: one metric per row), results.json (with the environment),
 results.md, and PNG plots when matplotlib is installed, to --output-dir: by default
@@ -16,15 +21,17 @@ results alone (those are regenerated with an explicit --output-dir benchmarks/re
 """
 
 import argparse
+import contextlib
 import csv
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from benchmarks.bench_layer import failure, layer_benchmarks, merge_benchmark
-from benchmarks.bench_model import model_benchmarks
+from benchmarks.bench_model import model_benchmark_parts
 from benchmarks.bench_qlora import (
     QLORA_MODEL_VARIANTS,
     QLORA_PROVIDERS,
@@ -32,7 +39,7 @@ from benchmarks.bench_qlora import (
     qlora_model_benchmarks,
 )
 from benchmarks.bench_segmented import SEGMENTED_PROVIDERS, segmented_benchmarks
-from benchmarks.harness import Budget, environment, installed
+from benchmarks.harness import Budget, Progress, environment, installed
 from benchmarks.report import summary, write_markdown, write_plots
 
 PROTOCOLS = {
@@ -81,10 +88,14 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
     """Run a protocol. Returns (records, failures, section_seconds).
 
     `budget` (a harness.Budget) replaces the protocol's budget per measurement.
-    `checkpoint(records, failures, seconds)`, if given, is called after each layer shape and
-    each section, so that a run stopped by a time limit still leaves what it finished.
+    `progress`: a harness.Progress, or True (a line on stderr per measurement, and a bar over every
+    section where stderr is a terminal) or False (nothing).
+    `checkpoint(records, failures, seconds)`, if given, is called after each step of every section
+    (a layer shape, an adapter count, the model's training steps and its inference, ...) and at
+    each section's end, so that a run stopped by a time limit still leaves what it finished.
     """
     p = PROTOCOLS[protocol]
+    progress = Progress(lines=progress) if isinstance(progress, bool) else progress
     records, failures, seconds = [], [], {}
     # Providers named on the command line select QLoRA's too; none of QLoRA's named: no QLoRA section.
     qlora_names = None if providers is None else [n for n in providers if n in QLORA_PROVIDERS]
@@ -96,50 +107,46 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
     compile_shapes = layer_shapes or p.get("compile_shapes", ())
     layer_shapes = layer_shapes or p["layer_shapes"]
     budget = budget or p["budget"]
-    bar = _progress(len(layer_shapes) * len(providers), progress)
-    start = time.perf_counter()
-    for shape_records in _layer_section(device, p, providers, layer_shapes, compile_shapes, budget, bar, failures):
-        records += shape_records
-        if checkpoint:
-            checkpoint(records, failures, dict(seconds, layer=time.perf_counter() - start))
-    seconds["layer"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    records += _overhead_section(device, p, providers, budget, failures)
-    seconds["overhead"] = time.perf_counter() - start
-    if checkpoint:
-        checkpoint(records, failures, seconds)
-
-    start = time.perf_counter()
-    records += _merge_section(device, p, budget, failures)
-    seconds["merge"] = time.perf_counter() - start
-    if checkpoint:
-        checkpoint(records, failures, seconds)
-
+    # (name, steps, parts): parts() yields the section's records a step at a time, measuring each
+    # when asked for it; steps: how many steps of the progress bar the section reports.
+    sections = [
+        ("layer", len(layer_shapes),
+         lambda: _layer_section(device, p, providers, layer_shapes, compile_shapes, budget, progress, failures)),
+        ("overhead", 1, lambda: [_overhead_section(device, p, providers, budget, failures, progress)]),
+        ("merge", len(p["merge"]), lambda: _merge_section(device, p, budget, failures, progress)),
+    ]
     if not skip_segmented:
-        start = time.perf_counter()
         q = p["segmented"]
-        records += segmented_benchmarks(device, q["sequences"], q["seq_len"], q["K"], q["N"], q["r"], q["adapters"],
-                                        p["dtype"], budget, failures, segmented_names)
-        seconds["segmented"] = time.perf_counter() - start
-        if checkpoint:
-            checkpoint(records, failures, seconds)
-
+        sections.append(("segmented", len(q["adapters"]),
+                         lambda: _segmented_section(device, p, budget, failures, segmented_names, progress)))
     if _model_section_enabled(skip_model):
-        start = time.perf_counter()
-        records += _model_section(device, p, budget, failures)
-        seconds["model"] = time.perf_counter() - start
-        if checkpoint:
-            checkpoint(records, failures, seconds)
-
+        sections.append(("model", 2, lambda: _model_section(device, p, budget, failures, progress)))
     if _qlora_section_enabled(skip_qlora):
-        start = time.perf_counter()
-        for part in _qlora_section(device, p, budget, failures, qlora_names,
-                                   with_model=not skip_model and installed("transformers")):
-            records += part
-            seconds["qlora"] = time.perf_counter() - start
+        with_model = not skip_model and installed("transformers")
+        model_names = None if qlora_names is None else [n for n in qlora_names if n in QLORA_MODEL_VARIANTS]
+        with_model = with_model and model_names != []
+        sections.append(("qlora", len(p["qlora"]["layer_shapes"]) + with_model,
+                         lambda: _qlora_section(device, p, budget, failures, qlora_names, model_names, with_model,
+                                                progress)))
+    progress.expect(sum(steps for _, steps, _ in sections))
+    progress.section("benchmarks", f"{protocol} protocol on {device.type}: "
+                     + ", ".join(f"{name} ({steps} step{'s' if steps != 1 else ''})" for name, steps, _ in sections))
+    try:
+        for name, steps, parts in sections:
+            progress.section(name, f"started ({steps} step{'s' if steps != 1 else ''})")
+            start = time.perf_counter()
+            for part in parts():
+                records += part
+                seconds[name] = time.perf_counter() - start
+                if checkpoint:
+                    checkpoint(records, failures, seconds)
+            seconds[name] = time.perf_counter() - start
             if checkpoint:
                 checkpoint(records, failures, seconds)
+            progress.note(f"done in {seconds[name]:.1f} s")
+    finally:
+        progress.close()
     return records, failures, seconds
 
 
@@ -149,28 +156,40 @@ def protocol_budget(protocol, rounds=None, seconds=None):
     return PROTOCOLS[protocol]["budget"]._replace(**{k: v for k, v in given.items() if v is not None})
 
 
-def _layer_section(device, p, providers, layer_shapes, compile_shapes, budget, bar, failures):
+def _layer_section(device, p, providers, layer_shapes, compile_shapes, budget, progress, failures):
     """Yields the layer benchmarks' records one shape at a time, measuring each when asked for it."""
     for shape in layer_shapes:
         names = [n for n in providers if n != "peft+compile" or shape in compile_shapes]
-        yield layer_benchmarks(device, [shape], p["dtype"], names, budget, progress=bar, failures=failures)
+        yield layer_benchmarks(device, [shape], p["dtype"], names, budget, progress=progress, failures=failures)
 
 
-def _overhead_section(device, p, providers, budget, failures):
+def _overhead_section(device, p, providers, budget, failures, progress):
     """Host overhead: a layer so small that per-call Python and kernel launches set the time."""
     tiny = layer_benchmarks(device, [p["overhead_shape"]], p["dtype"], [n for n in providers if n != "peft+compile"],
-                            budget, failures=failures, extras=False, calls=OVERHEAD_CALLS)
+                            budget, progress=progress, failures=failures, extras=False, calls=OVERHEAD_CALLS)
     return [dict(r, benchmark="overhead") for r in tiny]
 
 
-def _merge_section(device, p, budget, failures):
-    records = []
+def _merge_section(device, p, budget, failures, progress):
+    """Yields each merge shape's records."""
     for N, K, r in p["merge"]:
+        records = []
         try:
-            records += merge_benchmark(device, N, K, r, p["dtype"], budget)
+            records = merge_benchmark(device, N, K, r, p["dtype"], budget)
+            progress.note(f"{N} x {K}, r = {r}")
         except Exception as error:  # noqa: BLE001 - reported, and the run goes on
             failures.append(failure("merge", f"{N} x {K}, r = {r}", error))
-    return records
+        finally:
+            progress.step()
+        yield records
+
+
+def _segmented_section(device, p, budget, failures, names, progress):
+    """Yields each adapter count's records."""
+    q = p["segmented"]
+    for n in q["adapters"]:
+        yield segmented_benchmarks(device, q["sequences"], q["seq_len"], q["K"], q["N"], q["r"], (n,), p["dtype"],
+                                   budget, failures, names, progress=progress)
 
 
 def _model_section_enabled(skip_model):
@@ -192,50 +211,56 @@ def _qlora_section_enabled(skip_qlora):
     return True
 
 
-def _qlora_section(device, p, budget, failures, names, with_model):
-    """Yields the QLoRA layer benchmarks' records (the providers `names`, None: all), then (with
-    transformers) the QLoRA model step's, for those of `names` that are model variants."""
+def _qlora_section(device, p, budget, failures, names, model_names, with_model, progress):
+    """Yields the QLoRA layer benchmarks' records (the providers `names`, None: all) a shape at a time,
+    then (`with_model`) the QLoRA model step's, for the model variants `model_names` (None: all)."""
     q = p["qlora"]
-    yield qlora_layer_benchmarks(device, q["layer_shapes"], torch.bfloat16, budget, failures, names)
-    model_names = None if names is None else [n for n in names if n in QLORA_MODEL_VARIANTS]
-    if with_model and model_names != []:
+    for shape in q["layer_shapes"]:
+        yield qlora_layer_benchmarks(device, [shape], torch.bfloat16, budget, failures, names, progress=progress)
+    if with_model:
         m = q["model"]
         yield qlora_model_benchmarks(device, m["size"], m["batch"], m["seq"], torch.bfloat16, 16, budget, failures,
-                                     model_names)
+                                     model_names, progress=progress)
 
 
-def _model_section(device, p, budget, failures):
+def _model_section(device, p, budget, failures, progress):
+    """Yields the model's training-step records, then its inference records."""
     m = p["model"]
-    return model_benchmarks(device, m["size"], m["batch"], m["seq"], p["dtype"], 16, 0.1, budget, m["inference"],
-                            failures=failures)
-
-
-def _progress(total, enabled):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    bar = tqdm(total=total, desc="layer benchmarks", leave=False)
-    return lambda: bar.update(1)
+    return model_benchmark_parts(device, m["size"], m["batch"], m["seq"], p["dtype"], 16, 0.1, budget,
+                                 m["inference"], failures=failures, progress=progress)
 
 
 def write(records, env, out_dir, failures=(), plots=True):
+    """results.csv, results.json, results.md (and the plots) in out_dir. Each file is written whole
+    and then renamed into place: a run interrupted while it writes, or a copy taken meanwhile (the
+    GPU session collects results while the suite runs), finds the previous version or the new one."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fields = ["benchmark", "provider", "mode", "M", "K", "N", "r", "dropout", "adapters", "dtype", "metric", "value",
               "p20",
               "p80", "unit", "device", "torch", "triton", "timestamp"]
-    with open(out_dir / "results.csv", "w", newline="") as f:
+    with _replacing(out_dir / "results.csv") as path, open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for rec in records:
             writer.writerow({**rec, **{k: env[k] for k in ("device", "torch", "triton", "timestamp")}})
-    (out_dir / "results.json").write_text(json.dumps(dict(environment=env, records=records, failures=list(failures)),
-                                                     indent=1))
-    write_markdown(records, env, out_dir / "results.md", failures)
+    with _replacing(out_dir / "results.json") as path:
+        path.write_text(json.dumps(dict(environment=env, records=records, failures=list(failures)), indent=1))
+    with _replacing(out_dir / "results.md") as path:
+        write_markdown(records, env, path, failures)
     return write_plots(records, env, out_dir) if plots else []
+
+
+@contextlib.contextmanager
+def _replacing(path):
+    """Yields a temporary path next to `path`, renamed to `path` once the block has written it."""
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        yield temporary
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    os.replace(temporary, path)
 
 
 def main(argv=None):
@@ -256,28 +281,32 @@ def main(argv=None):
     parser.add_argument("--skip-model", action="store_true", help="no model-level benchmarks (QLoRA's included)")
     parser.add_argument("--skip-qlora", action="store_true", help="no QLoRA benchmarks")
     parser.add_argument("--skip-segmented", action="store_true", help="no mixed-batch (several adapters) benchmarks")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress on stderr (by default a line as each "
+                        "measurement finishes, and a progress bar on a terminal)")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     protocol = args.protocol or ("gpu" if device.type == "cuda" else "cpu")
     env = dict(environment(device), protocol=protocol,
                note="GPU timings" if device.type == "cuda" else
-               "CPU timings, lorakernels on its torch backend: not a measure of the Triton kernels")
+               "CPU timings, lorakernels on its torch backend: not a measure of the Triton kernels nor of GPU speed")
     budget = protocol_budget(protocol, args.repeats, args.seconds)
     env["budget"] = budget._asdict()
     out_dir = args.output_dir or default_output_dir(protocol)
+    progress = Progress(lines=not args.no_progress)
+    progress.section("benchmarks", f"{protocol} protocol on {env['device']} ({env['note']}); results written to "
+                     f"{out_dir} as they are measured")
     start = time.perf_counter()
 
     def checkpoint(records, failures, seconds):  # tables only: the plots are drawn once, at the end
         write(records, dict(env, seconds=dict(seconds, total=time.perf_counter() - start)), out_dir, failures,
               plots=False)
 
-    records, failures, seconds = run(device, protocol, args.providers, args.skip_model, not args.no_progress,
-                                     args.layer_shapes, budget, checkpoint, args.skip_qlora, args.skip_segmented)
+    records, failures, seconds = run(device, protocol, args.providers, args.skip_model, progress, args.layer_shapes,
+                                     budget, checkpoint, args.skip_qlora, args.skip_segmented)
     env["seconds"] = dict(seconds, total=time.perf_counter() - start)
     plots = write(records, env, out_dir, failures)
     print(Path(out_dir, "results.md").read_text())
-    print("\n".join(["summary:"] + summary(records)))
+    print("\n".join(summary(records, env["note"])))
     print(f"wrote {out_dir}/results.csv, results.json, results.md" + (f", {len(plots)} plots" if plots else ""))
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in env["seconds"].items()))
     if failures:

@@ -3,12 +3,16 @@ broken baseline), the suite's output files parse, and the timing statistics are 
 (quantiles from measured samples, ratios from providers timed in alternation). Seconds, on
 the suite's device."""
 
+import contextlib
 import csv
+import io
 import json
 import random
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -65,20 +69,56 @@ def test_dropout_providers_apply_dropout_in_training_only():
         assert not torch.allclose(y_train, y_eval)
 
 
-def test_suite_writes_parseable_results(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """`python -m benchmarks` on a tiny protocol with every section, progress on and a progress bar
+    drawn as on a terminal: the output directory, stdout, stderr, the run's harness.Progress and,
+    for each results file written, the sections it held, its record count and whether it was the
+    final write (with plots)."""
     from benchmarks import suite
+    from benchmarks.harness import Progress
 
+    out = tmp_path_factory.mktemp("suite")
+    made, writes = [], []
+
+    def progress(**kwargs):
+        made.append(Progress(bar=True, **kwargs))
+        return made[-1]
+
+    def write(records, env, out_dir, failures=(), plots=True):
+        writes.append((set(env["seconds"]) - {"total"}, len(records), plots))
+        return original_write(records, env, out_dir, failures, plots)
+
+    original_write = suite.write
     tiny = dict(vocab=50, hidden=64, intermediate=64, layers=1, heads=2, kv_heads=1)
-    protocol = dict(suite.PROTOCOLS["cpu"], layer_shapes=[(16, 32, 24, 4, 0.1)], merge=[(32, 24, 4)],
-                    model=dict(size=tiny, batch=1, seq=8, inference=[(1, 8)]), budget=Budget(rounds=3),
-                    qlora=dict(layer_shapes=[(8, 64, 32, 4, 0.0)], model=dict(size=tiny, batch=1, seq=8)),
-                    segmented=dict(sequences=4, seq_len=3, K=32, N=24, r=4, adapters=(1, 4)))
-    suite.PROTOCOLS["test"] = protocol
+    suite.PROTOCOLS["test"] = dict(
+        suite.PROTOCOLS["cpu"], layer_shapes=[(16, 32, 24, 4, 0.1)], merge=[(32, 24, 4)],
+        model=dict(size=tiny, batch=1, seq=8, inference=[(1, 8)]), budget=Budget(rounds=3),
+        qlora=dict(layer_shapes=[(8, 64, 32, 4, 0.0)], model=dict(size=tiny, batch=1, seq=8)),
+        segmented=dict(sequences=4, seq_len=3, K=32, N=24, r=4, adapters=(1, 4)))
+    stdout, stderr = io.StringIO(), io.StringIO()
     try:
-        assert suite.main(["--device", DEVICE.type, "--protocol", "test", "--output-dir", str(tmp_path),
-                           "--no-progress"]) == 0
+        with mock.patch.object(suite, "Progress", progress), mock.patch.object(suite, "write", write), \
+                contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            status = suite.main(["--device", DEVICE.type, "--protocol", "test", "--output-dir", str(out)])
     finally:
         del suite.PROTOCOLS["test"]
+    assert status == 0, stdout.getvalue()[-3000:]
+    (run_progress,) = made
+    return SimpleNamespace(out=out, stdout=stdout.getvalue(), stderr=stderr.getvalue(), progress=run_progress,
+                           writes=writes)
+
+
+SECTIONS = ("layer", "overhead", "merge", "segmented", "model", "qlora")
+
+
+def _sections_run():
+    """The sections the tiny run has: QLoRA's where bitsandbytes is installed."""
+    return [name for name in SECTIONS if name != "qlora" or _have("bitsandbytes")]
+
+
+def test_suite_writes_parseable_results(tiny_run):
+    tmp_path = tiny_run.out
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     data = json.loads((tmp_path / "results.json").read_text())
     assert len(rows) == len(data["records"]) > 0
@@ -102,6 +142,49 @@ def test_suite_writes_parseable_results(tmp_path):
         assert {"time", "saved_bytes", "weight_bytes"} <= {r["metric"] for r in rows if r["benchmark"] == "qlora-model"}
         assert "## QLoRA layer, full" in text and "## QLoRA layer memory" in text and "## QLoRA model" in text
     assert ("CPU timings, lorakernels on its torch backend" in text) == (DEVICE.type == "cpu")
+
+
+def test_progress_covers_every_section(tiny_run):
+    """Catches a section that runs silently: every one reports its start, a line as each of its
+    measurements finishes, and its end, and the progress bar counts every section's steps (the
+    bar once covered the layer table alone)."""
+    modes = (" forward: ", " backward: ", " full: ")
+    measurements = {"layer": modes + (" inference-merged",), "overhead": modes, "merge": ("32 x 24, r = 4",),
+                    "segmented": modes + ("1 adapters", "4 adapters"),
+                    "model": ("training step timed", "inference b1 s8"), "qlora": modes + ("training step timed",)}
+    lines = tiny_run.stderr.splitlines()
+    for name in _sections_run():
+        mine = [line.split(f"] {name}: ", 1)[1] for line in lines if f"] {name}: " in line]
+        assert mine[0].startswith("started") and mine[-1].startswith("done in"), mine
+        for what in measurements[name]:
+            assert any(what in line for line in mine[1:-1]), (name, what, mine)
+    progress = tiny_run.progress
+    steps = {"layer": 1, "overhead": 1, "merge": 1, "segmented": 2, "model": 2, "qlora": 2}
+    assert progress.total == progress.done == sum(steps[name] for name in _sections_run())
+    assert f"0/{progress.total}" in tiny_run.stderr  # the bar was drawn with every section's steps
+
+
+def test_every_section_is_written_as_it_finishes(tiny_run):
+    """Catches a section whose results exist only once the whole run has finished (a run cut off
+    by a time limit would lose them): some write before the final one holds each section."""
+    *checkpoints, final = tiny_run.writes
+    assert final[2] and not any(plots for _, _, plots in checkpoints)
+    for name in _sections_run():
+        assert any(name in sections for sections, _, _ in checkpoints), name
+    counts = [count for _, count, _ in checkpoints]
+    assert counts == sorted(counts) and counts[-1] == final[1]
+
+
+def test_summary_says_what_the_timings_are(tiny_run):
+    """Catches CPU ratios in the closing summary without the caveat that they are CPU timings of the
+    torch backend, not GPU speed."""
+    heading = next(line for line in tiny_run.stdout.splitlines() if line.startswith("summary"))
+    if DEVICE.type == "cpu":
+        assert "CPU timings, lorakernels on its torch backend" in heading and "not" in heading
+        assert "GPU speed" in heading
+    else:
+        assert heading == "summary (GPU timings):"
+    assert any(line.startswith("layer M=16 K=32") for line in tiny_run.stdout.splitlines())
 
 
 def test_qlora_providers_compute_the_reference_function():
@@ -235,7 +318,7 @@ def test_an_interrupted_run_keeps_the_sections_it_finished(tmp_path, monkeypatch
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # what a time limit does mid-section
 
-    monkeypatch.setattr(suite, "model_benchmarks", killed)
+    monkeypatch.setattr(suite, "model_benchmark_parts", killed)
     with pytest.raises(KeyboardInterrupt):
         suite.main(["--device", DEVICE.type, "--no-progress", "--output-dir", str(tmp_path), "--providers", "floor",
                     "--layer-shapes", "16,32,24,4,0.0", "--repeats", "1", "--seconds", "0"])
