@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from benchmarks.bench_layer import dtype_name, failure
-from benchmarks.harness import QUIET, call_batches, installed, interleave, one_call, peak_memory
+from benchmarks.harness import QUIET, call_batches, installed, interleave, peak_memory
 from benchmarks.providers import BottleneckAdapter, UnfusedLoRA
 from lorakernels import LoRALinear, apply_lora, merge_lora, patch_peft
 from lorakernels.model import _set_submodule, find_target_modules
@@ -173,7 +173,10 @@ def _training_step(model, ids):
 @torch.no_grad()
 def _inference(device, size, dtype, r, budget, shapes, base, progress=QUIET):
     """Inference latency of base, LoRA unmerged, LoRA merged (a merged copy) and adapters, the four
-    in alternation, with each one's per-round ratio to base."""
+    in alternation, with each one's per-round ratio to base. Each sample is one forward by the host
+    clock, the device synchronized around it, at least 10 rounds (as `train_steps`: a ~1B model's
+    weights are far larger than the L2 cache, so do_bench's flush changes nothing, and a do_bench
+    call would run a forward of up to ~0.1 s eight times or more)."""
     models = {"base": build_llama(size, dtype, device).eval(),
               "lora-unmerged": _variant("lorakernels", size, dtype, device, r, 0.0).eval(),
               "adapter": _variant("adapter", size, dtype, device, r, 0.0).eval()}
@@ -182,11 +185,12 @@ def _inference(device, size, dtype, r, budget, shapes, base, progress=QUIET):
             nn.init.normal_(m.lora_B, std=0.02)
     models["lora-merged"] = merge_lora(copy.deepcopy(models["lora-unmerged"]))
     progress.note(f"inference: {len(models)} models built")
+    budget = budget._replace(rounds=max(budget.rounds, 10))
     records = []
     for batch, seq in shapes:
         ids = torch.randint(0, size["vocab"], (batch, seq), device=device)
         timing = interleave({name: (lambda m=model: m(ids)) for name, model in models.items()},
-                            one_call(device, budget), budget)
+                            call_batches(device, calls=1), budget)
         if timing.errors:
             raise next(iter(timing.errors.values()))
         rec = dict(base, mode=f"inference b{batch} s{seq}", M=batch * seq)

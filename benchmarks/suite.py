@@ -1,14 +1,14 @@
 """The benchmark suite (`python -m benchmarks`): layer, merge, model-level and QLoRA benchmarks.
 
-On a CUDA device it runs the GPU protocol (the LoRAFusion shapes: K = N in {4096, 5120,
-8192}, 2048..8192 tokens, r = 16, alpha = 16, dropout 0.1 and 0, bf16; a rank sweep 8..128
-at 4096; a ~1B-class Llama training step; inference at batch 1 / seq 128 and 32 / 512; mixed
-batches over 1, 4 and 16 adapters against PEFT's adapter_names loop; QLoRA
-(NF4 base, with bitsandbytes installed) against PEFT's QLoRA layer and Unsloth's
-dequantize-to-buffer method, per layer and on the ~1B Llama in 4 bits).
-Elsewhere it runs a small CPU protocol: memory, saved bytes and parameters are the same
-quantities, and the timings are CPU timings (lorakernels on its torch backend), labelled so,
-in the results and in the closing summary.
+On a CUDA device it runs the GPU protocol, in about 4-5 minutes on an H200 (the LoRAFusion
+shapes: K = N in {4096, 5120, 8192} at 4096 tokens, r = 16, alpha = 16, dropout 0.1 and 0, and
+2048 and 8192 tokens at K = N = 4096, bf16; the host overhead of a tiny layer; the merge; mixed
+batches over 1, 4 and 16 adapters against PEFT's adapter_names loop; a ~1B-class Llama training
+step and inference at batch 1 / seq 128 and 32 / 512; QLoRA (NF4 base, with bitsandbytes
+installed) against PEFT's QLoRA layer and Unsloth's dequantize-to-buffer method, per layer and
+on the ~1B Llama in 4 bits). Elsewhere it runs a small CPU protocol: memory, saved bytes and
+parameters are the same quantities, and the timings are CPU timings (lorakernels on its torch
+backend), labelled so, in the results and in the closing summary.
 
 Progress goes to stderr as it happens: a line as each measurement finishes, and a bar over every
 section on a terminal (--no-progress: none). The results files are rewritten after every step of
@@ -43,21 +43,47 @@ from benchmarks.harness import Budget, Progress, environment, installed
 from benchmarks.report import summary, write_markdown, write_plots
 
 PROTOCOLS = {
+    # The GPU protocol fits in 5 minutes on an H200. Its time, estimated from its measurement counts
+    # (the seconds each section took are in results.json's environment, to check against): one
+    # do_bench call costs its 25 ms of warm-up and timed runs, 6 more runs (its first call and its
+    # 5-run estimate) and an L2 flush per run: ~30-45 ms at these shapes, whose runs take 0.2-5 ms.
+    #   layer      8 shapes x 9 providers x 3 modes x 5 rounds = 1080 calls            ~ 40 s
+    #              inference after merge 8 x 3 x 5 = 120 calls; the GEMM main loop against cuBLAS
+    #              at 5 (M, K, N) x 2 GEMMs x 3 providers x 5 rounds = 150 calls       ~ 10 s
+    #              autotuning F2 and B2, Triton and TMA strategies, over 5 candidates (~0.13 s each)
+    #              per (token bucket, N, K): 5 x 4 x 5                                  ~ 13 s
+    #              compiling ~50 kernel variants at ~1.2 s where Triton's cache is cold
+    #              (gpu_session.sh's numerics phase, run before, compiles part of them)  ~ 60 s
+    #              PEFT under torch.compile, forward and backward, at one shape         ~ 25 s
+    #   overhead   9 x 3 x 5 samples of 20 calls, autotuning at its token bucket         ~  5 s
+    #   merge      2 shapes x 2 x 5 calls                                                ~  2 s
+    #   segmented  3 adapter counts x 3 providers x 3 modes x 5 rounds = 135 calls, and the
+    #              segmented kernels' variants                                           ~ 15 s
+    #   model      5 variants built twice (timed together, then peak memory one at a time) ~ 20 s,
+    #              10 rounds x 5 steps of ~0.1 s, autotuning 4 (N, K) x 2 kernels at 3 token
+    #              buckets, the bias-free F2 variants, inference: 3 models and a merged copy,
+    #              2 shapes x 4 x 10 forwards                                            ~ 50 s
+    #   qlora      (with bitsandbytes only) 2 shapes x 5 x 3 x 5 = 150 calls, the 4-bit kernels'
+    #              variants, the model step: 4 quantized variants built twice, 10 x 4 steps ~ 50 s
+    #   start-up   imports, CUDA context                                                 ~ 10 s
+    # About 230 s without bitsandbytes, 280 s with it. Sections run in this order, QLoRA last, each
+    # written as it finishes: a run cut off by a time limit loses the fewest.
     "gpu": dict(
         # 5 rounds of do_bench, each 5 ms of warm-up and 20 ms of timed runs per provider: the
         # windows of one do_bench call with its defaults (25 + 100 ms), split into rounds.
         dtype=torch.bfloat16, budget=Budget(rounds=5, round_ms=20),
-        layer_shapes=[(t, k, k, 16, p) for k in (4096, 5120, 8192) for t in (2048, 4096, 8192) for p in (0.1, 0.0)]
-        + [(4096, 4096, 4096, r, 0.1) for r in (8, 64, 128)],
-        # torch.compile recompiles per shape: PEFT + compile is timed at 4096 tokens, r = 16,
-        # p = 0.1 only, to keep the protocol within minutes.
-        compile_shapes=[(4096, k, k, 16, 0.1) for k in (4096, 5120, 8192)],
+        # LoRAFusion's shapes (r = 16, p = 0.1, K = N in {4096, 5120, 8192}) at 4096 tokens, each also
+        # without dropout; 2048 and 8192 tokens at K = 4096 only.
+        layer_shapes=[(4096, k, k, 16, p) for k in (4096, 5120, 8192) for p in (0.1, 0.0)]
+        + [(t, 4096, 4096, 16, 0.1) for t in (2048, 8192)],
+        # torch.compile compiles per shape (~25 s each): PEFT + compile is timed at one shape only.
+        compile_shapes=[(4096, 4096, 4096, 16, 0.1)],
         merge=[(4096, 4096, 16), (8192, 8192, 16)],
         overhead_shape=(16, 64, 64, 16, 0.1),
         model=dict(size=dict(vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4),
                    batch=4, seq=1024, inference=[(1, 128), (32, 512)]),
         # QLoRA (bench_qlora): NF4 base, bf16 compute; dequant-cublas runs at p = 0 only.
-        qlora=dict(layer_shapes=[(4096, 4096, 4096, 16, 0.1), (4096, 4096, 4096, 16, 0.0), (4096, 8192, 8192, 16, 0.0)],
+        qlora=dict(layer_shapes=[(4096, 4096, 4096, 16, 0.1), (4096, 4096, 4096, 16, 0.0)],
                    model=dict(size=dict(vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4),
                               batch=4, seq=1024)),
         # Mixed batches (bench_segmented): 32 sequences of 128 tokens over 1, 4 and 16 rank-16 adapters.
@@ -103,8 +129,8 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
     skip_qlora = skip_qlora or qlora_names == []
     skip_segmented = skip_segmented or segmented_names == []
     providers = providers or PROVIDERS
-    # Shapes given on the command line get every requested provider, peft+compile included.
-    compile_shapes = layer_shapes or p.get("compile_shapes", ())
+    # Shapes given on the command line: PEFT + compile at the first of them (it compiles per shape).
+    compile_shapes = layer_shapes[:1] if layer_shapes else p.get("compile_shapes", ())
     layer_shapes = layer_shapes or p["layer_shapes"]
     budget = budget or p["budget"]
 

@@ -187,6 +187,29 @@ def test_summary_says_what_the_timings_are(tiny_run):
     assert any(line.startswith("layer M=16 K=32") for line in tiny_run.stdout.splitlines())
 
 
+def test_peft_is_compiled_at_one_shape_only(monkeypatch):
+    """Catches a run that compiles PEFT at every layer shape (~25 s each on an H200; the GPU protocol
+    must fit in 5 minutes): the GPU protocol compiles at one of its shapes, shapes given on the
+    command line at the first of them, the host-overhead layer never."""
+    from benchmarks import suite
+
+    gpu = suite.PROTOCOLS["gpu"]
+    assert len(gpu["compile_shapes"]) == 1 and set(gpu["compile_shapes"]) <= set(gpu["layer_shapes"])
+    compiled = []
+
+    def layer_benchmarks(device, shapes, dtype, providers, *args, **kwargs):
+        compiled.append((shapes[0], "peft+compile" in providers))
+        kwargs["progress"].step()
+        return []
+
+    monkeypatch.setattr(suite, "layer_benchmarks", layer_benchmarks)
+    monkeypatch.setattr(suite, "merge_benchmark", lambda *args: [])
+    shapes = [(64, 32, 32, 4, 0.1), (128, 32, 32, 4, 0.1)]
+    suite.run(DEVICE, "cpu", layer_shapes=shapes, skip_model=True, skip_qlora=True, skip_segmented=True,
+              progress=False)
+    assert compiled == [(shapes[0], True), (shapes[1], False), (suite.PROTOCOLS["cpu"]["overhead_shape"], False)]
+
+
 def test_qlora_providers_compute_the_reference_function():
     """Every QLoRA provider computes the LoRA function on the 4-bit weight, output and gradients (the
     dequant-cublas provider's backward is hand-written). Would catch a baseline that times wrong
