@@ -276,33 +276,56 @@ _NO_DOUBLE_BACKWARD = (
     b"lorakernels.lora_linear_ref.")
 
 
-def _refuse_double_backward(grads):
-    """Under create_graph=True, return the gradients behind a node that raises a clear error if
-    anything backpropagates through them (both backends alike: the Triton kernels have no
-    derivative, and the torch backend's formulas run without a graph). Without create_graph,
-    the gradients unchanged."""
+class _GradientsWithoutDerivative(torch.autograd.Function):
+    """The first-order gradients of a create_graph backward, as outputs of a node whose inputs are
+    everything they depend on (dY, x, the adapter factors): differentiating them again, with
+    respect to anything, reaches this node, whose backward raises. (A node over detached copies
+    would be skipped by an autograd.grad aimed at the adapters or the input, and their
+    second-order terms silently dropped.)"""
+
+    @staticmethod
+    def forward(ctx, count, *tensors):
+        return tuple(t.view_as(t) for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_NO_DOUBLE_BACKWARD.decode())
+
+
+def _refuse_double_backward(grads, dependencies):
+    """Under create_graph=True, the gradients behind a `_GradientsWithoutDerivative` node over
+    `dependencies` (both backends alike: the Triton kernels have no derivative, and the torch
+    backend's formulas run without a graph). Without create_graph, the gradients unchanged."""
     tensors = [g for g in grads if g is not None]
     if not torch.is_grad_enabled() or not tensors:
         return grads
-    # The node torch.autograd.function.once_differentiable uses, with a message of our own; its
-    # inputs must require grad for its outputs to carry it.
-    guarded = iter(torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, len(tensors))(
-        *(t.detach().requires_grad_() for t in tensors)))
+    inputs = [t for t in dependencies if t is not None and t.requires_grad]
+    guarded = iter(_GradientsWithoutDerivative.apply(len(tensors), *tensors, *inputs))
     return tuple(next(guarded) if g is not None else None for g in grads)
 
 
 def _grads_of_inputs(ctx, dy, backward):
     """The gradients of (x, weight, bias, lora_A, lora_B, scalars), then None for each other argument."""
     needs_dx, _, needs_dbias, needs_da, needs_db = ctx.needs_input_grad[:5]
+    create_graph = torch.is_grad_enabled()
+    state = SavedState.load(ctx)
+    if create_graph and needs_dx and needs_db and state.x is None:
+        # dB = s dY^T U with U = dropout(x) A^T: its derivative in x needs x, not kept with lora_A frozen.
+        raise RuntimeError(_NO_DOUBLE_BACKWARD.decode() + " (With lora_A frozen, x is not kept for backward, "
+                           "so even create_graph=True is refused where x and lora_B require grad.)")
     dx = da = db = None
     # Backward runs without grad mode unless create_graph: only then does it need switching off.
-    with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+    with torch.no_grad() if create_graph else contextlib.nullcontext():
         if needs_dx or needs_da or needs_db:
             needs = GradsNeeded(needs_dx, needs_da, needs_db)
-            dx, da, db = backward(dy.contiguous(), SavedState.load(ctx), ctx.plan, needs)
+            dx, da, db = backward(dy.contiguous(), state, ctx.plan, needs)
         dbias = dy.sum(0) if ctx.has_bias and needs_dbias else None
     grads = (dx if needs_dx else None, None, dbias, da if needs_da else None, db if needs_db else None, None)
-    return _refuse_double_backward(grads) + (None,) * (len(ctx.needs_input_grad) - len(grads))
+    if create_graph:
+        parts = getattr(ctx, "parts", None)
+        factors = parts.originals if parts is not None else (state.lora_A, state.lora_B)
+        grads = _refuse_double_backward(grads, (dy, state.x, *factors))
+    return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
 
 def _setup_context(ctx, inputs, output):
@@ -375,6 +398,7 @@ class _ConcatenatedParts:
     def __init__(self, parts):
         self.ids = [a for a, _, _ in parts]
         self.parts = tuple((A.detach(), B.detach()) for _, A, B in parts)  # detached views share the version
+        self.originals = tuple(t for _, A, B in parts for t in (A, B))  # what a create_graph backward depends on
         self.versions = [(A._version, B._version) for A, B in self.parts]
 
     def concatenated(self):
