@@ -5,6 +5,7 @@ rows and hands them to the autograd layer (`lorakernels.autograd`): the custom o
 torch.compile, the eager autograd.Function otherwise.
 """
 
+import collections
 import itertools
 
 import torch
@@ -162,7 +163,7 @@ def lora_linear_segmented(x, weight, bias, adapters, row_adapter, dropout_p=0.0,
     if len({A.dtype for A, B, _ in adapters} | {B.dtype for A, B, _ in adapters}) > 1:
         raise TypeError("lora_linear_segmented: every adapter's lora_A and lora_B must share one dtype; got "
                         + ", ".join(f"adapter {a}: {A.dtype}/{B.dtype}" for a, (A, B, _) in enumerate(adapters)))
-    index, present = _row_adapter_index(row_adapter, x, len(adapters))
+    index, present, index_key = _row_adapter_index(row_adapter, x, len(adapters))
     if x.is_meta:
         resolve_plan(torch.device("cuda"), backend, base_gemm)
         dense = x.new_empty(weight.shape) if isinstance(weight, FourBitWeight) else weight
@@ -170,7 +171,7 @@ def lora_linear_segmented(x, weight, bias, adapters, row_adapter, dropout_p=0.0,
     group_rates = sorted({rates[a] for a in present}) if training else [0.0]
     if len(group_rates) > 1:
         return _by_dropout_rate(x, weight, bias, adapters, index, rates, group_rates, backend, base_gemm)
-    lora_A, lora_B, segments, parts = _concatenated(adapters, index, present)
+    lora_A, lora_B, segments, parts = _concatenated(adapters, index, present, index_key)
     p = group_rates[0] if group_rates else 0.0
     return _fused(x, weight, bias, lora_A, lora_B, 1.0, p, backend, base_gemm, segments, parts)
 
@@ -214,8 +215,28 @@ def _check_adapter_list(adapters):
     return [tuple(entry) for entry in adapters]
 
 
+# Several-adapter tables built from per-sequence lists, kept on the device (most recent last): every
+# layer of a model call, and every call with the same batch layout, reuses them instead of building
+# and copying them to the device again (four host-to-device copies per layer otherwise).
+_TABLES = collections.OrderedDict()
+TABLES_KEPT = 64
+
+
+def _table(key, build):
+    """The tables cached under `key`, built by `build()` the first time."""
+    tables = _TABLES.get(key)
+    if tables is None:
+        tables = _TABLES[key] = build()
+        if len(_TABLES) > TABLES_KEPT:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    return tables
+
+
 def _row_adapter_index(row_adapter, x, num_adapters):
-    """(int64 [M] adapter index per row of x, sorted ids of the adapters with rows)."""
+    """(int64 [M] adapter index per row of x, sorted ids of the adapters with rows, the index's
+    cache key: None unless built from a per-sequence list)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     leading = x.shape[:-1]
     if isinstance(row_adapter, (list, tuple)):
@@ -226,9 +247,11 @@ def _row_adapter_index(row_adapter, x, num_adapters):
         if not all(isinstance(a, int) and not isinstance(a, bool) for a in row_adapter):
             raise TypeError(f"row_adapter entries must be ints (-1: no adapter); got {list(row_adapter)[:8]}")
         present = sorted(set(row_adapter))
-        per_sequence = torch.tensor(row_adapter, dtype=torch.int64)
-        index = per_sequence.repeat_interleave(rows // max(x.shape[0], 1)).to(x.device)
+        per_row = rows // max(x.shape[0], 1)
+        key = ("rows", tuple(row_adapter), per_row, x.device)
+        index = _table(key, lambda: torch.tensor(row_adapter, dtype=torch.int64).repeat_interleave(per_row).to(x.device))
     elif isinstance(row_adapter, torch.Tensor):
+        key = None
         if row_adapter.dtype.is_floating_point or row_adapter.dtype == torch.bool or row_adapter.is_complex():
             raise TypeError(f"row_adapter must be an integer tensor; got {row_adapter.dtype}")
         if row_adapter.device != x.device:
@@ -247,32 +270,41 @@ def _row_adapter_index(row_adapter, x, num_adapters):
     bad = [a for a in present if not -1 <= a < num_adapters]
     if bad:
         raise ValueError(f"row_adapter names adapters {bad}, outside -1..{num_adapters - 1} ({num_adapters} adapters)")
-    return index, [a for a in present if a >= 0]
+    return index, [a for a in present if a >= 0], key
 
 
-def _concatenated(adapters, index, present):
+def _concatenated(adapters, index, present, index_key=None):
     """(lora_A, lora_B, `Segments`, parts) of the adapters with rows, concatenated along the rank
     (autograd flows back to each), with the rows renumbered to their positions; without any, the
     first adapter detached (no gradient) and every row on the base layer alone. parts: the
-    (adapter index, lora_A, lora_B) triples concatenated, None for one adapter."""
+    (adapter index, lora_A, lora_B) triples concatenated, None for one adapter. index_key: the
+    index's cache key (`_row_adapter_index`), under which the segment tables are cached too."""
     chosen = present or [0]
     ranks = [adapters[a][0].shape[0] for a in chosen]
     if sum(ranks) > MAX_RANK:
         raise ValueError(f"the adapters with rows in this batch have ranks {dict(zip(chosen, ranks))}, summing to "
                          f"{sum(ranks)} > {MAX_RANK}: split the batch")
-    device = index.device
-    position = torch.full((len(adapters) + 1,), -1, dtype=torch.int32)
-    for i, a in enumerate(present):
-        position[a + 1] = i
-    row_segment = position.to(device)[index + 1]
-    rank_start = torch.tensor([0] + list(itertools.accumulate(ranks)), dtype=torch.int32)
     scales = tuple(float(adapters[a][2]) for a in chosen)
+
+    def segment_tables():
+        device = index.device
+        position = torch.full((len(adapters) + 1,), -1, dtype=torch.int32)
+        for i, a in enumerate(present):
+            position[a + 1] = i
+        rank_start = torch.tensor([0] + list(itertools.accumulate(ranks)), dtype=torch.int32)
+        return (position.to(device)[index + 1], rank_start.to(device),
+                torch.tensor(scales, dtype=torch.float32).to(device))
+
+    if index_key is None:
+        row_segment, rank_start, scale = segment_tables()
+    else:
+        key = ("segments", index_key, tuple(present), len(adapters), tuple(ranks), scales)
+        row_segment, rank_start, scale = _table(key, segment_tables)
     factors = [adapters[a][:2] for a in chosen]
     if not present:
         factors = [(A.detach(), B.detach()) for A, B in factors]
     lora_A = factors[0][0] if len(factors) == 1 else torch.cat([A for A, _ in factors])
     lora_B = factors[0][1] if len(factors) == 1 else torch.cat([B for _, B in factors], dim=1)
-    segments = Segments(row_segment, rank_start.to(device), torch.tensor(scales, dtype=torch.float32).to(device),
-                        max(ranks))
+    segments = Segments(row_segment, rank_start, scale, max(ranks))
     parts = tuple((a, A, B) for a, (A, B) in zip(chosen, factors)) if len(factors) > 1 else None
     return lora_A, lora_B, segments, parts
