@@ -138,21 +138,32 @@ def lora_forward(x, base, adapter, plan):
     x: [M, K], unit last-dim stride. base: DenseWeight or FourBitWeight. adapter: Adapter (with
     segments, u is compact: [M, max_rank], each row its own adapter's columns). plan: LaunchPlan.
     """
-    M, K = x.shape
-    N, R, width = base.out_features, adapter.rank, adapter.rank_width
-    segments = adapter.segments
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    # Segments: each row's columns past its adapter's rank, and the rows of no adapter, stay zero.
-    u = (torch.empty if segments is None else torch.zeros)((M, width), device=x.device, dtype=torch.float32)
-    if M == 0:
-        return y, u
-    specs.F1.launch(lambda meta: (configs.cdiv(M, meta["BLOCK_M"]), _segment_count(segments)), x=x,
-                    a=adapter.lora_A, u=u, M=M, K=K, R=R, seed=adapter.seed, p=adapter.dropout_p,
-                    HAS_DROPOUT=adapter.has_dropout, R_PAD=configs.padded_rank(width),
-                    **plan.low_rank(x.dtype, adapter.lora_A.dtype), **_segment_args(segments))
-    _with_strategy("F2", x, base, y, adapter, plan, adapter.has_dropout,
-                   lambda strategy: _f2(x, base, u, adapter.lora_B, y, adapter.scaling, plan, strategy, segments))
+    y = torch.empty((x.shape[0], base.out_features), device=x.device, dtype=x.dtype)
+    u = down_projection_pass(x, adapter, plan)
+    if x.shape[0]:
+        forward_gemm_pass(x, base, u, adapter, plan, y)
     return y, u
+
+
+def down_projection_pass(x, adapter, plan):
+    """F1: U = dropout(X) A^T [M, rank width] fp32 (with segments each row its own adapter's columns,
+    zeros past its rank and in the rows of no adapter)."""
+    M, K = x.shape
+    R, width, segments = adapter.rank, adapter.rank_width, adapter.segments
+    u = (torch.empty if segments is None else torch.zeros)((M, width), device=x.device, dtype=torch.float32)
+    if M:
+        specs.F1.launch(lambda meta: (configs.cdiv(M, meta["BLOCK_M"]), _segment_count(segments)), x=x,
+                        a=adapter.lora_A, u=u, M=M, K=K, R=R, seed=adapter.seed, p=adapter.dropout_p,
+                        HAS_DROPOUT=adapter.has_dropout, R_PAD=configs.padded_rank(width),
+                        **plan.low_rank(x.dtype, adapter.lora_A.dtype), **_segment_args(segments))
+    return u
+
+
+def forward_gemm_pass(x, base, u, adapter, plan, y):
+    """F2 into y [M, N]: X W^T + b + s U B^T, by the plan's base-GEMM strategy (AUTO: the chosen one)."""
+    _with_strategy("F2", x, base, y, adapter, plan, adapter.has_dropout,
+                   lambda strategy: _f2(x, base, u, adapter.lora_B, y, adapter.scaling, plan, strategy,
+                                        adapter.segments))
 
 
 def _with_strategy(pass_name, a, base, out, adapter, plan, has_dropout, run):
