@@ -55,6 +55,8 @@ PROTOCOLS = {
     #              compiling ~50 kernel variants at ~1.2 s where Triton's cache is cold
     #              (gpu_session.sh's numerics phase, run before, compiles part of them)  ~ 60 s
     #              PEFT under torch.compile, forward and backward, at one shape         ~ 25 s
+    #              base_gemm="auto" timing its 2-3 strategies once per kind of GEMM pass
+    #              (~20 ms each): 8 shapes x 2 passes, the model's ~25 kinds            ~  3 s
     #   overhead   9 x 3 x 5 samples of 20 calls, autotuning at its token bucket         ~  5 s
     #   merge      2 shapes x 2 x 5 calls                                                ~  2 s
     #   segmented  3 adapter counts x 3 providers x 3 modes x 5 rounds = 135 calls, and the
