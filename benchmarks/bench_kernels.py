@@ -109,9 +109,11 @@ def kernel_benchmarks(device, shapes, r=16, dropouts=(0.1, 0.0), dtype=torch.bfl
                     seconds, p20, p80 = bench(fn, device, budget)
                     gemm = name.split()[0]
                     bound = least_bytes / bandwidth if least_bytes is not None else gemm_times[gemm]
-                    record = dict(benchmark="kernels", M=M, K=K, N=N, r=r, p=p, dtype=str(dtype).split(".")[-1],
-                                  adapter_dtype=str(adapter_dtype).split(".")[-1], kernel=name, seconds=seconds,
-                                  p20=p20, p80=p80, bound_seconds=bound,
+                    # The suite's long format (benchmarks/suite.py): provider = the pass, mode = the
+                    # adapters' dtype; the bound and its kind alongside.
+                    record = dict(benchmark="kernels", provider=name, mode=f"{_name(adapter_dtype)} adapters", M=M,
+                                  K=K, N=N, r=r, dropout=p, dtype=_name(dtype), metric="time", value=seconds,
+                                  p20=p20, p80=p80, unit="s", bound_seconds=bound,
                                   bound="cuBLAS" if least_bytes is None else "one pass at copy bandwidth",
                                   ratio=seconds / bound)
                     if name.endswith("auto"):
@@ -120,9 +122,24 @@ def kernel_benchmarks(device, shapes, r=16, dropouts=(0.1, 0.0), dtype=torch.bfl
                         record["chosen"] = chosen[-1] if chosen else "triton"
                     records.append(record)
                     if progress:
-                        progress(f"{M}x{K}x{N} {record['adapter_dtype']} adapters p={p} {name}: "
-                                 f"{seconds * 1e6:.1f} us ({record['ratio']:.2f}x bound)")
+                        progress(f"{M}x{K}x{N} {record['mode']} p={p} {name}: {seconds * 1e6:.1f} us "
+                                 f"({record['ratio']:.2f}x bound)")
     return records, bandwidth
+
+
+def _name(dtype):
+    return str(dtype).split(".")[-1]
+
+
+def table(records):
+    """Markdown lines of the kernel-pass records: each pass's time next to its bound."""
+    lines = ["| M | K | N | adapters | p | pass | time | bound | x bound | auto ran |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['M']} | {r['K']} | {r['N']} | {r['mode'].split()[0]} | {r['dropout']} | {r['provider']} | "
+                     f"{r['value'] * 1e6:.1f} us | {r['bound_seconds'] * 1e6:.1f} us ({r['bound']}) | "
+                     f"{r['ratio']:.2f} | {r.get('chosen', '')} |")
+    return lines
 
 
 def write(records, bandwidth, env, out_dir):
@@ -134,13 +151,7 @@ def write(records, bandwidth, env, out_dir):
              f"{env['timestamp']})", "",
              f"Copy bandwidth measured in the same run: {bandwidth / 1e12:.2f} TB/s. Memory-bound passes (F1, B1, B3) "
              "are set against one pass over the bytes they must move at that bandwidth; the fused GEMMs (F2, B2) "
-             "against cuBLAS on the same frozen GEMM. Times are medians.", "",
-             "| M | K | N | adapters | p | pass | time | bound | x bound | auto ran |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        lines.append(f"| {r['M']} | {r['K']} | {r['N']} | {r['adapter_dtype']} | {r['p']} | {r['kernel']} | "
-                     f"{r['seconds'] * 1e6:.1f} us | {r['bound_seconds'] * 1e6:.1f} us ({r['bound']}) | "
-                     f"{r['ratio']:.2f} | {r.get('chosen', '')} |")
+             "against cuBLAS on the same frozen GEMM. Times are medians.", "", *table(records)]
     (out_dir / "kernels.md").write_text("\n".join(lines) + "\n")
 
 

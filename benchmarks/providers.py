@@ -5,7 +5,9 @@ a Provider: the module to time, its trainable parameters, and whether it is a Lo
 is comparable to the reference). All of them see the same inputs in the same run.
 
     floor        the frozen layer alone (F.linear forward + its dX GEMM): the physical floor
-    lorakernels  LoRALinear with the fused kernels (on CPU: its torch backend)
+    lorakernels  LoRALinear with the fused kernels (on CPU: its torch backend), base_gemm="auto" (the
+                 default: per GEMM pass the measured-fastest of the strategies below)
+    lorakernels-fused  the same layer with base_gemm="triton": the fused GEMMs always
     lorakernels-tma  the same layer with base_gemm="triton-tma": the Hopper TMA-persistent GEMMs
                  (sm_90 and newer; under the interpreter too)
     lorakernels-cublas  the same layer (same base weight, same lora_A/lora_B Parameters) with
@@ -126,6 +128,9 @@ def make_providers(K, N, r, dtype, dropout, device, names=None, adapter_dtype=to
         out["floor"] = Provider("floor", Floor(base), lora=False)
     if want("lorakernels"):
         out["lorakernels"] = Provider("lorakernels", lora, lora=True)
+    if want("lorakernels-fused") and (torch.device(device).type == "cuda" or interpreting()):
+        out["lorakernels-fused"] = Provider("lorakernels-fused", _sharing_adapter(base, lora, base_gemm="triton"),
+                                            lora=True)
     if want("lorakernels-cublas") and (torch.device(device).type == "cuda" or interpreting()):
         out["lorakernels-cublas"] = Provider("lorakernels-cublas", _sharing_adapter(base, lora, base_gemm="cublas"),
                                              lora=True)

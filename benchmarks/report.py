@@ -66,7 +66,7 @@ def _ratio(rec, ref, ratios=None):
 
 def write_markdown(records, env, path, failures=()):
     sections = (_header(env), _failures_section(failures), _layer_sections(records), _overhead_section(records),
-                _gemm_section(records), _layer_memory_section(records), _merge_section(records),
+                _kernels_section(records), _gemm_section(records), _layer_memory_section(records), _merge_section(records),
                 _model_section(records), _segmented_section(records), _qlora_layer_sections(records),
                 _qlora_memory_section(records), _qlora_model_section(records))
     path.write_text("\n".join(line for section in sections for line in section))
@@ -147,6 +147,19 @@ def _overhead_section(records):
                      f" | {_ratio(cells[2], floor, ratios) if cells[2] else '-'} |")
     lines.append("")
     return lines
+
+
+def _kernels_section(records):
+    rows = [r for r in records if r["benchmark"] == "kernels"]
+    if not rows:
+        return []
+    from benchmarks.bench_kernels import table
+
+    return ["## Kernel passes against their bounds", "",
+            "Each pass of the fused layer timed alone (bf16 activations, rank 16): F1, B1 and B3 against one pass "
+            "over the bytes they must move at the copy bandwidth measured in the same run, F2 and B2 against cuBLAS "
+            "on the same frozen GEMM; `auto ran` is what base_gemm='auto' chose (benchmarks/bench_kernels.py).", "",
+            *table(rows), ""]
 
 
 def _gemm_section(records):

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_kernels import kernel_benchmarks
 from benchmarks.bench_layer import failure, layer_benchmarks, merge_benchmark
 from benchmarks.bench_model import model_benchmark_parts
 from benchmarks.bench_qlora import (
@@ -47,7 +48,7 @@ PROTOCOLS = {
     # (the seconds each section took are in results.json's environment, to check against): one
     # do_bench call costs its 25 ms of warm-up and timed runs, 6 more runs (its first call and its
     # 5-run estimate) and an L2 flush per run: ~30-45 ms at these shapes, whose runs take 0.2-5 ms.
-    #   layer      8 shapes x 9 providers x 3 modes x 5 rounds = 1080 calls            ~ 40 s
+    #   layer      8 shapes x 10 providers x 3 modes x 5 rounds = 1200 calls           ~ 44 s
     #              inference after merge 8 x 3 x 5 = 120 calls; the GEMM main loop against cuBLAS
     #              at 5 (M, K, N) x 2 GEMMs x 3 providers x 5 rounds = 150 calls       ~ 10 s
     #              autotuning F2 and B2, Triton and TMA strategies, over 5 candidates (~0.13 s each)
@@ -57,7 +58,9 @@ PROTOCOLS = {
     #              PEFT under torch.compile, forward and backward, at one shape         ~ 25 s
     #              base_gemm="auto" timing its 2-3 strategies once per kind of GEMM pass
     #              (~20 ms each): 8 shapes x 2 passes, the model's ~25 kinds            ~  3 s
-    #   overhead   9 x 3 x 5 samples of 20 calls, autotuning at its token bucket         ~  5 s
+    #   overhead   10 x 3 x 5 samples of 20 calls, autotuning at its token bucket        ~  5 s
+    #   kernels    each pass alone against its bound (bench_kernels): 2 shapes x 2 adapter dtypes
+    #              x 2 p x 9 timings x 5 rounds = 360 calls, the rank-R kernels' variants  ~ 25 s
     #   merge      2 shapes x 2 x 5 calls                                                ~  2 s
     #   segmented  3 adapter counts x 3 providers x 3 modes x 5 rounds = 135 calls, and the
     #              segmented kernels' variants                                           ~ 15 s
@@ -68,7 +71,7 @@ PROTOCOLS = {
     #   qlora      (with bitsandbytes only) 2 shapes x 5 x 3 x 5 = 150 calls, the 4-bit kernels'
     #              variants, the model step: 4 quantized variants built twice, 10 x 4 steps ~ 50 s
     #   start-up   imports, CUDA context                                                 ~ 10 s
-    # About 230 s without bitsandbytes, 280 s with it. Sections run in this order, QLoRA last, each
+    # About 260 s without bitsandbytes, 310 s with it. Sections run in this order, QLoRA last, each
     # written as it finishes: a run cut off by a time limit loses the fewest.
     "gpu": dict(
         # 5 rounds of do_bench, each 5 ms of warm-up and 20 ms of timed runs per provider: the
@@ -82,6 +85,8 @@ PROTOCOLS = {
         compile_shapes=[(4096, 4096, 4096, 16, 0.1)],
         merge=[(4096, 4096, 16), (8192, 8192, 16)],
         overhead_shape=(16, 64, 64, 16, 0.1),
+        # Each kernel pass alone against its bound (bench_kernels), rank 16, bf16 activations.
+        kernels=dict(shapes=[(4096, 4096, 4096), (512, 4096, 4096)], r=16),
         model=dict(size=dict(vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4),
                    batch=4, seq=1024, inference=[(1, 128), (32, 512)]),
         # QLoRA (bench_qlora): NF4 base, bf16 compute; dequant-cublas runs at p = 0 only.
@@ -107,8 +112,8 @@ PROTOCOLS = {
     ),
 }
 OVERHEAD_CALLS = 20  # host overhead: one sample is a batch of this many back-to-back calls
-PROVIDERS = ["floor", "lorakernels", "lorakernels-tma", "lorakernels-cublas", "unfused", "peft", "peft-patched",
-             "peft+compile", "full-ft", "adapter"]
+PROVIDERS = ["floor", "lorakernels", "lorakernels-fused", "lorakernels-tma", "lorakernels-cublas", "unfused", "peft",
+             "peft-patched", "peft+compile", "full-ft", "adapter"]
 
 
 def run(device, protocol, providers=None, skip_model=False, progress=True, layer_shapes=None, budget=None,
@@ -142,6 +147,11 @@ def run(device, protocol, providers=None, skip_model=False, progress=True, layer
         ("layer", len(layer_shapes),
          lambda: _layer_section(device, p, providers, layer_shapes, compile_shapes, budget, progress, failures)),
         ("overhead", 1, lambda: [_overhead_section(device, p, providers, budget, failures, progress)]),
+    ]
+    if "kernels" in p and _kernels_runnable(device):
+        sections.append(("kernels", len(p["kernels"]["shapes"]),
+                         lambda: _kernels_section(device, p, budget, failures, progress)))
+    sections += [
         ("merge", len(p["merge"]), lambda: _merge_section(device, p, budget, failures, progress)),
     ]
     if not skip_segmented:
@@ -196,6 +206,26 @@ def _overhead_section(device, p, providers, budget, failures, progress):
     tiny = layer_benchmarks(device, [p["overhead_shape"]], p["dtype"], [n for n in providers if n != "peft+compile"],
                             budget, progress=progress, failures=failures, extras=False, calls=OVERHEAD_CALLS)
     return [dict(r, benchmark="overhead") for r in tiny]
+
+
+def _kernels_runnable(device):
+    from lorakernels.plan import interpreting
+
+    return device.type == "cuda" or interpreting()
+
+
+def _kernels_section(device, p, budget, failures, progress):
+    """Yields each shape's kernel-pass records (bench_kernels), timed against their bounds."""
+    q = p["kernels"]
+    for shape in q["shapes"]:
+        try:
+            records, _ = kernel_benchmarks(device, [shape], r=q["r"], dtype=p["dtype"], budget=budget,
+                                           progress=progress.note)
+        except Exception as error:  # noqa: BLE001 - reported, and the run goes on
+            failures.append(failure("kernels", "x".join(map(str, shape)), error))
+            records = []
+        progress.step()
+        yield records
 
 
 def _merge_section(device, p, budget, failures, progress):

@@ -92,7 +92,8 @@ def tiny_run(tmp_path_factory):
     original_write = suite.write
     tiny = dict(vocab=50, hidden=64, intermediate=64, layers=1, heads=2, kv_heads=1)
     suite.PROTOCOLS["test"] = dict(
-        suite.PROTOCOLS["cpu"], layer_shapes=[(16, 32, 24, 4, 0.1)], merge=[(32, 24, 4)],
+        suite.PROTOCOLS["cpu"], layer_shapes=[(16, 32, 24, 4, 0.1)], merge=[(32, 24, 4)], kernels=dict(
+            shapes=[(16, 32, 24)], r=4),
         model=dict(size=tiny, batch=1, seq=8, inference=[(1, 8)]), budget=Budget(rounds=3),
         qlora=dict(layer_shapes=[(8, 64, 32, 4, 0.0)], model=dict(size=tiny, batch=1, seq=8)),
         segmented=dict(sequences=4, seq_len=3, K=32, N=24, r=4, adapters=(1, 4)))
@@ -109,7 +110,7 @@ def tiny_run(tmp_path_factory):
                            writes=writes)
 
 
-SECTIONS = ("layer", "overhead", "merge", "segmented", "model", "qlora")
+SECTIONS = ("layer", "overhead", "kernels", "merge", "segmented", "model", "qlora")
 
 
 def _sections_run():
@@ -132,7 +133,9 @@ def test_suite_writes_parseable_results(tiny_run):
     providers = {r["provider"] for r in rows if r["benchmark"] == "layer"}
     assert {"floor", "lorakernels", "unfused", "full-ft", "adapter"} <= providers
     text = (tmp_path / "results.md").read_text()
-    assert "x floor" in text and "## Host overhead" in text
+    assert "x floor" in text and "## Host overhead" in text and "## Kernel passes against their bounds" in text
+    kernels = {(r["provider"], r["mode"]) for r in rows if r["benchmark"] == "kernels"}
+    assert {("F1", "float32 adapters"), ("B2 auto", "bfloat16 adapters")} <= kernels
     segmented = [r for r in rows if r["benchmark"] == "segmented" and r["metric"] == "tokens_per_s"]
     assert {(r["adapters"], r["provider"]) for r in segmented} >= {(n, p) for n in ("1", "4")
                                                                   for p in ("lorakernels", "one-at-a-time")}
@@ -149,7 +152,8 @@ def test_progress_covers_every_section(tiny_run):
     measurements finishes, and its end, and the progress bar counts every section's steps (the
     bar once covered the layer table alone)."""
     modes = (" forward: ", " backward: ", " full: ")
-    measurements = {"layer": modes + (" inference-merged",), "overhead": modes, "merge": ("32 x 24, r = 4",),
+    measurements = {"layer": modes + (" inference-merged",), "overhead": modes, "kernels": (" F1: ", " B3: "),
+                    "merge": ("32 x 24, r = 4",),
                     "segmented": modes + ("1 adapters", "4 adapters"),
                     "model": ("training step timed", "inference b1 s8"), "qlora": modes + ("training step timed",)}
     lines = tiny_run.stderr.splitlines()
@@ -159,7 +163,7 @@ def test_progress_covers_every_section(tiny_run):
         for what in measurements[name]:
             assert any(what in line for line in mine[1:-1]), (name, what, mine)
     progress = tiny_run.progress
-    steps = {"layer": 1, "overhead": 1, "merge": 1, "segmented": 2, "model": 2, "qlora": 2}
+    steps = {"layer": 1, "overhead": 1, "kernels": 1, "merge": 1, "segmented": 2, "model": 2, "qlora": 2}
     assert progress.total == progress.done == sum(steps[name] for name in _sections_run())
     assert f"0/{progress.total}" in tiny_run.stderr  # the bar was drawn with every section's steps
 

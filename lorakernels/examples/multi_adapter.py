@@ -29,7 +29,8 @@ def job_batches(steps, device, seed=0):
     generator = torch.Generator().manual_seed(seed)
     batches = {}
     for job, stride in JOBS.items():
-        starts = [torch.randint(0, VOCAB, (BATCH, 1), generator=generator) for _ in range(steps)]
+        # Drawn on the CPU (the generator's device) whatever the default device, then moved.
+        starts = [torch.randint(0, VOCAB, (BATCH, 1), generator=generator, device="cpu") for _ in range(steps)]
         batches[job] = [((s + stride * torch.arange(SEQ)) % VOCAB).to(device) for s in starts]
     return batches
 
