@@ -23,7 +23,7 @@ import uuid
 import torch
 
 from lorakernels._validation import MAX_RANK
-from lorakernels.model import apply_lora, find_target_modules, lora_modules
+from lorakernels.model import active_adapter, apply_lora, find_target_modules, lora_modules
 from lorakernels.modules import LoRALinear, check_adapter_name
 
 CONFIG_NAME = "adapter_config.json"
@@ -375,7 +375,10 @@ def load_adapter(model, path, adapter_dtype=None, backend=None, adapter_name=Non
     adapter_name: None loads into each layer's own adapter; a name loads into that adapter of the
     layers, added (`add_adapter`) where a LoRALinear does not hold it yet, or, on a layer wrapped
     now, as the layer's own adapter under that name; so several PEFT adapters can be held at once
-    and run together (`mixed_batch`). The active adapter does not change.
+    and run together (`mixed_batch`). The active adapter does not change, as with PEFT's `load_adapter`: the layers wrapped now take
+    the model's active adapter (`lorakernels.model.active_adapter`), and where they do not hold it
+    they run as their base layers; into a model without LoRA layers the adapter loaded becomes the
+    active one. (Adapters may thus cover different layers: see `lorakernels.model`.)
     Everything is checked first, the same way whether or not the model already has LoRA layers:
     every config field read (type and range), the digests save_adapter records (see the module
     docstring), missing and unexpected keys, shapes, ranks. On any error a ValueError names the
@@ -393,16 +396,18 @@ def load_adapter(model, path, adapter_dtype=None, backend=None, adapter_name=Non
         raise ValueError(f"{path}: target_modules {config['target_modules']!r} match no Linear layer of "
                          f"{type(model).__name__}")
     _check_tensors(model, path, targets, tensors, r, adapter_name)
+    to_wrap = [name for name in targets if not isinstance(model.get_submodule(name), LoRALinear)]
+    active = active_adapter(model) if to_wrap else None  # ValueError where the layers disagree
 
     # Checked: now change the model.
-    to_wrap = [name for name in targets if not isinstance(model.get_submodule(name), LoRALinear)]
     hyper = {key: config[key] for key in ("r", "lora_alpha", "lora_dropout", "use_rslora")}
     if to_wrap:
         apply_lora(model, to_wrap, adapter_dtype=adapter_dtype, backend=backend, **hyper)
         for name in to_wrap:
             module = model.get_submodule(name)
             if adapter_name is not None:
-                module.adapter_name = module.active_adapter = adapter_name
+                module.adapter_name = adapter_name
+            module.active_adapter = module.adapter_name if active is None else active
     with torch.no_grad():
         for name in targets:
             module = model.get_submodule(name)

@@ -3,6 +3,11 @@
 PEFT's conventions: `target_modules` is a list of names matched exactly or as a dotted
 suffix (`"q_proj"` matches `model.layers.0.self_attn.q_proj`), or a string taken as a
 regular expression that must match a whole module name.
+
+Several adapters may cover different layers (adapter "a" on q_proj and v_proj, "b" on o_proj
+too), with PEFT's rules: a layer that lacks the active adapter runs as its base layer; loading
+an adapter never changes which adapter is active (the layers it wraps take the model's active
+adapter); a mixed batch routes the rows of an adapter to the base on the layers that lack it.
 """
 
 import contextlib
@@ -13,7 +18,7 @@ import torch
 from torch import nn
 
 from lorakernels._validation import memory_span, spans_overlap
-from lorakernels.modules import LoRALinear, four_bit_merge_error, tied_weight_error
+from lorakernels.modules import BASE_ONLY, LoRALinear, four_bit_merge_error, tied_weight_error
 
 
 def _matches(name, target_modules):
@@ -155,30 +160,70 @@ def add_adapter(model, adapter_name, r=8, lora_alpha=8, lora_dropout=0.0, use_rs
     return model
 
 
+def _held_adapters(layers):
+    """The adapter names the layers hold, in the order they first appear."""
+    return list(dict.fromkeys(adapter for _, layer in layers for adapter in layer.adapter_names))
+
+
 def set_adapter(model, adapter_name):
-    """Make `adapter_name` the adapter every LoRALinear layer's forward, merge and unmerge use."""
+    """Make `adapter_name` the adapter every LoRALinear layer's forward, merge and unmerge use, as
+    PEFT's `set_adapter`: the layers that do not hold it run as their base layers. ValueError, and
+    nothing changed, when no layer holds it; RuntimeError when a layer is merged."""
     layers = _lora_layers_or_error(model, "set_adapter")
-    missing = [name for name, layer in layers if adapter_name not in layer.adapter_names]
-    if missing:
-        raise ValueError(f"no adapter {adapter_name!r} on {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
-                         f"nothing was changed")
+    held = _held_adapters(layers)
+    if adapter_name not in held:
+        raise ValueError(f"no adapter {adapter_name!r} on any LoRALinear layer of {type(model).__name__} (its "
+                         f"adapters: {held}); nothing was changed")
     _check_none_merged(layers, "set_adapter")
     for _, layer in layers:
-        layer.set_adapter(adapter_name)
+        layer.active_adapter = adapter_name
     return model
 
 
+def active_adapter(model):
+    """The adapter the LoRALinear layers of `model` use (`set_adapter`), or None without such layers.
+    ValueError when the layers were set to different ones (`LoRALinear.set_adapter` per layer)."""
+    active = list(dict.fromkeys(layer.active_adapter for _, layer in lora_modules(model)))
+    if len(active) > 1:
+        raise ValueError(f"the LoRALinear layers of {type(model).__name__} have different active adapters {active}: "
+                         f"set_adapter(model, name) chooses one for the model")
+    return active[0] if active else None
+
+
 def delete_adapter(model, adapter_name):
-    """Remove added adapter `adapter_name` from every LoRALinear layer that holds it."""
-    layers = [(n, m) for n, m in _lora_layers_or_error(model, "delete_adapter") if adapter_name in m.adapter_names]
+    """Delete adapter `adapter_name` from every LoRALinear layer that holds it, as PEFT's
+    `delete_adapter`: where it is a layer's own adapter, the layer's first added one becomes its own
+    (`LoRALinear.delete_adapter`); a layer whose only adapter it is becomes its base nn.Linear again
+    (sharing its weight and bias), as a PEFT layer without adapters computes its base layer. Where
+    it was the active adapter, every layer falls back to its own adapter, those that did not hold
+    it included (PEFT's layers fall back to their first adapter).
+
+    Checked on every layer before any changes: ValueError when no layer holds it, or when it is
+    the only adapter of a layer over a 4-bit base (no nn.Linear to put back); RuntimeError when it
+    is merged (or a layer to put back is merged).
+    """
+    all_layers = _lora_layers_or_error(model, "delete_adapter")
+    layers = [(n, m) for n, m in all_layers if adapter_name in m.adapter_names]
     if not layers:
         raise ValueError(f"no layer of the model has an adapter {adapter_name!r}")
-    own = [name for name, layer in layers if layer.adapter_name == adapter_name]
-    if own:
-        raise ValueError(f"{adapter_name!r} is the own adapter of {own[:4]} and cannot be deleted; nothing was changed")
-    _check_none_merged([(n, m) for n, m in layers if m.active_adapter == adapter_name], "delete_adapter")
+    only = [(n, m) for n, m in layers if m.adapter_names == [adapter_name]]
+    four_bit = [n for n, m in only if m.four_bit]
+    if four_bit:
+        raise ValueError(f"{adapter_name!r} is the only adapter of {four_bit[:4]}, over a 4-bit base: deleting it "
+                         f"would leave a layer without adapters, and lorakernels does not rebuild a bitsandbytes "
+                         f"Linear4bit; nothing was changed")
+    active = [(n, m) for n, m in all_layers if m.active_adapter == adapter_name]
+    _check_none_merged(active + [(n, m) for n, m in only if m.active_adapter != adapter_name], "delete_adapter")
+    for name, layer in only:
+        base = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta",
+                         dtype=layer.weight.dtype)
+        base.weight, base.bias = layer.weight, layer.bias
+        _set_submodule(model, name, base)
     for _, layer in layers:
-        layer.delete_adapter(adapter_name)
+        if layer.adapter_names != [adapter_name]:
+            layer.delete_adapter(adapter_name)
+    for _, layer in active:
+        layer.active_adapter = layer.adapter_name
     return model
 
 
@@ -191,9 +236,21 @@ def mixed_batch(model, adapter_names):
 
         with lorakernels.mixed_batch(model, ["math", "__base__", "code"]):
             logits = model(input_ids).logits
+
+    As in PEFT, every name must be held by some layer of the model (ValueError otherwise, like
+    PEFT's "non-existing adapter"), and on a layer that does not hold it its rows take the base
+    layer alone.
     """
     layers = _lora_layers_or_error(model, "mixed_batch")
-    names = list(adapter_names)
+    names = None if isinstance(adapter_names, str) else list(adapter_names)
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"mixed_batch: adapter_names must be a list of adapter names (one per sequence); got "
+                        f"{adapter_names!r}")
+    held = _held_adapters(layers)
+    unknown = sorted(set(names) - set(held) - {BASE_ONLY})
+    if unknown:
+        raise ValueError(f"mixed_batch: no LoRALinear layer of {type(model).__name__} holds adapter(s) {unknown} "
+                         f"(its adapters: {held}, or {BASE_ONLY!r} for the base alone)")
     for _, layer in layers:
         layer.batch_adapter_names = names
     try:

@@ -117,6 +117,10 @@ class LoRALinear(nn.Module):
     per sequence (x.shape[0]; "__base__" for none), as PEFT's mixed batches, and runs them all in
     one fused pass (`lora_linear_segmented`): the base GEMM once, each row's LoRA term in the
     same accumulator; in training, the adapters named get gradients from their rows only.
+    The adapters of a model may cover different layers; PEFT's rules hold (the model-level
+    `set_adapter`, `load_adapter` and `mixed_batch` apply them): a layer whose active adapter it
+    does not hold runs as its base layer, and so do the rows of a mixed batch naming an adapter
+    the layer does not hold.
 
     `merge()` folds the adapter into `weight` (one pass of the merge kernel) so that forward is
     the plain GEMM; `unmerge()` restores the base weight bit for bit from a copy kept while
@@ -244,37 +248,63 @@ class LoRALinear(nn.Module):
                          self.lora_A.dtype)
 
     def set_adapter(self, name):
-        """Make `name` the adapter forward (without adapter_names), merge and unmerge use."""
+        """Make `name`, one of this layer's adapters, the adapter forward (without adapter_names), merge
+        and unmerge use. (The model-level `set_adapter` also activates a name that only other layers
+        hold: a layer without it then runs as its base layer.)"""
         if self.merged:
             raise RuntimeError("LoRALinear is merged: unmerge() before switching adapters")
         self.adapter_operands(name)  # ValueError for an unknown name
         self.active_adapter = name
 
-    def delete_adapter(self, name):
-        """Remove an added adapter (the layer's own one stays); the active adapter falls back to the
-        layer's own if it was `name`."""
+    def active_operands(self):
+        """`adapter_operands` of the active adapter, or None where this layer does not hold it: the
+        layer then computes its base layer alone, as PEFT's layers do."""
+        name = self.active_adapter
         if name == self.adapter_name:
-            raise ValueError(f"{name!r} is this layer's own adapter and cannot be deleted; delete added ones only "
-                             f"({list(self.extra_adapters.keys())})")
+            return self.lora_A, self.lora_B, self.scaling, self.lora_dropout
         if name not in self.extra_adapters:
-            raise ValueError(f"no added adapter {name!r} on this layer; its adapters: {self.adapter_names}")
+            return None
+        extra = self.extra_adapters[name]
+        return extra.lora_A, extra.lora_B, extra.scaling, extra.lora_dropout
+
+    def delete_adapter(self, name):
+        """Remove adapter `name`. The layer's own adapter can go while it holds another: the first added
+        one then becomes its own (`adapter_name`, `lora_A`, `lora_B`, `r`, ...: the same parameters
+        under the own adapter's state-dict keys). A layer's only adapter stays (the model-level
+        `delete_adapter` puts the base layer back in its place). The active adapter falls back to
+        the layer's own if it was `name`, as PEFT's layers fall back to their first adapter."""
+        if name not in self.adapter_names:
+            raise ValueError(f"no adapter {name!r} on this layer; its adapters: {self.adapter_names}")
+        if name == self.adapter_name and not self.extra_adapters:
+            raise ValueError(f"{name!r} is this layer's only adapter: a LoRALinear holds at least one (the "
+                             f"model-level delete_adapter puts the base layer back instead); nothing was changed")
         if self.merged and self.active_adapter == name:
             raise RuntimeError(f"adapter {name!r} is merged into the weight: unmerge() first")
+        was_active = self.active_adapter == name
+        if name == self.adapter_name:
+            promoted = next(iter(self.extra_adapters))
+            extra = self.extra_adapters[promoted]
+            self.lora_A, self.lora_B = extra.lora_A, extra.lora_B
+            self.r, self.lora_alpha, self.lora_dropout = extra.r, extra.lora_alpha, extra.lora_dropout
+            self.use_rslora, self.scaling, self.adapter_name = extra.use_rslora, extra.scaling, promoted
+            name = promoted
         del self.extra_adapters[name]
-        if self.active_adapter == name:
+        if was_active:
             self.active_adapter = self.adapter_name
 
     def _mixed_batch_forward(self, x, adapter_names):
-        """One fused pass over a batch whose sequences use different adapters (PEFT's adapter_names)."""
+        """One fused pass over a batch whose sequences use different adapters (PEFT's adapter_names).
+
+        As PEFT's layers: rows named "__base__", or named after an adapter this layer does not hold
+        (one that other layers of the model hold), take the base layer alone. Which names a model
+        holds at all is checked by the model-level `mixed_batch`.
+        """
         if self.merged:
             raise RuntimeError("LoRALinear is merged: adapter_names batches need unmerged adapters (unmerge() first)")
         if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
             raise TypeError(f"adapter_names must be a list of adapter names (one per sequence); got {adapter_names!r}")
-        unknown = sorted(set(adapter_names) - set(self.adapter_names) - {BASE_ONLY})
-        if unknown:
-            raise ValueError(f"adapter_names names {unknown}, not adapters of this layer ({self.adapter_names}, or "
-                             f"{BASE_ONLY!r} for the base alone)")
-        used = [n for n in self.adapter_names if n in adapter_names]
+        named = set(adapter_names) - {BASE_ONLY}
+        used = [n for n in self.adapter_names if n in named]
         operands = [self.adapter_operands(n) for n in used]
         position = {n: i for i, n in enumerate(used)}
         rows = [position.get(n, -1) for n in adapter_names]
@@ -293,15 +323,16 @@ class LoRALinear(nn.Module):
             return self._mixed_batch_forward(x, adapter_names)
         if self.four_bit:
             return self._forward_four_bit(x)
+        operands = self.active_operands()
         if self.merged:
-            lora_A, lora_B, _, _ = self.adapter_operands(self.active_adapter)
-            if self.training and torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad):
+            if (operands is not None and self.training and torch.is_grad_enabled()
+                    and (operands[0].requires_grad or operands[1].requires_grad)):
                 raise RuntimeError("LoRALinear is merged: its adapter is folded into weight and cannot be trained. "
                                    "Call unmerge() first, or eval() / torch.no_grad() for inference.")
             return F.linear(x, self.weight, self.bias)
-        if self.adapters_disabled:
+        if self.adapters_disabled or operands is None:
             return F.linear(x, self.weight, self.bias)
-        lora_A, lora_B, scaling, dropout = self.adapter_operands(self.active_adapter)
+        lora_A, lora_B, scaling, dropout = operands
         return lora_linear(x, self.weight, self.bias, lora_A, lora_B, scaling, dropout, self.training,
                            backend=self.backend, base_gemm=self.base_gemm)
 
@@ -321,9 +352,10 @@ class LoRALinear(nn.Module):
 
     def _forward_four_bit(self, x):
         x_compute, base, bias = self._four_bit_operands(x)
-        if self.adapters_disabled:
+        operands = self.active_operands()
+        if self.adapters_disabled or operands is None:
             return F.linear(x_compute, base.dequantize(x_compute.dtype), bias).to(x.dtype)
-        lora_A, lora_B, scaling, dropout = self.adapter_operands(self.active_adapter)
+        lora_A, lora_B, scaling, dropout = operands
         y = lora_linear(x_compute, base, bias, lora_A, lora_B, scaling, dropout, self.training,
                         backend=self.backend, base_gemm=self.base_gemm)
         return y.to(x.dtype)
@@ -335,7 +367,8 @@ class LoRALinear(nn.Module):
         quantized from) plus scaling * lora_B @ lora_A, rounded once to that dtype by the merge
         kernel; the bias in that dtype. The result is exact to that dtype's rounding of the 4-bit
         model's weight, not of the original 16-bit one (the 4-bit quantization error stays).
-        A dense base: a merged copy of weight. The layer itself is unchanged.
+        A dense base: a merged copy of weight. A layer that does not hold its active adapter: the
+        base alone. The layer itself is unchanged.
         """
         if self.merged:
             raise RuntimeError("LoRALinear is merged in place already; its weight is the merged one")
@@ -344,9 +377,12 @@ class LoRALinear(nn.Module):
             dense = self.four_bit_base().dequantize(dtype)
         else:
             dtype, dense = self.weight.dtype, self.weight.detach().clone()
-        lora_A, lora_B, scaling, _ = self.adapter_operands(self.active_adapter)
-        merged = ops.lora_merge(dense, lora_A.detach(), lora_B.detach(), scaling, out=dense,
-                                backend=self._merge_backend())
+        operands = self.active_operands()
+        merged = dense
+        if operands is not None:
+            lora_A, lora_B, scaling, _ = operands
+            merged = ops.lora_merge(dense, lora_A.detach(), lora_B.detach(), scaling, out=dense,
+                                    backend=self._merge_backend())
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
                            dtype=dtype)
         linear.weight = nn.Parameter(merged, requires_grad=False)
@@ -363,6 +399,8 @@ class LoRALinear(nn.Module):
 
         keep_original: keep a copy of the base weight (same device and dtype: one extra weight
         of memory while merged) so that `unmerge()` restores it bit for bit.
+        A layer that does not hold its active adapter has nothing to fold in: it is marked merged
+        and its weight stays as it is.
         """
         if self.four_bit:
             raise four_bit_merge_error("this layer")
@@ -371,9 +409,11 @@ class LoRALinear(nn.Module):
         tied = [name for name, p in self.tied_to if shares_memory(p, self.weight)]
         if tied:
             raise tied_weight_error(f"this layer's weight with {tied}", "layer")
-        self._original_weight = self.weight.detach().clone() if keep_original else None
-        lora_A, lora_B, scaling, _ = self.adapter_operands(self.active_adapter)
-        ops.lora_merge(self.weight, lora_A, lora_B, scaling, out=self.weight, backend=self._merge_backend())
+        operands = self.active_operands()
+        self._original_weight = self.weight.detach().clone() if keep_original and operands is not None else None
+        if operands is not None:
+            lora_A, lora_B, scaling, _ = operands
+            ops.lora_merge(self.weight, lora_A, lora_B, scaling, out=self.weight, backend=self._merge_backend())
         self.merged = True
 
     @torch.no_grad()
@@ -381,10 +421,11 @@ class LoRALinear(nn.Module):
         """Undo `merge()`: restore the kept base weight, or subtract the adapter if none was kept."""
         if not self.merged:
             raise RuntimeError("LoRALinear is not merged")
+        operands = self.active_operands()  # the adapter merged: it cannot change while merged
         if self._original_weight is not None:
             self.weight.copy_(self._original_weight)
-        else:
-            lora_A, lora_B, scaling, _ = self.adapter_operands(self.active_adapter)
+        elif operands is not None:
+            lora_A, lora_B, scaling, _ = operands
             ops.lora_merge(self.weight, lora_A, lora_B, scaling, subtract=True, out=self.weight,
                            backend=self._merge_backend())
         self._original_weight = None
