@@ -276,10 +276,26 @@ def save_adapters(model, path, base_model_name_or_path=None):
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRALinear layers to save")
     names = list(dict.fromkeys(adapter for _, m in layers for adapter in m.adapter_names))
+    directories = [_adapter_directory(path, adapter) for adapter in names]
     prepared = [_prepared(model, base_model_name_or_path, adapter) for adapter in names]
-    for adapter, files in zip(names, prepared):
-        _write(path if adapter == "default" else os.path.join(os.fspath(path), adapter), *files)
+    for directory, files in zip(directories, prepared):
+        _write(directory, *files)
     return names
+
+
+def _adapter_directory(path, adapter):
+    """Where `save_adapters` writes adapter `adapter`: `path` for "default", else `path/<adapter>`
+    (PEFT's `save_pretrained`; a name with '/' makes nested directories, as there). ValueError for a
+    name that would lead out of `path` (an absolute one)."""
+    if adapter == "default":
+        return path
+    directory = os.path.join(os.fspath(path), adapter)
+    root = os.path.abspath(os.fspath(path))
+    inside = os.path.abspath(directory)
+    if os.path.commonpath([root, inside]) != root or inside == root:
+        raise ValueError(f"save_adapters: adapter {adapter!r} cannot be saved in a directory of its name under "
+                         f"{os.fspath(path)!r} (it would be {directory!r}); nothing was written")
+    return directory
 
 
 def _read_config(path):
@@ -375,7 +391,8 @@ def load_adapter(model, path, adapter_dtype=None, backend=None, adapter_name=Non
     adapter_name: None loads into each layer's own adapter; a name loads into that adapter of the
     layers, added (`add_adapter`) where a LoRALinear does not hold it yet, or, on a layer wrapped
     now, as the layer's own adapter under that name; so several PEFT adapters can be held at once
-    and run together (`mixed_batch`). The active adapter does not change, as with PEFT's `load_adapter`: the layers wrapped now take
+    and run together (`mixed_batch`). Any name PEFT accepts (`check_adapter_name`: "math-v2" too).
+    The active adapter does not change, as with PEFT's `load_adapter`: the layers wrapped now take
     the model's active adapter (`lorakernels.model.active_adapter`), and where they do not hold it
     they run as their base layers; into a model without LoRA layers the adapter loaded becomes the
     active one. (Adapters may thus cover different layers: see `lorakernels.model`.)

@@ -27,10 +27,23 @@ def _check_arguments(in_features, out_features, r, lora_alpha, lora_dropout, use
     check_options(backend, base_gemm)  # a bad choice fails here, not at the first forward
 
 
+# PEFT keeps each adapter's modules in an nn.ModuleDict keyed by its name (as `extra_adapters` here),
+# so the names PEFT accepts are the keys nn.ModuleDict takes.
+_MODULE_DICT = nn.ModuleDict()
+
+
 def check_adapter_name(name):
-    """ValueError unless `name` can name an adapter: a Python identifier other than BASE_ONLY."""
-    if not isinstance(name, str) or not name.isidentifier() or name == BASE_ONLY:
-        raise ValueError(f"adapter names must be Python identifiers other than {BASE_ONLY!r}; got {name!r}")
+    """TypeError unless `name` is a str; ValueError unless it is a name PEFT accepts: the key of an
+    nn.ModuleDict, i.e. non-empty, without '.', and not an attribute of nn.ModuleDict ('training',
+    'keys', 'to', ...). "math-v2", "my adapter" and "__base__" are names (in a mixed batch,
+    "__base__" always means the base layer, as in PEFT)."""
+    if not isinstance(name, str):
+        raise TypeError(f"an adapter name must be a str; got {type(name).__name__} {name!r}")
+    if not name or "." in name or hasattr(_MODULE_DICT, name):
+        why = ("is empty" if not name else "contains '.'" if "." in name
+               else "is an attribute of torch.nn.ModuleDict, which holds adapters by name here and in PEFT")
+        raise ValueError(f"adapter name {name!r} {why}: adapter names are the names PEFT accepts (non-empty, "
+                         f"without '.', not an attribute of nn.ModuleDict)")
 
 
 def tied_weight_error(tied, layer):

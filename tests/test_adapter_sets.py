@@ -1,13 +1,15 @@
-"""Adapters over different layer sets, against PEFT itself.
+"""Adapters over different layer sets, and PEFT's adapter names, against PEFT itself.
 
 A PEFT model holds adapter "a" on q_proj and v_proj and adapter "b" on q_proj, v_proj and
 o_proj; lorakernels loads both files. PEFT's rules, which lorakernels must follow: a layer that
 lacks the active adapter runs as its base layer; loading never changes which adapter is active;
-the rows of a mixed batch naming an adapter a layer lacks take the base on that layer.
+the rows of a mixed batch naming an adapter a layer lacks take the base on that layer. And any
+name PEFT accepts ("math-v2", "two words", ...) saves, loads, activates, mixes and deletes.
 
 Would catch: a load that makes the adapter it loads active on the layers it wraps (logits of "a"
 on q/v plus "b" on o_proj), set_adapter or mixed_batch refusing an adapter some layers lack,
-merging a layer that lacks the active adapter, deleting that leaves PEFT's behaviour.
+merging a layer that lacks the active adapter, names PEFT accepts refused (or names it refuses
+taken), and `save_adapters` writing outside its directory.
 """
 
 import copy
@@ -17,15 +19,18 @@ import torch
 
 from lorakernels import (
     add_adapter,
+    apply_lora,
     delete_adapter,
     load_adapter,
     merge_and_unload,
     merge_lora,
     mixed_batch,
+    save_adapters,
     set_adapter,
     unmerge_lora,
 )
 from lorakernels.model import active_adapter, lora_modules
+from lorakernels.modules import check_adapter_name
 
 peft = pytest.importorskip("peft")
 from tests.test_model import tiny_llama  # noqa: E402
@@ -185,3 +190,64 @@ def test_a_layer_without_its_active_adapter_is_its_base_layer(four_bit):
         torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
         layer.unmerge()
         assert not layer.merged and torch.equal(layer.weight, weight)
+
+
+# --- PEFT's adapter names -----------------------------------------------------------------------------
+
+
+NAMES = ["math-v2", "two words", "a/b", "__base__"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_any_name_peft_accepts_round_trips(tmp_path, name):
+    """A PEFT model with adapters "default" and `name` saved by PEFT loads here under those names;
+    set_adapter, mixed batches (where "__base__" is the base, as in PEFT), save_adapters (PEFT's
+    layout, loaded by PEFT) and delete_adapter all follow PEFT."""
+    config = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(2)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config))
+    theirs.add_adapter(name, peft.LoraConfig(**config))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(tiny_llama(), tmp_path / "peft", backend="torch")
+    load_adapter(ours, tmp_path / "peft" / name, adapter_name=name)
+    theirs.eval().set_adapter(name)
+    set_adapter(ours, name)
+    ids = torch.randint(0, 97, (2, 5))
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=1e-5, atol=1e-5)
+    names = [name, "default"]
+    torch.testing.assert_close(logits(ours, ids, names), logits(theirs, ids, names), rtol=1e-5, atol=1e-5)
+
+    assert save_adapters(ours, tmp_path / "ours") == ["default", name]
+    again = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
+    again.load_adapter(tmp_path / "ours" / name, adapter_name=name)
+    again.eval().set_adapter(name)
+    torch.testing.assert_close(logits(again, ids), logits(ours, ids), rtol=1e-5, atol=1e-5)
+
+    delete_adapter(ours, name)
+    theirs.delete_adapter(name)
+    assert all(layer.adapter_names == ["default"] for _, layer in lora_modules(ours))
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, error", [("a.b", ValueError), ("", ValueError), ("training", ValueError),
+                                         ("keys", ValueError), (3, TypeError), (b"x", TypeError)])
+def test_names_peft_refuses_are_refused_and_change_nothing(tmp_path, name, error):
+    # PEFT keeps adapters in nn.ModuleDicts: it refuses these (KeyError there).
+    with pytest.raises(error, match="adapter name"):
+        check_adapter_name(name)
+    model = tiny_llama()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match="adapter name"):
+        load_adapter(model, tmp_path / "not-read", adapter_name=name)
+    assert model.state_dict().keys() == state.keys() and not lora_modules(model)
+
+
+def test_save_adapters_refuses_a_name_leading_out_of_its_directory(tmp_path):
+    elsewhere = str(tmp_path / "elsewhere")  # an absolute path as a name: PEFT's save_pretrained writes there
+    if "." in elsewhere:
+        pytest.skip(f"the temporary directory {elsewhere} holds a '.', which no adapter name can")
+    ours = apply_lora(tiny_llama(), ["q_proj"], r=2)
+    add_adapter(ours, elsewhere)
+    with pytest.raises(ValueError, match="cannot be saved in a directory of its name"):
+        save_adapters(ours, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "elsewhere").exists()

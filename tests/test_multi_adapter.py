@@ -207,5 +207,5 @@ def test_save_adapters_writes_nothing_when_a_later_adapter_cannot_be_saved(tmp_p
 def test_load_adapter_refuses_a_bad_adapter_name_before_reading_files(tmp_path):
     from lorakernels import load_adapter
 
-    with pytest.raises(ValueError, match="adapter names must be Python identifiers"):
-        load_adapter(tiny_llama(), tmp_path / "not-read", adapter_name="two words")
+    with pytest.raises(ValueError, match="adapter name 'two.words' contains '.'"):
+        load_adapter(tiny_llama(), tmp_path / "not-read", adapter_name="two.words")
