@@ -7,13 +7,21 @@ patched, so peft stays an optional dependency.
 `forward` decides on every call whether `lora_linear` computes exactly what PEFT's
 `lora.Linear.forward` would (`route`); if not, PEFT's own forward runs unchanged.
 The conditions mirror peft's `tuners/lora/layer.py` (`Linear.forward`, checked against peft
-0.21.2): adapters enabled and not merged, no `adapter_names` (mixed batch) or variant
-keyword arguments, one active adapter of this layer, vanilla LoRA (no `lora_variant`: DoRA,
-aLoRA, VeLoRA, KaSA, ...), no LoRA bias, no `fan_in_fan_out`, a plain `nn.Linear` base with a
-frozen weight or a bitsandbytes `Linear4bit` base (QLoRA: dtypes in `_four_bit_dtypes`), plain
-`nn.Linear` adapters, `nn.Dropout` or `nn.Identity` dropout, a float scaling, no hooks that the
-fused call would skip, and operands `lora_linear` accepts. `FusedRoute` is the forward itself,
-mixed into `Linear` here and into `_peft_linear4bit.Linear4bit` (PEFT's QLoRA class).
+0.21.2): adapters enabled and not merged, no variant keyword arguments, one active adapter of
+this layer, vanilla LoRA (no `lora_variant`: DoRA, aLoRA, VeLoRA, KaSA, ...), no LoRA bias, no
+`fan_in_fan_out`, a plain `nn.Linear` base with a frozen weight or a bitsandbytes `Linear4bit`
+base (QLoRA: dtypes in `_four_bit_dtypes`), plain `nn.Linear` adapters, `nn.Dropout` or
+`nn.Identity` dropout, a float scaling, no hooks that the fused call would skip, and operands
+`lora_linear` accepts. `FusedRoute` is the forward itself, mixed into `Linear` here and into
+`_peft_linear4bit.Linear4bit` (PEFT's QLoRA class).
+
+Mixed batches (`adapter_names=`, which PEFT's model passes to every LoRA layer through a
+forward pre-hook; `mixed_route`) run `lora_linear_segmented`, mirroring `_check_forward_args`
+and `_mixed_batch_forward`: one name per entry of x's first dimension, adapters not merged, rows
+named "__base__" or after an adapter this layer does not hold take the base layer alone, and
+each adapter named that the layer holds meets the conditions above (vanilla LoRA, its modules,
+dtypes), the adapters in one dtype, their ranks summing to at most 256. Every other case, DoRA
+named in a batch included (PEFT raises there), runs PEFT's forward.
 
 Dtypes, as PEFT: outside autocast the base layer runs in x's dtype (which must be the base
 weight's) and the LoRA path in the adapters' dtype (x is cast to it: `_cast_input_dtype`);
@@ -30,7 +38,8 @@ from torch import nn
 
 from lorakernels import four_bit
 from lorakernels._validation import FLOAT_DTYPES, MAX_RANK
-from lorakernels.functional import lora_linear
+from lorakernels.functional import lora_linear, lora_linear_segmented
+from lorakernels.modules import BASE_ONLY
 from lorakernels.operands import four_bit_shape_error
 
 PeftLinear = peft_lora_layer.Linear
@@ -56,9 +65,7 @@ def _global_hooks():
 
 
 def call_reason(args, kwargs):
-    """Why this call's arguments need PEFT's forward, or None."""
-    if kwargs.get("adapter_names") is not None:
-        return "adapter_names (mixed-batch inference)"
+    """Why this call's arguments need PEFT's forward, or None (`adapter_names` is `mixed_route`'s)."""
     if any(kwargs.get(k) is not None for k in VARIANT_KWARG_KEYS):
         return "LoRA-variant keyword arguments"
     if args or any(k not in ("adapter_names", *VARIANT_KWARG_KEYS) for k in kwargs):
@@ -76,13 +83,19 @@ def active_adapter(layer):
     if len(names) != 1:
         return None, "no active adapter on this layer" if not names else "several active adapters"
     name = names[0]
+    reason = adapter_reason(layer, name)
+    return (name, None) if reason is None else (None, reason)
+
+
+def adapter_reason(layer, name):
+    """Why adapter `name` of the layer is not vanilla LoRA that `lora_linear` computes, or None."""
     if name in layer.lora_variant or layer.use_dora.get(name, False):
-        return None, "LoRA variant (DoRA, aLoRA, ...)"
+        return "LoRA variant (DoRA, aLoRA, ...)"
     if layer.lora_bias.get(name, False):
-        return None, "LoRA bias (lora_bias=True)"
+        return "LoRA bias (lora_bias=True)"
     if layer.fan_in_fan_out:
-        return None, "fan_in_fan_out"
-    return name, None
+        return "fan_in_fan_out"
+    return None
 
 
 class Operands(NamedTuple):
@@ -175,23 +188,25 @@ def _autocast_dtypes(device_type, adapter_dtype):
     return dtype, adapter_dtype if adapter_dtype == torch.float32 else dtype
 
 
-def _operand_dtypes(layer, x, device_type, weight, adapter_dtype):
+def _operand_dtypes(layer, x, device_type, weight, adapter_dtype, casts):
     """(compute dtype of x and the base, of the adapters), or None when PEFT would compute otherwise."""
     if torch.is_autocast_enabled(device_type):
         return _autocast_dtypes(device_type, adapter_dtype) if weight.dtype in FLOAT_DTYPES else None
     if weight.dtype != x.dtype:
         return None  # PEFT's base layer raises here: let it
-    return _adapter_dtypes(layer, x.dtype, x.dtype, adapter_dtype)
+    return _adapter_dtypes(layer, x.dtype, x.dtype, adapter_dtype, casts)
 
 
-def _adapter_dtypes(layer, x_dtype, compute_dtype, adapter_dtype):
+def _adapter_dtypes(layer, x_dtype, compute_dtype, adapter_dtype, casts=None):
     """(compute_dtype, adapter_dtype) when PEFT's LoRA path, outside autocast, computes in the
     adapters' dtype on x as `lora_linear` would on x cast to `compute_dtype`; else None.
 
-    PEFT casts x to the adapters' dtype when they differ (`_cast_input_dtype`, unless disabled);
+    PEFT casts x to the adapters' dtype when they differ (`_cast_input_dtype`, unless disabled;
+    casts=None reads that switch, True: a path that always casts, `lora.Linear`'s mixed batch);
     `lora_linear` takes adapters in x's dtype or fp32 and casts tiles instead.
     """
-    casts = getattr(layer, "cast_input_dtype_enabled", True)
+    if casts is None:
+        casts = getattr(layer, "cast_input_dtype_enabled", True)
     if not (adapter_dtype == x_dtype or (adapter_dtype == torch.float32 and casts)):
         return None
     return (compute_dtype, adapter_dtype) if adapter_dtype in (compute_dtype, torch.float32) else None
@@ -207,7 +222,7 @@ def four_bit_compute_dtype(base, x_dtype):
     return compute or x_dtype
 
 
-def _four_bit_dtypes(layer, base, x, device_type, adapter_dtype):
+def _four_bit_dtypes(layer, base, x, device_type, adapter_dtype, casts):
     """(compute dtype of x and the dequantized base, of the adapters) over a bitsandbytes 4-bit base,
     or None when PEFT would compute otherwise.
 
@@ -229,7 +244,7 @@ def _four_bit_dtypes(layer, base, x, device_type, adapter_dtype):
         return dtypes
     if not (x.dtype == compute or (compute == torch.float32 and x.dtype in FLOAT_DTYPES)):
         return None  # x narrowed to the compute dtype, which PEFT's LoRA path does not see
-    return _adapter_dtypes(layer, x.dtype, compute, adapter_dtype)
+    return _adapter_dtypes(layer, x.dtype, compute, adapter_dtype, casts)
 
 
 def in_features(ops):
@@ -237,8 +252,8 @@ def in_features(ops):
     return ops.weight.quant_state.shape[1] if ops.four_bit else ops.weight.shape[1]
 
 
-def input_reason(layer, ops, x):
-    """Why input `x` needs PEFT's forward with these `Operands`, or None."""
+def input_reason(layer, ops, x, casts=None):
+    """Why input `x` needs PEFT's forward with these `Operands`, or None. casts: see `_adapter_dtypes`."""
     if type(x) not in PLAIN_TENSOR_TYPES:
         return "input is not a plain tensor"
     device = x.device
@@ -255,9 +270,9 @@ def input_reason(layer, ops, x):
     if A.dtype != B.dtype or (bias is not None and bias.dtype not in bias_dtypes):
         return "lora_A/lora_B (or weight/bias) dtypes differ"
     if four_bit_base:
-        dtypes = _four_bit_dtypes(layer, ops.base, x, device.type, A.dtype)
+        dtypes = _four_bit_dtypes(layer, ops.base, x, device.type, A.dtype, casts)
     else:
-        dtypes = _operand_dtypes(layer, x, device.type, weight, A.dtype)
+        dtypes = _operand_dtypes(layer, x, device.type, weight, A.dtype, casts)
     if dtypes is None:
         base_dtype = f"4-bit base computing in {ops.base.compute_dtype}" if four_bit_base else f"base {weight.dtype}"
         return (f"dtypes: x {x.dtype}, {base_dtype}, adapters {A.dtype}"
@@ -273,22 +288,80 @@ def layer_state(layer):
     name, reason = active_adapter(layer)
     if reason is not None:
         return None, reason
-    four_bit_base = is_four_bit_base(layer.base_layer)
-    if four_bit_base:
-        # What bitsandbytes' forward does first: a weight whose QuantState was lost (FSDP) gets the
-        # module's back.
-        four_bit.bitsandbytes_modules().fix_4bit_weight_quant_state_from_module(layer.base_layer)
-    ops = Operands.of(layer, name, four_bit_base)
+    ops = Operands.of(layer, name, _four_bit_base(layer))
     reason = module_reason(ops)
     return (ops, None) if reason is None else (None, reason)
 
 
-def route(layer, x, args, kwargs):
-    """(`Operands` of the active adapter, None) when `lora_linear` computes this call of PEFT's
-    `lora.Linear.forward` exactly; else (None, why not)."""
+def _four_bit_base(layer):
+    """`is_four_bit_base` of the layer's base; over a 4-bit base, first what bitsandbytes' forward does
+    first: a weight whose QuantState was lost (FSDP) gets the module's back."""
+    four_bit_base = is_four_bit_base(layer.base_layer)
+    if four_bit_base:
+        four_bit.bitsandbytes_modules().fix_4bit_weight_quant_state_from_module(layer.base_layer)
+    return four_bit_base
+
+
+class MixedOperands(NamedTuple):
+    """The operands of one mixed-batch call (`adapter_names`) of a PEFT `lora.Linear`: the
+    `Operands` of each adapter with rows (of the layer's first adapter, taking no rows, where none
+    has any: the fused call needs one), the adapter index of each entry of x's first dimension
+    (-1: the base alone), and the base's fields that the fused forward reads, as `Operands` has them."""
+
+    adapters: tuple
+    rows: list
+    base: nn.Module
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    four_bit: bool
+
+
+def mixed_route(layer, x, adapter_names, casts):
+    """(`MixedOperands`, None) when `lora_linear_segmented` computes exactly what PEFT's
+    `lora.Linear.forward(x, adapter_names=...)` does; else (None, why not). casts: see `_adapter_dtypes`."""
+    if layer.disable_adapters:
+        return None, "adapters disabled"
+    if layer.merged:
+        return None, "adapter merged"  # PEFT raises: adapter_names with merged adapters
+    if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+        return None, "adapter_names is not a list of str"
+    if type(x) not in PLAIN_TENSOR_TYPES or x.dim() < 2 or len(adapter_names) != x.shape[0]:
+        return None, "adapter_names is not one name per entry of x's first dimension"  # PEFT raises, or indexes a 1-D x
+    held = layer.lora_A.keys()
+    used = [n for n in dict.fromkeys(adapter_names) if n != BASE_ONLY and n in held]
+    for name in used:
+        reason = adapter_reason(layer, name)
+        if reason is not None:
+            return None, reason
+    names = used or list(held)[:1]
+    if not names:
+        return None, "no adapter on this layer"
+    four_bit_base = _four_bit_base(layer)
+    adapters = tuple(Operands.of(layer, name, four_bit_base) for name in names)
+    for ops in adapters:
+        reason = module_reason(ops) or input_reason(layer, ops, x, casts)
+        if reason is not None:
+            return None, reason
+    if len({ops.A.dtype for ops in adapters}) > 1:
+        return None, "adapters of different dtypes in one batch"
+    if sum(ops.A.shape[0] for ops in adapters) > MAX_RANK:
+        return None, f"ranks of the adapters in one batch sum above {MAX_RANK}"
+    position = {name: i for i, name in enumerate(used)}
+    first = adapters[0]
+    return MixedOperands(adapters, [position.get(n, -1) for n in adapter_names], first.base, first.weight,
+                         first.bias, first.four_bit), None
+
+
+def route(layer, x, args, kwargs, mixed_casts=None):
+    """(`Operands` of the active adapter, or `MixedOperands` of an `adapter_names` call, None) when
+    `lora_linear` (or `lora_linear_segmented`) computes this call of PEFT's `lora.Linear.forward`
+    exactly; else (None, why not). mixed_casts: how the layer's mixed batch casts x (`_adapter_dtypes`)."""
     reason = call_reason(args, kwargs)
     if reason is not None:
         return None, reason
+    adapter_names = kwargs.get("adapter_names")
+    if adapter_names is not None:
+        return mixed_route(layer, x, adapter_names, mixed_casts)
     ops, reason = layer_state(layer)
     reason = reason or input_reason(layer, ops, x)
     return (ops, None) if reason is None else (None, reason)
@@ -309,10 +382,13 @@ def count_call(layer, outcome):
 
 class FusedRoute:
     """The forward of the fused PEFT layer classes (mixed in before PEFT's class): `lora_linear`
-    when `route` says it computes this call exactly, PEFT's own forward otherwise."""
+    (`lora_linear_segmented` for `adapter_names`) when `route` says it computes this call exactly,
+    PEFT's own forward otherwise."""
 
     def forward(self, x, *args, **kwargs):
-        ops, reason = route(self, x, args, kwargs)
+        # How PEFT's `_mixed_batch_forward` casts x to the adapters' dtype: `lora.Linear`'s always does
+        # (`x[rows].to(lora_A.weight.dtype)`); `lora.bnb.Linear4bit`'s follows `_cast_input_dtype` (None).
+        ops, reason = route(self, x, args, kwargs, True if isinstance(self, PeftLinear) else None)
         count_call(self, reason or FUSED)
         if reason is not None:
             return super().forward(x, *args, **kwargs)
@@ -321,8 +397,13 @@ class FusedRoute:
         return self._fused_forward(x, ops, ops.weight, ops.bias)
 
     def _fused_forward(self, x, ops, weight, bias):
-        p = float(ops.dropout.p) if type(ops.dropout) is nn.Dropout else 0.0
         options = getattr(self, "_lorakernels_options", None) or {}
+        if type(ops) is MixedOperands:
+            # Each adapter's own dropout module decides, as in PEFT's loop (rate 0 where it is in eval mode).
+            return lora_linear_segmented(x, weight, bias, [(o.A, o.B, float(o.scaling)) for o in ops.adapters],
+                                         ops.rows, [_dropout_p(o.dropout) for o in ops.adapters], True,
+                                         backend=options.get("backend"), base_gemm=options.get("base_gemm"))
+        p = float(ops.dropout.p) if type(ops.dropout) is nn.Dropout else 0.0
         return lora_linear(x, weight, bias, ops.A, ops.B, float(ops.scaling), dropout_p=p,
                            training=ops.dropout.training, backend=options.get("backend"),
                            base_gemm=options.get("base_gemm"))
@@ -341,6 +422,10 @@ class FusedRoute:
         weight = four_bit.four_bit_weight(ops.weight)
         x_compute = x if torch.is_autocast_enabled(x.device.type) else x.to(compute)
         return self._fused_forward(x_compute, ops, weight, bias).to(x.dtype)
+
+
+def _dropout_p(dropout):
+    return float(dropout.p) if type(dropout) is nn.Dropout and dropout.training else 0.0
 
 
 class Linear(FusedRoute, PeftLinear):

@@ -7,8 +7,10 @@
 Every PEFT `lora.Linear` in the model gets a forward that, on each call, checks whether the
 fused kernels compute exactly what PEFT's forward would (one active vanilla-LoRA adapter on
 a plain `nn.Linear` base, ...: `lorakernels._peft_linear.route`) and otherwise calls PEFT's
-own forward. So `set_adapter`, `disable_adapter()`, `merge_adapter()` / `unmerge_adapter()`,
-`adapter_names=` batches and DoRA keep PEFT's behaviour while patched.
+own forward. So `set_adapter`, `disable_adapter()`, `merge_adapter()` / `unmerge_adapter()`
+and DoRA keep PEFT's behaviour while patched. Mixed-batch inference (`model(...,
+adapter_names=[...])`) runs `lora_linear_segmented`, one fused pass per layer, with PEFT's rules
+for "__base__" rows and for adapters a layer lacks (`_peft_linear.mixed_route`).
 
 How: the layer's class is swapped for a subclass of `peft.tuners.lora.Linear` with the same
 name that overrides `forward` only (`module.__class__ = ...`): the parameters, buffers,
