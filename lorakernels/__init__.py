@@ -7,7 +7,7 @@ from lorakernels._interpreter import apply_interpreter_fixes
 apply_interpreter_fixes()
 
 from lorakernels.adapter_io import load_adapter, save_adapter, save_adapters  # noqa: E402
-from lorakernels.autograd import lora_linear_backward_op, lora_linear_forward_op  # noqa: E402
+from lorakernels.autograd import graph_safe_dropout, lora_linear_backward_op, lora_linear_forward_op  # noqa: E402
 from lorakernels.functional import lora_linear, lora_linear_segmented  # noqa: E402
 from lorakernels.model import (  # noqa: E402
     add_adapter,
@@ -35,6 +35,7 @@ __all__ = [
     "apply_lora",
     "delete_adapter",
     "disable_adapters",
+    "graph_safe_dropout",
     "load_adapter",
     "lora_linear",
     "lora_linear_backward_op",

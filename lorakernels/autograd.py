@@ -38,6 +38,38 @@ def draw_seed():
     return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device="cpu")
 
 
+# Dropout seeds drawn on the device, as one-element int64 tensors the kernels read: where a CUDA
+# graph is being captured (always), and everywhere while `graph_safe_dropout` is on.
+_DEVICE_SEEDS = False
+
+
+def graph_safe_dropout(enabled=True):
+    """Draw every dropout seed on the device of the call (a one-element int64 tensor that the kernels
+    read from memory) instead of on the host, and return the previous setting.
+
+    A seed drawn on the host is a kernel argument, so a captured CUDA graph would replay one mask
+    forever. A seed drawn by the device's generator is what a graph captures instead: PyTorch's
+    CUDA generator is graph-safe, so every replay of a captured training step draws fresh seeds,
+    hence fresh masks (forward and backward agree: backward reads the seed forward drew). Under
+    capture lorakernels does this on its own; turning it on for eager runs too gives eager steps
+    the masks a replay would draw from the same generator state (`torch.manual_seed`,
+    `torch.cuda.graphs`' generator handling), at the cost of one tiny kernel per layer call.
+    Checkpoint recompute replays device seeds too (`torch.utils.checkpoint` restores the device's
+    generator). Only the eager path reads device seeds; under torch.compile seeds stay on the host.
+    """
+    global _DEVICE_SEEDS
+    previous, _DEVICE_SEEDS = _DEVICE_SEEDS, bool(enabled)
+    return previous
+
+
+def device_seed(x):
+    """A one-element int64 seed tensor on x's device when seeds are drawn there (`graph_safe_dropout`,
+    or a CUDA graph being captured on the current stream); None when the host draws them."""
+    if _DEVICE_SEEDS or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
+    return None
+
+
 # The scalar pack: the dropout seed, the scaling and dropout_p travel in one float64 CPU tensor
 # [seed, scaling, p]. The seed is drawn outside the op (so the op is a pure function of its
 # inputs), and a tensor, unlike a float argument of a custom op (compiled once per value), is
@@ -132,6 +164,8 @@ class SavedState(NamedTuple):
     u: U = dropout(X) A^T [M, R] fp32, only when lora_B needs a gradient (dB = s dY^T U).
     scalars: the scalar pack [seed, scaling, p].
     segments: several adapters in one batch (`Segments`), or None. U is then [M, max_rank].
+    seed: the dropout seed as a one-element tensor on the device (`device_seed`), which then
+    replaces the pack's; or None.
     """
 
     x: Optional[torch.Tensor]
@@ -141,17 +175,18 @@ class SavedState(NamedTuple):
     u: Optional[torch.Tensor]
     scalars: torch.Tensor
     segments: Optional[Segments] = None
+    seed: Optional[torch.Tensor] = None
 
     @classmethod
-    def of_forward(cls, x, base, lora_A, lora_B, u, scalars, segments=None):
+    def of_forward(cls, x, base, lora_A, lora_B, u, scalars, segments=None, seed=None):
         """The state one forward leaves: x and U only where a gradient will need them."""
         return cls(x if lora_A.requires_grad else None, base, lora_A, lora_B,
-                   u if lora_B.requires_grad else None, scalars, segments)
+                   u if lora_B.requires_grad else None, scalars, segments, seed)
 
     def save(self, ctx, plan, has_bias):
         *segment_tensors, max_rank = segment_args(self.segments)
         ctx.save_for_backward(self.x, self.base.weight, self.base.absmax, self.base.table, self.base.nested,
-                              self.lora_A, self.lora_B, self.u, self.scalars, *segment_tensors)
+                              self.lora_A, self.lora_B, self.u, self.scalars, *segment_tensors, self.seed)
         ctx.segment_max_rank = max_rank
         ctx.blocksizes = (self.base.blocksize, self.base.nested_blocksize)
         ctx.plan = plan
@@ -159,12 +194,12 @@ class SavedState(NamedTuple):
 
     @classmethod
     def load(cls, ctx):
-        x, weight, absmax, table, nested, lora_A, lora_B, u, scalars, *segments = ctx.saved_tensors
+        x, weight, absmax, table, nested, lora_A, lora_B, u, scalars, *segments, seed = ctx.saved_tensors
         if lora_A is None and getattr(ctx, "parts", None) is not None:  # `EagerLoRALinear`'s parts
             lora_A, lora_B = ctx.parts.concatenated()
         blocksize, nested_blocksize = ctx.blocksizes
         base = BaseOpArgs(weight, absmax, table, blocksize, nested, nested_blocksize)
-        return cls(x, base, lora_A, lora_B, u, scalars, segments_of(*segments, ctx.segment_max_rank))
+        return cls(x, base, lora_A, lora_B, u, scalars, segments_of(*segments, ctx.segment_max_rank), seed)
 
 
 def _autocast_off(device_type):
@@ -174,23 +209,25 @@ def _autocast_off(device_type):
     return contextlib.nullcontext()
 
 
-def _adapter(lora_A, lora_B, scalars, segments=None):
-    seed, scaling, dropout_p = unpack_scalars(scalars)
-    return Adapter(lora_A, lora_B, scaling, dropout_p, seed, segments)
+def _adapter(lora_A, lora_B, scalars, segments=None, seed=None):
+    """The `Adapter` of the scalar pack's values; a device seed tensor, where given, replaces the pack's seed."""
+    pack_seed, scaling, dropout_p = unpack_scalars(scalars)
+    return Adapter(lora_A, lora_B, scaling, dropout_p, pack_seed if seed is None else seed, segments)
 
 
-def _forward(x, base, bias, lora_A, lora_B, scalars, plan, segments=None):
+def _forward(x, base, bias, lora_A, lora_B, scalars, plan, segments=None, seed=None):
     """(y [M, N], u [M, R] fp32): the forward body of both paths; base: a `BaseOpArgs`."""
     # Operand dtypes were settled by `lora_linear` (autocast included): no casting inside.
     with _autocast_off(x.device.type):
-        return ops.lora_forward(x, base.description(bias), _adapter(lora_A, lora_B, scalars, segments), plan)
+        return ops.lora_forward(x, base.description(bias), _adapter(lora_A, lora_B, scalars, segments, seed), plan)
 
 
 def _backward(dy, state, plan, needs):
     """(dx, dA, dB), None where `needs` does not ask: the backward body of both paths."""
     with _autocast_off(dy.device.type):
         return ops.lora_backward(dy, state.x, state.u, state.base.description(),
-                                 _adapter(state.lora_A, state.lora_B, state.scalars, state.segments), plan, needs)
+                                 _adapter(state.lora_A, state.lora_B, state.scalars, state.segments, state.seed), plan,
+                                 needs)
 
 
 @torch.library.custom_op("lorakernels::lora_linear_forward", mutates_args=())
@@ -354,6 +391,7 @@ class EagerCall(NamedTuple):
     base: BaseOpArgs
     segments: Optional[Segments] = None
     parts: Optional[tuple] = None
+    seed: Optional[torch.Tensor] = None  # a device seed (`device_seed`) replacing the scalar pack's
 
 
 class EagerLoRALinear(torch.autograd.Function):
@@ -377,8 +415,8 @@ class EagerLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scalars, call):
-        y, u = _forward(x, call.base, bias, lora_A, lora_B, scalars, call.plan, call.segments)
-        state = SavedState.of_forward(x, call.base, lora_A, lora_B, u, scalars, call.segments)
+        y, u = _forward(x, call.base, bias, lora_A, lora_B, scalars, call.plan, call.segments, call.seed)
+        state = SavedState.of_forward(x, call.base, lora_A, lora_B, u, scalars, call.segments, call.seed)
         if call.parts is not None:
             state = state._replace(lora_A=None, lora_B=None)
             ctx.parts = _ConcatenatedParts(call.parts)

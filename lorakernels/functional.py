@@ -15,6 +15,7 @@ from lorakernels.autograd import (
     BaseOpArgs,
     EagerCall,
     EagerLoRALinear,
+    device_seed,
     draw_seed,
     lora_linear_forward_op,
     pack_scalars,
@@ -106,15 +107,31 @@ def _fused(x, weight, bias, lora_A, lora_B, scaling, p, backend, base_gemm, segm
     parts: the (adapter index, lora_A, lora_B) whose factors lora_A and lora_B concatenate, if they
     do (eager autograd then keeps those instead of the concatenation)."""
     plan = resolve_plan(x.device, backend, base_gemm)
-    scalars = pack_scalars(draw_seed() if p > 0 else 0, scaling, p)
     rows = _as_rows(x)
     base = BaseOpArgs.of(weight)
     if torch.compiler.is_compiling():
+        scalars = pack_scalars(draw_seed() if p > 0 else 0, scaling, p)
         y, _ = lora_linear_forward_op(rows, base.weight, bias, lora_A, lora_B, scalars, *plan.to_op_args(),
                                       *base[1:], *segment_args(segments))
     else:
-        y = EagerLoRALinear.apply(rows, base.weight, bias, lora_A, lora_B, scalars, EagerCall(plan, base, segments, parts))
+        seed = _device_seed(x, segments) if p > 0 else None  # drawn on the device (graph capture), else the host's
+        scalars = pack_scalars(draw_seed() if p > 0 and seed is None else 0, scaling, p)
+        y = EagerLoRALinear.apply(rows, base.weight, bias, lora_A, lora_B, scalars,
+                                  EagerCall(plan, base, segments, parts, seed))
     return y if x.dim() == 2 else y.view(*x.shape[:-1], base.shape[0])
+
+
+def _device_seed(x, segments):
+    """`autograd.device_seed` for one adapter. Several adapters in one batch keep host seeds (their
+    kernels with a seed read from memory spilled registers on sm_90, build gate), so capturing them
+    in a CUDA graph with dropout, which would replay one mask forever, is refused."""
+    if segments is None:
+        return device_seed(x)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("lora_linear_segmented with dropout cannot be captured in a CUDA graph (its dropout "
+                           "seed is drawn on the host, so every replay would reuse one mask): capture it in eval "
+                           "mode or with dropout 0, or run it eagerly")
+    return None
 
 
 def lora_linear_segmented(x, weight, bias, adapters, row_adapter, dropout_p=0.0, training=True, backend=None,

@@ -131,3 +131,14 @@ def test_a_bound_launch_still_refuses_missing_names_and_required_tensors(jit):
         specs.F1.launch(_grid(48), **{k: v for k, v in _f1_values(x).items() if k != "R_PAD"})
     with pytest.raises(ValueError, match="tensor 'a' is required"):
         specs.F1.launch(_grid(48), **dict(_f1_values(x), a=None))
+
+
+def test_a_seed_read_from_memory_is_another_variant(jit):
+    """An int seed and a seed tensor (a device seed: CUDA graphs) compile to different kernels."""
+    compiled, jit_launches = jit
+    x = torch.randn(48, 64)
+    specs.F1.launch(_grid(48), **_f1_values(x))
+    specs.F1.launch(_grid(48), **dict(_f1_values(x), seed=torch.tensor([1234])))
+    assert len(jit_launches) == 2
+    specs.F1.launch(_grid(48), **dict(_f1_values(x), seed=torch.tensor([99])))  # another value: the same variant
+    assert (len(jit_launches), len(compiled.launches)) == (2, 1)

@@ -14,7 +14,7 @@ import dataclasses
 
 from lorakernels.ops.configs import PADDED_RANKS
 from lorakernels.plan import low_rank_math, split_rank_term
-from lorakernels.ops.specs import ALL, ELEM_BYTES, Desc, Ptr, Role, Scalar, Size, Stride
+from lorakernels.ops.specs import ALL, ELEM_BYTES, Desc, Ptr, Role, Scalar, Seed, Size, Stride
 
 _POINTER_TYPE = {Role.FP32: "*fp32", Role.INT8: "*i8", Role.UINT8: "*u8", Role.INT32: "*i32"}
 
@@ -28,6 +28,7 @@ class KernelVariant:
     num_warps: int
     num_stages: int
     aligned: bool = True
+    seed_pointer: bool = False  # the dropout seed read from memory (a device seed: CUDA graphs)
 
     @property
     def name(self):
@@ -45,6 +46,8 @@ class KernelVariant:
             consts = dict(self.constexprs)
             dtype = {Role.ACTIVATION: self.dtype, Role.ADAPTER: self.adapter_dtype}.get(arg.role, "fp32")
             return f"tensordesc<{dtype}[{', '.join(str(consts[b]) for b in arg.block)}]>"
+        if isinstance(arg, Seed) and self.seed_pointer:
+            return "*i64"
         return "fp32" if isinstance(arg, Scalar) else "i32"
 
     def signature(self):
@@ -69,7 +72,7 @@ class KernelVariant:
         flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs
                          if not k.startswith("BLOCK") and k not in ("GROUP_M",))
         return (f"{self.name} {self.dtype}/{self.adapter_dtype} {blocks} w{self.num_warps}s{self.num_stages} "
-                f"{flags}{'' if self.aligned else ' unaligned'}")
+                f"{flags}{'' if self.aligned else ' unaligned'}{' seed-pointer' if self.seed_pointer else ''}")
 
 
 def _case_constexprs(spec, dtype, adapter_dtype, precision):
@@ -106,6 +109,15 @@ def spec_variants(spec):
         if spec.unaligned_config is not None and adapter == "fp32" and precision == "ieee":
             out.append(_variant(spec, dtype, adapter, spec.unaligned_config(ELEM_BYTES[dtype]), case, None,
                                 spec.flag_combinations()[0], aligned=False))
+        if case_index == 0 and any(isinstance(a, Seed) for a in spec.args):
+            # The variant a device seed takes (its seed a pointer), at the first config on the heaviest
+            # path a device seed reaches: one adapter (several in one batch keep host seeds,
+            # `functional._fused`).
+            r_pad = ranks[0]
+            config = spec.configs(spec.config_bytes(ELEM_BYTES[dtype], case), r_pad)[0]
+            flags = next(f for f in spec.flag_combinations(r_pad) if not f.get("SEGMENTED"))
+            out.append(dataclasses.replace(_variant(spec, dtype, adapter, config, case, r_pad, flags),
+                                           seed_pointer=True))
     return out
 
 

@@ -12,11 +12,23 @@ import triton.language as tl
 
 
 @triton.jit
+def load_seed(seed):
+    """The dropout seed: an integer argument as it is, or read from the int64 a pointer argument
+    points to (a seed drawn on the device, which a captured CUDA graph draws afresh at every
+    replay; < 2**31, so the same Philox key as the same integer, in the same 32-bit math)."""
+    if seed.dtype.is_ptr():
+        seed = tl.load(seed).to(tl.int32)
+    return seed
+
+
+@triton.jit
 def dropout_keep(seed, rows, cols, p):
     """Keep-mask tile for the integer `rows` [BM] and `cols` [BK] of an activation.
 
     Returns a [BM, BK] boolean tile: True where the element is kept (probability 1 - p).
+    seed: an integer, or a pointer to it (`load_seed`).
     """
+    seed = load_seed(seed)
     col_ctr, row_ctr = tl.broadcast(cols[None, :].to(tl.uint32), rows[:, None].to(tl.uint32))
     bits, _, _, _ = tl.philox(seed, col_ctr, row_ctr, 0, 0)
     return tl.uint_to_uniform_float(bits) >= p

@@ -23,7 +23,8 @@ def _keep_scale(adapter, M, K, device):
     """keep / (1 - p) as an fp32 (M, K) tensor, or None without dropout."""
     if not adapter.has_dropout:
         return None
-    return torch_keep_mask(adapter.seed, M, K, adapter.dropout_p, device) / (1.0 - adapter.dropout_p)
+    seed = adapter.seed if isinstance(adapter.seed, int) else int(adapter.seed)  # a device seed: read on the host
+    return torch_keep_mask(seed, M, K, adapter.dropout_p, device) / (1.0 - adapter.dropout_p)
 
 
 def _dropped(x, keep_scale):

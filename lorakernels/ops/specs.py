@@ -103,7 +103,8 @@ class Scalar:
 
 @dataclasses.dataclass(frozen=True)
 class Seed:
-    """The dropout seed: an int, never specialized on (`do_not_specialize`)."""
+    """The dropout seed: an int, never specialized on (`do_not_specialize`), or a one-element int64
+    tensor the kernel reads it from (`kernels.dropout.dropout_keep`; drawn on the device for CUDA graphs)."""
 
     name: str = "seed"
 
@@ -414,8 +415,8 @@ def _argument_binder(spec):
         lines.append(f"    {local} = {value}")
         if isinstance(a, (Size, Stride)):
             key += [f"{local} % 16 == 0", f"{local} == 1", f"{local} < {_INT32_LIMIT}"]
-        elif isinstance(a, Seed):
-            key.append(f"{local} < {_INT32_LIMIT}")
+        elif isinstance(a, Seed):  # an int, or a one-element int64 tensor the kernel reads (a device seed)
+            key.append(f"({local} < {_INT32_LIMIT} if {local}.__class__ is int else ({local}.dtype, {local}.device))")
     if spec.autotune_key:
         key += ["token_bucket(M)", *(n for n in spec.autotune_key if n not in constexprs)]
     name = f"bind_{spec.kernel.fn.__name__}"
