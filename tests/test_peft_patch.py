@@ -235,13 +235,19 @@ def test_mixed_batch_over_adapters_on_different_layers_matches_peft(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_batch_bf16_base_fp32_adapters_matches_peft_to_bf16_rounding(backend):
-    # PEFT casts each sub-batch to the adapters' fp32 and rounds the LoRA term, then the sum, to bf16.
+@pytest.mark.parametrize("casting", [True, False], ids=["casting", "casting_disabled"])
+def test_mixed_batch_bf16_base_fp32_adapters_matches_peft_to_bf16_rounding(backend, casting):
+    # PEFT casts each sub-batch to the adapters' fp32 (lora.Linear's mixed batch does so even under
+    # disable_input_dtype_casting) and rounds the LoRA term, then the sum, to bf16.
+    from peft.helpers import disable_input_dtype_casting
+
     model = lora_mlp(torch.bfloat16)
     _add_second_adapter(model)
     model.eval()
     x = torch.randn(4, 2, 20, dtype=torch.bfloat16)
-    expected, actual = mixed_patched_vs_peft(model, x, ["other", "__base__", "default", "other"], backend, grad=False)
+    with disable_input_dtype_casting(model, active=not casting):
+        expected, actual = mixed_patched_vs_peft(model, x, ["other", "__base__", "default", "other"], backend,
+                                                 grad=False)
     assert_same(actual, expected, tol=1e-2)
 
 
