@@ -251,7 +251,7 @@ class LoRALinear(nn.Module):
                                                  use_rslora, self.lora_A.device, self.lora_A.dtype)
 
     def _check_new_adapter(self, name, r, lora_alpha, lora_dropout, use_rslora):
-        """The checks of `add_adapter`: a new identifier, an unmerged layer, valid hyperparameters."""
+        """The checks of `add_adapter`: a new name PEFT accepts, an unmerged layer, valid hyperparameters."""
         check_adapter_name(name)
         if name in self.adapter_names:
             raise ValueError(f"this layer has an adapter {name!r} already (its adapters: {self.adapter_names})")
