@@ -169,6 +169,46 @@ def _timing_records(shape, benchmark, mode, timing, references):
     return records
 
 
+GRAPHED_PROVIDERS = ("floor", "lorakernels", "peft", "peft-patched")
+
+
+def graphed_benchmarks(device, shape, dtype, providers, budget, calls, progress=QUIET, failures=None):
+    """Forward + backward of each provider captured once in a CUDA graph, then replayed back to back
+    (mode `full-graphed`): what a step costs once the host is out of the way (`torch.cuda.graph`
+    after three warm-up steps on a side stream, which compile, autotune and choose the GEMM
+    strategies; lorakernels draws its dropout seeds on the device under capture, PEFT's dropout
+    uses PyTorch's graph-safe generator). CUDA only; providers outside GRAPHED_PROVIDERS are left out."""
+    failures = [] if failures is None else failures
+    M, K, N, r, dropout = shape
+    layers = make_providers(K, N, r, dtype, dropout, device, names=[n for n in providers if n in GRAPHED_PROVIDERS])
+    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+    replays = {}
+    for name, provider in layers.items():
+        module = provider.module.train()
+
+        def step(module=module):
+            module(x).backward(dy)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            replays[name] = graph.replay
+        except Exception as error:  # noqa: BLE001 - reported; the other providers still run
+            failures.append(failure("overhead", f"{name} captured in a CUDA graph at {shape}", error))
+    timing = interleave(replays, call_batches(device, calls), budget)
+    for name, error in timing.errors.items():
+        failures.append(failure("overhead", f"{name} graph replay at {shape}", error))
+    progress.note(f"{shape_text(M, K, N, r, dropout, dtype)} full-graphed: {len(timing.names())} providers")
+    return _timing_records((M, K, N, r, dropout, dtype), "overhead", "full-graphed", timing, ("floor", "peft"))
+
+
 @torch.no_grad()
 def _inference_after_merge(device, shape, layers, x, budget):
     """Inference latency: the base layer, LoRA merged (plain GEMM) and the bottleneck adapter,

@@ -138,13 +138,15 @@ def _overhead_section(records):
              "back and timed by the host clock (device synchronized around each batch): the kernels' work is "
              "negligible, so these times are the per-call cost of Python, autograd and kernel launches, "
              "which bounds any layer whose kernels take less.", "",
-             "| provider | forward | backward | forward + backward | x floor (fwd + bwd) |",
-             "|---|---|---|---|---|"]
+             "| provider | forward | backward | forward + backward | x floor (fwd + bwd) | fwd + bwd in a CUDA graph |",
+             "|---|---|---|---|---|---|"]
     floor, ratios = overhead.get(RecordKey.at("floor", "full", shape)), _ratios(records, "overhead")
     for provider in dict.fromkeys(key.provider for key in overhead):
         cells = [overhead.get(RecordKey.at(provider, mode, shape)) for mode in ("forward", "backward", "full")]
+        graphed = overhead.get(RecordKey.at(provider, "full-graphed", shape))
         lines.append(f"| {provider} | " + " | ".join(_fmt_time(c["value"]) if c else "-" for c in cells) +
-                     f" | {_ratio(cells[2], floor, ratios) if cells[2] else '-'} |")
+                     f" | {_ratio(cells[2], floor, ratios) if cells[2] else '-'} | "
+                     f"{_fmt_time(graphed['value']) if graphed else '-'} |")
     lines.append("")
     return lines
 

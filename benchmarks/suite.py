@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_kernels import kernel_benchmarks
-from benchmarks.bench_layer import failure, layer_benchmarks, merge_benchmark
+from benchmarks.bench_layer import failure, graphed_benchmarks, layer_benchmarks, merge_benchmark
 from benchmarks.bench_model import model_benchmark_parts
 from benchmarks.bench_qlora import (
     QLORA_MODEL_VARIANTS,
@@ -205,7 +205,14 @@ def _overhead_section(device, p, providers, budget, failures, progress):
     """Host overhead: a layer so small that per-call Python and kernel launches set the time."""
     tiny = layer_benchmarks(device, [p["overhead_shape"]], p["dtype"], [n for n in providers if n != "peft+compile"],
                             budget, progress=progress, failures=failures, extras=False, calls=OVERHEAD_CALLS)
-    return [dict(r, benchmark="overhead") for r in tiny]
+    records = [dict(r, benchmark="overhead") for r in tiny]
+    if device.type == "cuda":  # the same layers captured in CUDA graphs and replayed
+        try:
+            records += graphed_benchmarks(device, p["overhead_shape"], p["dtype"], providers, budget, OVERHEAD_CALLS,
+                                          progress, failures)
+        except Exception as error:  # noqa: BLE001 - reported, and the run goes on
+            failures.append(failure("overhead", "CUDA graphs", error))
+    return records
 
 
 def _kernels_runnable(device):

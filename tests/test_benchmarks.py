@@ -542,3 +542,23 @@ def test_mixed_batch_providers_compute_the_same_function():
     assert (expected - torch.nn.functional.linear(x, layer.weight, layer.bias)).abs().max() > 1e-3
     for name, provider in providers.items():
         torch.testing.assert_close(provider.module(x), expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
+def test_graphed_overhead_times_the_replays(tmp_path):
+    """Each provider's forward + backward captured in a CUDA graph and replayed: a time per provider
+    (a capture that fails would leave it out), shown in the host-overhead table."""
+    from benchmarks.bench_layer import graphed_benchmarks
+    from benchmarks.harness import Budget
+    from benchmarks.report import write_markdown
+
+    failures = []
+    records = graphed_benchmarks(DEVICE, (16, 64, 64, 16, 0.1), torch.bfloat16,
+                                 ["floor", "lorakernels", "peft", "peft-patched"], Budget(rounds=2), 5,
+                                 failures=failures)
+    assert not failures, failures
+    timed = {r["provider"] for r in records if r["metric"] == "time" and r["mode"] == "full-graphed"}
+    assert {"floor", "lorakernels"} <= timed
+    env = dict(protocol="test", device="d", torch="t", triton="t", timestamp="now", note="n")
+    write_markdown([dict(r, benchmark="overhead") for r in records], env, tmp_path / "results.md")
+    assert "fwd + bwd in a CUDA graph" in (tmp_path / "results.md").read_text()
