@@ -56,6 +56,8 @@ def run_chosen(kind, device, options, run):
         options = options()
         if len(options) == 1 or not _measurable(device):
             chosen = options[0]
+            if device.type != "cuda":  # never measurable there (a capture, though, ends)
+                _CHOSEN[kind] = chosen
         else:
             timings = {option: time_ms(lambda option=option: run(option)) for option in options}
             chosen = _CHOSEN[kind] = min(options, key=timings.__getitem__)
@@ -64,5 +66,6 @@ def run_chosen(kind, device, options, run):
 
 
 def chosen_strategies():
-    """{kind: strategy} of every choice this process measured (for reports and tests)."""
+    """{kind: strategy} of every choice this process made (measured on CUDA tensors; the fused
+    kernel, untimed, for CPU tensors), for reports and tests."""
     return dict(_CHOSEN)

@@ -22,6 +22,7 @@ import enum
 import itertools
 from typing import Callable, Optional
 
+import torch
 import triton
 from triton import knobs
 from triton.runtime import driver
@@ -379,6 +380,13 @@ class BoundLaunch:
 _INT32_LIMIT = 2**31
 
 
+def _device_key(tensor):
+    """-1 for CPU tensors (the interpreter); for CUDA tensors their device and the current device,
+    which Triton's JIT compiles and launches for."""
+    index = tensor.get_device()
+    return index if index < 0 else (index, torch.cuda.current_device())
+
+
 def _argument_binder(spec):
     """A function generated from `spec`, straight-line: named values -> (the kernel's runtime
     arguments in order, the variant key).
@@ -388,7 +396,7 @@ def _argument_binder(spec):
     floats, the seed. The key holds everything that decides which compiled kernel a launch
     runs: the feature and case constexprs; each tensor's dtype and 16-byte alignment and each
     integer's divisibility by 16, equality to 1 and 32-bit range (Triton's specialization, so a
-    bound kernel never runs arguments it was not compiled for); the device (-1: CPU); and for
+    bound kernel never runs arguments it was not compiled for); the device (`_device_key`); and for
     autotuned kernels the token bucket and the tuning key's values (the config the autotuner
     chose for them).
     """
@@ -397,7 +405,7 @@ def _argument_binder(spec):
                                                                                                     False))
     optional = {a.tensor for a in spec.args if isinstance(a, Ptr) and a.optional}
     parameters = [a.tensor if isinstance(a, (Ptr, Desc)) else a.name for a in spec.args if not isinstance(a, Stride)]
-    lines, key = [], [*constexprs, f"{first_required}.get_device()"]
+    lines, key = [], [*constexprs, f"device_key({first_required})"]
     for i, a in enumerate(spec.args):
         local = f"a{i}"
         if isinstance(a, (Ptr, Desc)):
@@ -423,7 +431,7 @@ def _argument_binder(spec):
     source = (f"def {name}(*, {', '.join([*parameters, *constexprs])}):\n" + "\n".join(lines) + "\n"
               f"    return [{', '.join(f'a{i}' for i in range(len(spec.args)))}], "
               f"({', '.join(key)},)\n")
-    namespace = {"token_bucket": token_bucket}
+    namespace = {"token_bucket": token_bucket, "device_key": _device_key}
     exec(compile(source, f"<lorakernels.ops.specs {name}>", "exec"), namespace)
     return namespace[name]
 
