@@ -15,6 +15,7 @@ import triton.language as tl
 
 from lorakernels.kernels.dropout import load_dropped
 from lorakernels.kernels.gemm_core import fused_gemm_persistent_tma, fused_gemm_tile
+from lorakernels.kernels.tiles import rank_dot
 
 
 @triton.jit
@@ -77,7 +78,7 @@ def _dy_step(v_acc, dy_ptr, b_ptr, u, db_part_ptr, rows, ranks, row_ok, rank_ok,
     if COMPUTE_V:
         b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :],
                     mask=out_ok[:, None] & rank_ok[None, :], other=0.0)
-        v_acc = tl.dot(dy, b.to(dot_dtype), v_acc, input_precision=RANK_PRECISION)
+        v_acc = rank_dot(dy, b.to(dot_dtype), v_acc, RANK_PRECISION)
     if COMPUTE_DB:
         db = tl.dot(tl.trans(dy), u, input_precision=RANK_PRECISION)
         if SEGMENTED:
@@ -169,7 +170,7 @@ def _adapter_grad_step(acc, x_ptr, v_ptr, rows, cols, ranks, row_ok, col_ok, ran
                      dot_dtype)
     v_t = tl.load(v_ptr + rows[None, :] * stride_vm + ranks[:, None],
                   mask=rank_ok[:, None] & row_ok[None, :], other=0.0)
-    return tl.dot(v_t.to(dot_dtype), x, acc, input_precision=RANK_PRECISION)
+    return rank_dot(v_t.to(dot_dtype), x, acc, RANK_PRECISION)
 
 
 @triton.jit

@@ -6,9 +6,9 @@
 X: [M, K], W: [N, K], b: [N], A: [R, K], B: [N, R], U: [M, R] fp32.
 Xd = X * keep / (1 - p) exists only in registers; the mask comes from the seed.
 The rank-R products run in the adapters' precision, accumulated in fp32: in F1 (and the
-backward's B1, B3) RANK_FP32 selects fp32 operands with RANK_PRECISION (3xTF32 on tensor cores
-under 16-bit activations), X tiles converted in registers, never as a whole tensor; in F2 and
-B2, SPLIT_RANK splits the fp32 operands into two bf16 parts (`tiles.split_dot`).
+backward's B1, B3) RANK_FP32 selects fp32 operands with RANK_PRECISION (full fp32 FMA dots
+under 16-bit activations, `plan.low_rank_math`), X tiles converted in registers, never as a whole
+tensor; in F2 and B2, SPLIT_RANK splits the fp32 operands into two bf16 parts (`tiles.split_dot`).
 In F1 (and the backward's rank-R kernels) `R_PAD` >= 16 is the padded rank that `tl.dot`
 needs, ranks >= R masked to zero; F2 and B2 loop over the rank 16 at a time
 (`tiles.low_rank_tile`).
@@ -19,6 +19,7 @@ import triton.language as tl
 
 from lorakernels.kernels.dropout import load_dropped
 from lorakernels.kernels.gemm_core import fused_gemm_persistent_tma, fused_gemm_tile
+from lorakernels.kernels.tiles import rank_dot
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -73,7 +74,7 @@ def _down_step(acc, x_ptr, a_ptr, rows, ranks, row_ok, rank_ok, k0, K, stride_xm
     x = load_dropped(x_ptr, rows, cols, stride_xm, row_ok[:, None] & col_ok[None, :], seed, p, HAS_DROPOUT, dot_dtype)
     a_t = tl.load(a_ptr + ranks[None, :] * stride_am + cols[:, None], mask=col_ok[:, None] & rank_ok[None, :],
                   other=0.0)
-    return tl.dot(x, a_t.to(dot_dtype), acc, input_precision=RANK_PRECISION)
+    return rank_dot(x, a_t.to(dot_dtype), acc, RANK_PRECISION)
 
 
 @triton.jit

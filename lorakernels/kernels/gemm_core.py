@@ -10,12 +10,24 @@ B2: A = dY, W' = W, P = V (already scaled), Q = A, the dropout mask  ->  dX.
 
 Tile names follow the GEMM: each program owns a BLOCK_M x BLOCK_N tile of OUT (in B2 the
 columns are dX's in_features) and steps through the reduction BLOCK_K at a time, so a tile
-config means the same in both kernels. Everything is added into one fp32 accumulator, which
-is rounded and stored once. The rank-R term comes first: it is the accumulator's initial
-value, so only one BLOCK_M x BLOCK_N fp32 tile is ever live. Every dot runs in A's dtype with
-INPUT_PRECISION; with SPLIT_RANK (fp32 adapters under 16-bit activations) the rank-R term's
-fp32 operands are split into high and low bf16 parts (`tiles.split_dot`), so the term keeps
-near-fp32 accuracy, as PEFT's fp32 adapters do (`lorakernels.plan.split_rank_term`).
+config means the same in both kernels. Everything is added into fp32 accumulators, and OUT is
+rounded and stored once. Every dot runs in A's dtype with INPUT_PRECISION; with SPLIT_RANK (fp32
+adapters under 16-bit activations) the rank-R term's fp32 operands are split into high and low
+bf16 parts (`tiles.split_dot`), so the term keeps near-fp32 accuracy, as PEFT's fp32 adapters do
+(`lorakernels.plan.split_rank_term`).
+
+Where the rank-R term enters depends on the output's precision. 16-bit activations: it is the
+accumulator's initial value, so only one BLOCK_M x BLOCK_N fp32 tile is ever live next to the
+tensor-core main loop (the output's rounding, 2^-9 or 2^-11, hides any order of the sums). fp32
+activations: the main loop accumulates from zero and takes the bias (as cuBLAS's addmm does),
+then the rank-R term follows: in F2 onto the same accumulator (a second tile spilled 8-48 B in
+F2's fp32 tiles, build gate), in B2 in a second tile, masked alone with dropout, and added once
+(that tile is live only after the main loop; accumulated in place, B2's segmented term spilled
+16 B on sm_80). On a GPU an fp32 "ieee" dot is one FMA per k into the accumulator, rounded at
+the accumulator's magnitude: started from the rank-R term, each of the K steps rounded at the
+scale of the whole output. fp32 layers failed their fp64 bounds on the H200; tests/gpu_dots.py's
+model of that arithmetic reproduces it on the CPU (y 3-5x PEFT's error, dX 2-3x), which the
+interpreter's one add per K step hid.
 
 How the weight is stored is `load_weight_tile`'s business alone (`load_weight_tile_tma` on
 the TMA path; the base-weight seam, see `lorakernels.operands`): the main loop asks it for a
@@ -29,7 +41,7 @@ and `fused_gemm_persistent_tma` (Hopper: persistent programs, TMA tensor descrip
 import triton
 import triton.language as tl
 
-from lorakernels.kernels.dropout import dropout_keep
+from lorakernels.kernels.dropout import dropout_keep, keep_scale
 from lorakernels.kernels.tiles import grouped_tile, low_rank_tile, segmented_low_rank_tile
 
 
@@ -99,10 +111,24 @@ def rank_term_tile(p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, seg_ptr, seg_r
                    outs, row_ok, out_ok, R, scaling, seed, p, dot_dtype: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                    SEGMENTED: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_RANK: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The accumulator's initial value for one output tile: the rank-R term, dropout-masked
-    with HAS_DROPOUT (B2: the mask of X's element (row, column) regenerated from the seed).
-    SEGMENTED: several adapters, each row's own (`tiles.segmented_low_rank_tile`)."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    """The rank-R term of one output tile in a tile of its own, dropout-masked with HAS_DROPOUT
+    (B2: the mask of X's element (row, column) regenerated from the seed)."""
+    acc = add_rank_term(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), p_ptr, stride_pm, q_ptr, stride_qr, stride_qc,
+                        seg_ptr, seg_rank_start_ptr, seg_scale_ptr, rows, outs, row_ok, out_ok, R, scaling,
+                        dot_dtype, SEGMENTED, INPUT_PRECISION, SPLIT_RANK)
+    if HAS_DROPOUT:
+        p = tl.cast(p, tl.float32)
+        keep = dropout_keep(seed, rows, outs, p)
+        acc = tl.where(keep, acc * keep_scale(p), 0.0)
+    return acc
+
+
+@triton.jit
+def add_rank_term(acc, p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, seg_ptr, seg_rank_start_ptr, seg_scale_ptr,
+                  rows, outs, row_ok, out_ok, R, scaling, dot_dtype: tl.constexpr, SEGMENTED: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr, SPLIT_RANK: tl.constexpr):
+    """acc + the unmasked rank-R term, accumulated onto acc. SEGMENTED: several adapters, each
+    row's own (`tiles.segmented_low_rank_tile`)."""
     if SEGMENTED:
         acc = segmented_low_rank_tile(acc, p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, rows, outs, row_ok, out_ok,
                                       seg_ptr, seg_rank_start_ptr, seg_scale_ptr, tl.cast(scaling, tl.float32),
@@ -110,10 +136,6 @@ def rank_term_tile(p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, seg_ptr, seg_r
     else:
         acc = low_rank_tile(acc, p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, rows, outs, row_ok, out_ok, R,
                             tl.cast(scaling, tl.float32), dot_dtype, INPUT_PRECISION, SPLIT_RANK)
-    if HAS_DROPOUT:
-        p = tl.cast(p, tl.float32)
-        keep = dropout_keep(seed, rows, outs, p)
-        acc = tl.where(keep, acc * (1.0 / (1.0 - p)), 0.0)
     return acc
 
 
@@ -147,13 +169,30 @@ def fused_gemm_tile(a_ptr, stride_am, w_ptr, stride_wn, scale_ptr, table_ptr, qu
     outs = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     out_ok = outs < N_OUT
-    acc = rank_term_tile(p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, seg_ptr, seg_rank_start_ptr, seg_scale_ptr,
-                         rows, outs, row_ok, out_ok, R, scaling, seed, p, a_ptr.dtype.element_ty, HAS_DROPOUT,
-                         SEGMENTED, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N)
-    if BASE_GEMM:
-        acc = gemm_main_loop(acc, a_ptr, stride_am, w_ptr, stride_wn, scale_ptr, table_ptr, quant_shift, rows, outs,
-                             row_ok, out_ok, K_RED, REDUCE_OVER_K, WEIGHT_4BIT, INPUT_PRECISION, BLOCK_K)
-    acc = add_bias(acc, bias_ptr, outs, out_ok, HAS_BIAS)
+    if a_ptr.dtype.element_ty == tl.float32:
+        # fp32 output: the main loop from zero and the bias, then the rank-R term (see the module
+        # docstring).
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if BASE_GEMM:
+            acc = gemm_main_loop(acc, a_ptr, stride_am, w_ptr, stride_wn, scale_ptr, table_ptr, quant_shift, rows,
+                                 outs, row_ok, out_ok, K_RED, REDUCE_OVER_K, WEIGHT_4BIT, INPUT_PRECISION, BLOCK_K)
+        acc = add_bias(acc, bias_ptr, outs, out_ok, HAS_BIAS)
+        if REDUCE_OVER_K:  # F2: onto the accumulator
+            acc = add_rank_term(acc, p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, seg_ptr, seg_rank_start_ptr,
+                                seg_scale_ptr, rows, outs, row_ok, out_ok, R, scaling, tl.float32, SEGMENTED,
+                                INPUT_PRECISION, SPLIT_RANK)
+        else:  # B2: in a tile of its own, which the dropout mask applies to
+            acc += rank_term_tile(p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, seg_ptr, seg_rank_start_ptr,
+                                  seg_scale_ptr, rows, outs, row_ok, out_ok, R, scaling, seed, p, tl.float32,
+                                  HAS_DROPOUT, SEGMENTED, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N)
+    else:
+        acc = rank_term_tile(p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, seg_ptr, seg_rank_start_ptr,
+                             seg_scale_ptr, rows, outs, row_ok, out_ok, R, scaling, seed, p, a_ptr.dtype.element_ty,
+                             HAS_DROPOUT, SEGMENTED, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N)
+        if BASE_GEMM:
+            acc = gemm_main_loop(acc, a_ptr, stride_am, w_ptr, stride_wn, scale_ptr, table_ptr, quant_shift, rows,
+                                 outs, row_ok, out_ok, K_RED, REDUCE_OVER_K, WEIGHT_4BIT, INPUT_PRECISION, BLOCK_K)
+        acc = add_bias(acc, bias_ptr, outs, out_ok, HAS_BIAS)
     tl.store(out_ptr + rows[:, None] * stride_om + outs[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & out_ok[None, :])
 

@@ -22,6 +22,26 @@ def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def rank_dot(a, b, acc, INPUT_PRECISION: tl.constexpr):
+    """acc + a @ b for one step of a rank-R kernel's reduction (F1 over K, B1 over N, B3 over rows).
+
+    fp32 operands with "ieee" (fp32 adapters): the step's products summed from zero, then added
+    to the accumulator once. A GPU runs such a dot as one FMA per k into its accumulator, so a
+    reduction accumulated in place rounds every product at the size of the whole running sum;
+    a step at a time, only BLOCK products are, at one extra add per BLOCK FMAs. In place, fp32 y
+    came out 1.4-2x PEFT's error through U (K = 97, tests/gpu_dots.py's model of the FMA dot);
+    a step at a time 0.6-1.5x there (PEFT's CPU GEMM sums a short reduction in vector lanes) and
+    0.7-1.1x at K >= 1024. Tensor-core dots (16-bit, TF32) accumulate in place: the rounding of
+    their operands dominates.
+    """
+    if a.dtype == tl.float32 and INPUT_PRECISION == "ieee":
+        acc += tl.dot(a, b, input_precision=INPUT_PRECISION)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def split_dot(p, q, acc):
     """acc + p @ q for fp32 p and q, as three bf16 products: each operand split into a rounded
     high part and the rounded remainder, p_hi q_hi + p_hi q_lo + p_lo q_hi.
@@ -51,7 +71,8 @@ def low_rank_tile(acc, p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, rows, cols
     activations) as `split_dot`'s three products, near fp32 accuracy. Each chunk is a tile no
     larger than a main-loop step, so nothing of the rank-R term stays live next to the main loop.
     """
-    for r0 in range(0, R, RANK_CHUNK):
+    # One stage: pipelined after the fp32 main loop of F2 over a 4-bit base, it spilled 8 B on sm_80 (gate).
+    for r0 in tl.range(0, R, RANK_CHUNK, num_stages=1):
         ranks = r0 + tl.arange(0, RANK_CHUNK)
         rank_ok = ranks < R
         p = tl.load(p_ptr + rows[:, None] * stride_pm + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],

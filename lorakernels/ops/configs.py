@@ -164,7 +164,9 @@ def f1_configs(elem_bytes, r_pad):
     """F1 (dropout + down-projection): memory-bound, one config per padded rank and dtype size."""
     small = r_pad <= 64 and elem_bytes == 2
     return [{"BLOCK_M": 64 if small else 32,
-             "BLOCK_K": 64 if small else 32,  # 64 spilled 8-16 B at rank 128 (gate)
+             # 64 spilled 8-16 B at rank 128 (gate); fp32 products at rank 256 under bf16 x with
+             # segments spilled 8 B with 32 on sm_90 (gate)
+             "BLOCK_K": 64 if small else 16 if elem_bytes == 4 and r_pad > 128 else 32,
              # fp32 at rank 64 spilled 8 B with 4 warps on sm_80 (triton 3.6, gate)
              "num_warps": 4 if small else 8, "num_stages": 3}]
 

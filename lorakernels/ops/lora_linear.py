@@ -12,8 +12,8 @@ GEMM (B2), the adapter gradients (B3: dA, and dB at large ranks).
 Limitations:
 - x, weight and bias share one dtype (fp32, fp16 or bf16); lora_A/lora_B are that dtype
   or fp32. The rank-R products run in the adapters' precision with fp32 accumulation: fp32
-  adapters under 16-bit x take fp32 operands and 3xTF32 dots (PEFT outside autocast computes
-  them in fp32), 16-bit adapters x's dtype (`plan.low_rank_math`); U and V are kept in fp32.
+  adapters under 16-bit x take fp32 operands and full fp32 (FMA) dots, as PEFT computes them in
+  fp32 outside autocast; 16-bit adapters x's dtype (`plan.low_rank_math`); U and V are kept in fp32.
 - fp32 inputs use TF32 dots only when the plan says so (`torch.backends.cuda.matmul.allow_tf32`,
   as torch.matmul); otherwise full-precision fp32 dots.
 - Ranks 1..256 (padded to a power of two >= 16 inside the kernels).
