@@ -49,7 +49,7 @@ def _train(backend, dtype, steps=4, lr=0.01, seed=0):
     g = torch.Generator().manual_seed(seed)
     M, dims, r = 64, (96, 80, 48), 8
     def randn(*shape):  # drawn on the CPU (one stream on any device), then on the device under test
-        return torch.randn(shape, generator=g).to(DEVICE)
+        return torch.randn(shape, generator=g, device="cpu").to(DEVICE)
 
     layers = [(randn(o, i) / i**0.5, randn(o) * 0.1, randn(r, i) / i**0.5, randn(o, r)) for i, o in zip(dims, dims[1:])]
     batches = [(randn(M, dims[0]), randn(M, dims[-1])) for _ in range(steps)]
