@@ -53,9 +53,9 @@ def _f1_values(x, M=None, R=16):
     K = x.shape[1]
     M = x.shape[0] if M is None else M
     a = torch.randn(R, K)
-    u = torch.empty(M, R)
-    return dict(x=x, a=a, u=u, seg=None, seg_rank_start=None, M=M, K=K, R=R, seed=1234, p=0.1, HAS_DROPOUT=True,
-                SEGMENTED=False, RANK_FP32=True, RANK_PRECISION="ieee", R_PAD=16)
+    u = torch.empty(1, M, R)
+    return dict(x=x, a=a, u=u, seg=None, seg_rank_start=None, M=M, K=K, R=R, num_splits=1, seed=1234, p=0.1,
+                HAS_DROPOUT=True, SEGMENTED=False, RANK_FP32=True, RANK_PRECISION="ieee", R_PAD=16)
 
 
 def _grid(M):

@@ -7,7 +7,8 @@
 
 Reductions over M are two-stage: each program writes an fp32 partial for its slice of
 rows, then reduce_partials_kernel sums the partials in a fixed order. No atomics, so
-the same inputs give the same bits on every run.
+the same inputs give the same bits on every run. B1 (and the forward's F1) split their
+reduction over N (K) the same way where the batch is too small to fill the GPU.
 """
 
 import triton
@@ -18,27 +19,37 @@ from lorakernels.kernels.gemm_core import fused_gemm_persistent_tma, fused_gemm_
 from lorakernels.kernels.tiles import rank_dot
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def b1_grad_dy_kernel(dy_ptr, b_ptr, u_ptr, v_ptr, db_part_ptr, seg_ptr, seg_rank_start_ptr, seg_scale_ptr, M, N, R,
-                      stride_dym, stride_bn, stride_um, stride_vm, scaling, COMPUTE_V: tl.constexpr,
-                      COMPUTE_DB: tl.constexpr, SEGMENTED: tl.constexpr, RANK_FP32: tl.constexpr,
-                      RANK_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      R_PAD: tl.constexpr):
-    """B1: one pass over a BLOCK_M-row slab of dY gives V (complete) and the slab's dB partial.
+                      stride_dym, stride_bn, stride_um, stride_vs, stride_vm, num_splits, scaling,
+                      COMPUTE_V: tl.constexpr, COMPUTE_DB: tl.constexpr, SEGMENTED: tl.constexpr,
+                      RANK_FP32: tl.constexpr, RANK_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, R_PAD: tl.constexpr):
+    """B1: one pass over a BLOCK_M-row slab of dY gives V and the slab's dB partial.
 
-    db_part is fp32 [cdiv(M, BLOCK_M), N, R], unscaled; V is fp32 [M, R], scaled by s.
-    SEGMENTED (several adapters, `operands.Segments`; R is their summed rank): program (i, s) takes
-    the rows of slab i that use segment s: V's first r_s columns for them (unscaled: s is 1), and
-    the slab's dB partial in segment s's columns, times its scaling (a slab without rows of s
-    writes zeros there). Grid: (cdiv(M, BLOCK_M), number of segments; 1 without).
+    Split over N: program (i, j) takes the j-th of `num_splits` ranges of N (whole BLOCK_N steps,
+    as even as they divide). v is fp32 [num_splits, M, R]: V itself with one split (no further
+    pass), else the splits' partials of V, which `reduce_partials_kernel` sums in split order;
+    each holds scaling * dY[:, range] @ B[range] (the launcher passes scaling 1 and lets the
+    reduction scale). db_part is fp32 [cdiv(M, BLOCK_M), N, R], unscaled: slab i's partial, whose
+    rows (N) each split writes for its own range, so the partials do not depend on the split.
+    SEGMENTED (several adapters, `operands.Segments`; R is their summed rank): program (i, j, s)
+    takes the rows of slab i that use segment s: v[j]'s first r_s columns for them (unscaled: s is
+    1; v zeroed beforehand), and the slab's dB partial in segment s's columns, times its scaling
+    (a slab without rows of s writes zeros there).
+    Grid: (cdiv(M, BLOCK_M), num_splits, number of segments; 1 without).
     """
     dot_dtype: tl.constexpr = tl.float32 if RANK_FP32 else dy_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, R_PAD)
     row_ok = rows < M
+    n_steps = tl.cdiv(N, BLOCK_N)
+    n_start = (split * n_steps // num_splits).to(tl.int32) * BLOCK_N
+    n_stop = tl.minimum(((split + 1) * n_steps // num_splits).to(tl.int32) * BLOCK_N, N)
     if SEGMENTED:
-        segment = tl.program_id(1)
+        segment = tl.program_id(2)
         row_ok = row_ok & (tl.load(seg_ptr + rows, mask=row_ok, other=-1) == segment)
         start = tl.load(seg_rank_start_ptr + segment)
         rank = tl.load(seg_rank_start_ptr + segment + 1) - start
@@ -58,12 +69,12 @@ def b1_grad_dy_kernel(dy_ptr, b_ptr, u_ptr, v_ptr, db_part_ptr, seg_ptr, seg_ran
     # With segments, a slab without rows of this program's segment still runs the loop: its loads
     # are masked (no memory moves), and skipping it (a loop bound from the rows' segments) spilled
     # registers at R_PAD 256 on sm_90 (build gate).
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_start, n_stop, BLOCK_N):
         v_acc = _dy_step(v_acc, dy_ptr, b_ptr, u, db_part_ptr, rows, ranks, row_ok, rank_ok, n0, N, R, stride_dym,
                          stride_bn, db_scale, COMPUTE_V, COMPUTE_DB, SEGMENTED, dot_dtype, RANK_PRECISION, BLOCK_N)
     if COMPUTE_V:
-        tl.store(v_ptr + rows[:, None] * stride_vm + ranks[None, :], v_acc * tl.cast(scaling, tl.float32),
-                 mask=row_ok[:, None] & rank_ok[None, :])
+        tl.store(v_ptr + split * stride_vs + rows[:, None] * stride_vm + ranks[None, :],
+                 v_acc * tl.cast(scaling, tl.float32), mask=row_ok[:, None] & rank_ok[None, :])
 
 
 @triton.jit

@@ -22,42 +22,50 @@ from lorakernels.kernels.gemm_core import fused_gemm_persistent_tma, fused_gemm_
 from lorakernels.kernels.tiles import rank_dot
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "num_splits"])
 def f1_dropout_down_kernel(x_ptr, a_ptr, u_ptr, seg_ptr, seg_rank_start_ptr, M, K, R, stride_xm, stride_am,
-                           stride_um, seed, p, HAS_DROPOUT: tl.constexpr, SEGMENTED: tl.constexpr,
-                           RANK_FP32: tl.constexpr, RANK_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
+                           stride_us, stride_um, num_splits, seed, p, HAS_DROPOUT: tl.constexpr,
+                           SEGMENTED: tl.constexpr, RANK_FP32: tl.constexpr, RANK_PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
     """F1: one pass over X, dropout applied in registers, U = Xd @ A^T written in fp32.
 
-    SEGMENTED (several adapters, `operands.Segments`): program (i, s) computes the rows of block i
-    that use segment s, with that adapter's rows of the concatenated A, into U's first r_s
-    columns; a block without such rows skips the pass over X. U must be zeroed beforehand.
-    Grid: (cdiv(M, BLOCK_M), number of segments; 1 without).
+    Split over K: program (i, j) sums the j-th of `num_splits` ranges of K (whole BLOCK_K steps,
+    as even as they divide) into u[j]. u is fp32 [num_splits, M, width]: U itself with one split
+    (no further pass), else the splits' partials, which `reduce_partials_kernel` sums in split
+    order. The mask is a function of the global (row, column), so splitting K keeps it.
+    SEGMENTED (several adapters, `operands.Segments`): program (i, j, s) computes the rows of block i
+    that use segment s, with that adapter's rows of the concatenated A, into u[j]'s first r_s
+    columns; a block without such rows skips the pass over X. u must be zeroed beforehand.
+    Grid: (cdiv(M, BLOCK_M), num_splits, number of segments; 1 without).
     """
     dot_dtype: tl.constexpr = tl.float32 if RANK_FP32 else x_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1).to(tl.int64)
     ranks = tl.arange(0, R_PAD)
     row_ok = rows < M
+    k_steps = tl.cdiv(K, BLOCK_K)
+    k_start = (split * k_steps // num_splits).to(tl.int32) * BLOCK_K
+    k_stop = tl.minimum(((split + 1) * k_steps // num_splits).to(tl.int32) * BLOCK_K, K)
+    u_ptr += split * stride_us
     if SEGMENTED:
-        segment = tl.program_id(1)
+        segment = tl.program_id(2)
         row_ok = row_ok & (tl.load(seg_ptr + rows, mask=row_ok, other=-1) == segment)
         start = tl.load(seg_rank_start_ptr + segment)
         rank = tl.load(seg_rank_start_ptr + segment + 1) - start
         a_ptr += start * stride_am
-        k_end = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0, K, 0)
+        k_end = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0, k_stop, k_start)
     else:
         rank = R
-        k_end = K
     rank_ok = ranks < rank
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     if SEGMENTED:
         # One stage, not the config's: at R_PAD 256 with fp32 adapters the pipelined loop next to
         # the segment mask spilled registers on sm_80 (build gate; two stages spilled too).
-        for k0 in tl.range(0, k_end, BLOCK_K, num_stages=1):
+        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=1):
             acc = _down_step(acc, x_ptr, a_ptr, rows, ranks, row_ok, rank_ok, k0, K, stride_xm, stride_am, seed, p,
                              HAS_DROPOUT, dot_dtype, RANK_PRECISION, BLOCK_K)
     else:
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_start, k_stop, BLOCK_K):
             acc = _down_step(acc, x_ptr, a_ptr, rows, ranks, row_ok, rank_ok, k0, K, stride_xm, stride_am, seed, p,
                              HAS_DROPOUT, dot_dtype, RANK_PRECISION, BLOCK_K)
     tl.store(u_ptr + rows[:, None] * stride_um + ranks[None, :], acc,

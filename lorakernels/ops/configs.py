@@ -201,5 +201,8 @@ INTERPRETER_MERGE_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_s
 REDUCE_CONFIG = {"BLOCK": 1024, "num_warps": 4, "num_stages": 1}
 DROPOUT_MASK_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
 
-# Adapter gradients: enough (column-tile, row-slice) programs to fill a GPU (132 SMs) twice over.
-ADAPTER_GRAD_TARGET_PROGRAMS = 2 * 132
+# The rank-R passes cut their reduction (F1: K, B1: N, B3: rows) into ranges until the grid reaches
+# this many programs: a GPU of 132 SMs (H100/H200) filled twice over. A constant rather than the
+# device's SM count, so that the split, and with it the rounding of U, V and dA, is the same on
+# every GPU; no split where the grid alone is this large.
+RANK_PASS_TARGET_PROGRAMS = 2 * 132

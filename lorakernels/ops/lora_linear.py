@@ -5,9 +5,11 @@ does that), as the operand descriptions of `lorakernels.operands` and a `LaunchP
 kernel is launched through its spec (`ops.specs`), which builds the argument list and picks
 the config. Math, shapes and dtypes: see the kernel modules.
 
-Forward: F1 (dropout + down-projection: U), then F2 (the GEMM core: Y). Backward, as named
-passes chosen by `plan_backward`: the pass over dY (B1: V, and at small ranks dB), the dX
-GEMM (B2), the adapter gradients (B3: dA, and dB at large ranks).
+Forward: F1 (dropout + down-projection: U, split over K for small batches), then F2 (the GEMM
+core: Y). Backward, as named
+passes chosen by `plan_backward`: the pass over dY (B1: V, and at small ranks dB; split over N
+for small batches), the dX GEMM (B2), the adapter gradients (B3: dA, and dB at large ranks; split
+over rows).
 
 Limitations:
 - x, weight and bias share one dtype (fp32, fp16 or bf16); lora_A/lora_B are that dtype
@@ -17,7 +19,11 @@ Limitations:
 - fp32 inputs use TF32 dots only when the plan says so (`torch.backends.cuda.matmul.allow_tf32`,
   as torch.matmul); otherwise full-precision fp32 dots.
 - Ranks 1..256 (padded to a power of two >= 16 inside the kernels).
-- Gradients are deterministic: reductions over tokens are two-stage, fixed order.
+- Deterministic: the reductions over tokens (dA, dB), and over K in F1 and N in B1 where one
+  program per row block would leave the GPU idle (`_split_count`), are two-stage: fp32 partials
+  summed in a fixed order, no atomics. The split count depends on the shape and the config only
+  (configs.RANK_PASS_TARGET_PROGRAMS, not the device's SM count), so the same inputs give the same
+  bits; another split count sums U and V in another order (fp32 rounding), dB's partials never change.
 - The dropout stream is Triton's Philox; it differs from torch's RNG (the CPU backend)
   and may differ between Triton versions. Same seed, same Triton: same mask.
 """
@@ -132,6 +138,23 @@ def _reduce_partials(partials, out, scaling):
     return out
 
 
+def _split_count(programs, steps):
+    """Into how many ranges a rank-R pass cuts its reduction of `steps` tile steps (F1: K, B1: N,
+    B3: rows) when its grid holds `programs` programs per range: enough for programs x splits to
+    reach configs.RANK_PASS_TARGET_PROGRAMS where the steps allow (at most one range a step), 1
+    where the grid alone reaches it."""
+    return max(1, min(steps, configs.cdiv(configs.RANK_PASS_TARGET_PROGRAMS, programs)))
+
+
+def _split_output(out, splits, zeroed):
+    """What a pass split `splits` ways writes: `out` itself (as [1, rows, cols]) with one split,
+    else fp32 partials [splits, rows, cols] for `_reduce_partials` to sum into `out`, zeroed where
+    the kernel leaves entries unwritten (segments: the rows and columns no program of theirs owns)."""
+    if splits == 1:
+        return out.unsqueeze(0)
+    return (torch.zeros if zeroed else torch.empty)((splits, *out.shape), device=out.device, dtype=torch.float32)
+
+
 def lora_forward(x, base, adapter, plan):
     """Forward on 2-D inputs: (y [M, N] in x's dtype, u [M, R] fp32), u = Xd @ A^T saved for backward.
 
@@ -147,15 +170,27 @@ def lora_forward(x, base, adapter, plan):
 
 def down_projection_pass(x, adapter, plan):
     """F1: U = dropout(X) A^T [M, rank width] fp32 (with segments each row its own adapter's columns,
-    zeros past its rank and in the rows of no adapter)."""
+    zeros past its rank and in the rows of no adapter).
+
+    Where one program per BLOCK_M rows would leave the GPU idle, K is cut into ranges
+    (`_split_count`): each writes an fp32 partial of U, summed in range order by the reduction."""
     M, K = x.shape
     R, width, segments = adapter.rank, adapter.rank_width, adapter.segments
-    u = (torch.empty if segments is None else torch.zeros)((M, width), device=x.device, dtype=torch.float32)
-    if M:
-        specs.F1.launch(lambda meta: (configs.cdiv(M, meta["BLOCK_M"]), _segment_count(segments)), x=x,
-                        a=adapter.lora_A, u=u, M=M, K=K, R=R, seed=adapter.seed, p=adapter.dropout_p,
-                        HAS_DROPOUT=adapter.has_dropout, R_PAD=configs.padded_rank(width),
-                        **plan.low_rank(x.dtype, adapter.lora_A.dtype), **_segment_args(segments))
+    if not M:
+        return torch.empty((0, width), device=x.device, dtype=torch.float32)
+    r_pad = configs.padded_rank(width)
+    rank_math = plan.low_rank(x.dtype, adapter.lora_A.dtype)
+    cfg = specs.F1.fixed_config(specs.F1.config_bytes(x.element_size(), rank_math), r_pad)
+    row_blocks = configs.cdiv(M, cfg["BLOCK_M"])
+    splits = _split_count(row_blocks, configs.cdiv(K, cfg["BLOCK_K"]))
+    u = (torch.zeros if segments is not None and splits == 1 else torch.empty)(
+        (M, width), device=x.device, dtype=torch.float32)
+    out = _split_output(u, splits, zeroed=segments is not None)
+    specs.F1.launch(lambda meta: (row_blocks, splits, _segment_count(segments)), x=x, a=adapter.lora_A, u=out, M=M,
+                    K=K, R=R, num_splits=splits, seed=adapter.seed, p=adapter.dropout_p,
+                    HAS_DROPOUT=adapter.has_dropout, R_PAD=r_pad, **rank_math, **_segment_args(segments))
+    if splits > 1:
+        _reduce_partials(out, u, 1.0)
     return u
 
 
@@ -211,20 +246,30 @@ def plan_backward(needs, rank, segment_count=1):
 
 def pass_over_dy(dy, u, adapter, db, passes, rank_math):
     """B1: V = s dY B [M, R] fp32 (None unless passes.v) and, with passes.db_in_dy_pass, dB into db.
-    With segments V is compact and unscaled ([M, max_rank]; s is 1), zero where a row has no column."""
+    With segments V is compact and unscaled ([M, max_rank]; s is 1), zero where a row has no column.
+
+    Where one program per row slab would leave the GPU idle, N is cut into ranges (`_split_count`):
+    each writes an fp32 partial of V, summed in range order by the reduction; the dB partials stay
+    one per slab (each range writes its own rows of them), so dB does not depend on the split."""
     M, N = dy.shape
     R, width, segments = adapter.rank, adapter.rank_width, adapter.segments
     r_pad = configs.padded_rank(width)
-    block_m = specs.B1.fixed_config(specs.B1.config_bytes(dy.element_size(), rank_math), r_pad)["BLOCK_M"]
-    num_slabs = configs.cdiv(M, block_m)
-    allocate = torch.empty if segments is None else torch.zeros
-    v = allocate((M, width), device=dy.device, dtype=torch.float32) if passes.v else None
+    cfg = specs.B1.fixed_config(specs.B1.config_bytes(dy.element_size(), rank_math), r_pad)
+    num_slabs = configs.cdiv(M, cfg["BLOCK_M"])
+    splits = _split_count(num_slabs, configs.cdiv(N, cfg["BLOCK_N"]))
+    v = v_out = None
+    if passes.v:
+        v = (torch.zeros if segments is not None and splits == 1 else torch.empty)(
+            (M, width), device=dy.device, dtype=torch.float32)
+        v_out = _split_output(v, splits, zeroed=segments is not None)
     db_part = (torch.empty((num_slabs, N, R), device=dy.device, dtype=torch.float32) if passes.db_in_dy_pass
                else None)
-    specs.B1.launch(lambda meta: (num_slabs, _segment_count(segments)), dy=dy, b=adapter.lora_B,
-                    u=u if passes.db_in_dy_pass else None, v=v, db_part=db_part, M=M, N=N, R=R,
-                    scaling=adapter.scaling, COMPUTE_V=passes.v, COMPUTE_DB=passes.db_in_dy_pass, R_PAD=r_pad,
-                    **rank_math, **_segment_scale_args(segments))
+    specs.B1.launch(lambda meta: (num_slabs, splits, _segment_count(segments)), dy=dy, b=adapter.lora_B,
+                    u=u if passes.db_in_dy_pass else None, v=v_out, db_part=db_part, M=M, N=N, R=R,
+                    num_splits=splits, scaling=adapter.scaling if splits == 1 else 1.0, COMPUTE_V=passes.v,
+                    COMPUTE_DB=passes.db_in_dy_pass, R_PAD=r_pad, **rank_math, **_segment_scale_args(segments))
+    if passes.v and splits > 1:
+        _reduce_partials(v_out, v, adapter.scaling)
     if passes.db_in_dy_pass:
         _reduce_partials(db_part, db, adapter.scaling)
     return v
@@ -244,7 +289,7 @@ def adapter_grad_pass(v, x, out, scaling, seed, dropout_p, rank_math, segments=N
     cfg = specs.B3.fixed_config(specs.B3.config_bytes(x.element_size(), rank_math), r_pad)
     col_tiles = configs.cdiv(K, cfg["BLOCK_K"])
     row_blocks = configs.cdiv(M, cfg["BLOCK_M"])
-    splits = max(1, min(row_blocks, configs.cdiv(configs.ADAPTER_GRAD_TARGET_PROGRAMS, col_tiles)))
+    splits = _split_count(col_tiles, row_blocks)
     rows_per_split = configs.cdiv(row_blocks, splits) * cfg["BLOCK_M"]
     splits = configs.cdiv(M, rows_per_split)
     partials = torch.empty((splits, R, K), device=x.device, dtype=torch.float32)

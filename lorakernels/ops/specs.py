@@ -454,7 +454,7 @@ F1 = KernelSpec(
     "F1", f1_dropout_down_kernel,
     (Ptr("x_ptr", ACT), Ptr("a_ptr", ADAPTER), Ptr("u_ptr", FP32), SEG, SEG_RANK_START, Size("M"), Size("K", True),
      Size("R"), Stride("stride_xm", "x", aligned=True), Stride("stride_am", "a", aligned=True),
-     Stride("stride_um", "u"), Seed(), Scalar("p")),
+     Stride("stride_us", "u", 0), Stride("stride_um", "u", 1), Size("num_splits"), Seed(), Scalar("p")),
     {"HAS_DROPOUT": BOOL, "SEGMENTED": BOOL}, configs.f1_configs, configs.INTERPRETER_RANK_CONFIG)
 
 F2 = KernelSpec(
@@ -471,7 +471,8 @@ B1 = KernelSpec(
     (Ptr("dy_ptr", ACT), Ptr("b_ptr", ADAPTER), Ptr("u_ptr", FP32, optional=True),
      Ptr("v_ptr", FP32, optional=True), Ptr("db_part_ptr", FP32, optional=True), SEG, SEG_RANK_START, SEG_SCALE,
      Size("M"), Size("N", True), Size("R"), Stride("stride_dym", "dy", aligned=True), Stride("stride_bn", "b"),
-     Stride("stride_um", "u"), Stride("stride_vm", "v"), Scalar("scaling")),
+     Stride("stride_um", "u"), Stride("stride_vs", "v", 0), Stride("stride_vm", "v", 1), Size("num_splits"),
+     Scalar("scaling")),
     {"COMPUTE_V": BOOL, "COMPUTE_DB": BOOL, "SEGMENTED": BOOL}, configs.b1_configs, configs.INTERPRETER_B1_CONFIG,
     valid_flags=_b1_valid)
 
