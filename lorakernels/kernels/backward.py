@@ -16,7 +16,7 @@ import triton.language as tl
 
 from lorakernels.kernels.dropout import load_dropped
 from lorakernels.kernels.gemm_core import fused_gemm_persistent_tma, fused_gemm_tile
-from lorakernels.kernels.tiles import rank_dot
+from lorakernels.kernels.tiles import rank_dot, split_range
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -41,13 +41,10 @@ def b1_grad_dy_kernel(dy_ptr, b_ptr, u_ptr, v_ptr, db_part_ptr, seg_ptr, seg_ran
     """
     dot_dtype: tl.constexpr = tl.float32 if RANK_FP32 else dy_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, R_PAD)
     row_ok = rows < M
-    n_steps = tl.cdiv(N, BLOCK_N)
-    n_start = (split * n_steps // num_splits).to(tl.int32) * BLOCK_N
-    n_stop = tl.minimum(((split + 1) * n_steps // num_splits).to(tl.int32) * BLOCK_N, N)
+    n_start, n_stop = split_range(tl.program_id(1), num_splits, N, BLOCK_N)
     if SEGMENTED:
         segment = tl.program_id(2)
         row_ok = row_ok & (tl.load(seg_ptr + rows, mask=row_ok, other=-1) == segment)
@@ -73,7 +70,7 @@ def b1_grad_dy_kernel(dy_ptr, b_ptr, u_ptr, v_ptr, db_part_ptr, seg_ptr, seg_ran
         v_acc = _dy_step(v_acc, dy_ptr, b_ptr, u, db_part_ptr, rows, ranks, row_ok, rank_ok, n0, N, R, stride_dym,
                          stride_bn, db_scale, COMPUTE_V, COMPUTE_DB, SEGMENTED, dot_dtype, RANK_PRECISION, BLOCK_N)
     if COMPUTE_V:
-        tl.store(v_ptr + split * stride_vs + rows[:, None] * stride_vm + ranks[None, :],
+        tl.store(v_ptr + tl.program_id(1).to(tl.int64) * stride_vs + rows[:, None] * stride_vm + ranks[None, :],
                  v_acc * tl.cast(scaling, tl.float32), mask=row_ok[:, None] & rank_ok[None, :])
 
 

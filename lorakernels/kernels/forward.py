@@ -19,7 +19,7 @@ import triton.language as tl
 
 from lorakernels.kernels.dropout import load_dropped
 from lorakernels.kernels.gemm_core import fused_gemm_persistent_tma, fused_gemm_tile
-from lorakernels.kernels.tiles import rank_dot
+from lorakernels.kernels.tiles import rank_dot, split_range
 
 
 @triton.jit(do_not_specialize=["seed", "num_splits"])
@@ -40,13 +40,9 @@ def f1_dropout_down_kernel(x_ptr, a_ptr, u_ptr, seg_ptr, seg_rank_start_ptr, M, 
     """
     dot_dtype: tl.constexpr = tl.float32 if RANK_FP32 else x_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    split = tl.program_id(1).to(tl.int64)
     ranks = tl.arange(0, R_PAD)
     row_ok = rows < M
-    k_steps = tl.cdiv(K, BLOCK_K)
-    k_start = (split * k_steps // num_splits).to(tl.int32) * BLOCK_K
-    k_stop = tl.minimum(((split + 1) * k_steps // num_splits).to(tl.int32) * BLOCK_K, K)
-    u_ptr += split * stride_us
+    k_start, k_stop = split_range(tl.program_id(1), num_splits, K, BLOCK_K)
     if SEGMENTED:
         segment = tl.program_id(2)
         row_ok = row_ok & (tl.load(seg_ptr + rows, mask=row_ok, other=-1) == segment)
@@ -68,8 +64,8 @@ def f1_dropout_down_kernel(x_ptr, a_ptr, u_ptr, seg_ptr, seg_rank_start_ptr, M, 
         for k0 in range(k_start, k_stop, BLOCK_K):
             acc = _down_step(acc, x_ptr, a_ptr, rows, ranks, row_ok, rank_ok, k0, K, stride_xm, stride_am, seed, p,
                              HAS_DROPOUT, dot_dtype, RANK_PRECISION, BLOCK_K)
-    tl.store(u_ptr + rows[:, None] * stride_um + ranks[None, :], acc,
-             mask=row_ok[:, None] & rank_ok[None, :])
+    u_ptr += tl.program_id(1).to(tl.int64) * stride_us
+    tl.store(u_ptr + rows[:, None] * stride_um + ranks[None, :], acc, mask=row_ok[:, None] & rank_ok[None, :])
 
 
 @triton.jit

@@ -1,4 +1,5 @@
-"""Tile helpers shared by the kernels: output-tile order and the rank-R term of the fused GEMMs."""
+"""Tile helpers shared by the kernels: output-tile order, split reduction ranges, and the rank-R
+term of the fused GEMMs."""
 
 import triton
 import triton.language as tl
@@ -39,6 +40,21 @@ def rank_dot(a, b, acc, INPUT_PRECISION: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     return acc
+
+
+@triton.jit
+def split_range(split, num_splits, extent, BLOCK: tl.constexpr):
+    """[start, stop) of range `split` of `num_splits` over a reduction of `extent` elements, cut at
+    whole BLOCK steps as evenly as they divide (the first ranges take one step more than the
+    last); the last range's stop is rounded up to a whole step (the kernels mask what lies past
+    `extent`). 32-bit arithmetic: a 64-bit division is a called routine, and with it F1 and B1
+    spilled 8 B of stack on sm_80 and sm_90 (build gate); so was clamping stop to `extent`, on
+    sm_90 in F1 with segments at rank 256 (fp32 adapters), where the registers are at their limit."""
+    steps = tl.cdiv(extent, BLOCK)
+    per_split = steps // num_splits
+    longer = steps % num_splits
+    start = (split * per_split + tl.minimum(split, longer)) * BLOCK
+    return start, start + (per_split + (split < longer).to(tl.int32)) * BLOCK
 
 
 @triton.jit
