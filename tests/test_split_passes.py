@@ -187,3 +187,19 @@ def test_the_split_count_grows_as_the_batch_shrinks(gpu_configs, monkeypatch):
             assert partials.shape == (seen["F1"][-1], m, 16) and partials.dtype == torch.float32
     for code, counts in seen.items():
         assert counts == sorted(counts) and counts[0] == 1 and counts[-1] > 1, (code, counts)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+@pytest.mark.parametrize("parts", [1, 3, 4, 5, 9])
+def test_the_reduction_adds_the_partials_one_by_one_in_order(parts, transposed):
+    """reduce_partials_kernel: out = scaling * (((0 + p0) + p1) + ...), bit for bit whatever the
+    number of partials (catches a partial dropped past a multiple of the kernel's unrolling, or
+    partials added in another order: random magnitudes round differently in another order)."""
+    gen = torch.Generator().manual_seed(parts)
+    partials = (torch.randn(parts, 37, 23, generator=gen) * torch.logspace(-3, 3, parts)[:, None, None]).to(DEVICE)
+    expected = torch.zeros(37, 23, device=DEVICE)
+    for p in partials:
+        expected = expected + p
+    expected = expected * 0.75
+    out = torch.empty(23, 37, device=DEVICE).t() if transposed else torch.empty(37, 23, device=DEVICE)
+    assert torch.equal(passes._reduce_partials(partials, out, 0.75), expected)

@@ -196,7 +196,24 @@ def reduce_partials_kernel(part_ptr, out_ptr, num_parts, numel, cols, stride_ot,
     ok = offs < numel
     part_ptrs = part_ptr + offs
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for _ in range(0, num_parts):
+    # Four partials loaded, then added in order (the same sum as one at a time): the four loads are
+    # independent, so they wait on memory together. A split rank-R pass over a small batch leaves up
+    # to one partial per tile step (64 at K = 4096) of a few KiB each; one load in flight per add
+    # would make its reduction a chain of memory latencies.
+    for _ in range(0, num_parts // 4):
+        p0 = tl.load(part_ptrs, mask=ok, other=0.0)
+        part_ptrs += numel
+        p1 = tl.load(part_ptrs, mask=ok, other=0.0)
+        part_ptrs += numel
+        p2 = tl.load(part_ptrs, mask=ok, other=0.0)
+        part_ptrs += numel
+        p3 = tl.load(part_ptrs, mask=ok, other=0.0)
+        part_ptrs += numel
+        acc += p0
+        acc += p1
+        acc += p2
+        acc += p3
+    for _ in range(0, num_parts % 4):
         acc += tl.load(part_ptrs, mask=ok, other=0.0)
         part_ptrs += numel
     out_offs = offs
