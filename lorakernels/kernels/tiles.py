@@ -47,9 +47,9 @@ def split_range(split, num_splits, extent, BLOCK: tl.constexpr):
     """[start, stop) of range `split` of `num_splits` over a reduction of `extent` elements, cut at
     whole BLOCK steps as evenly as they divide (the first ranges take one step more than the
     last); the last range's stop is rounded up to a whole step (the kernels mask what lies past
-    `extent`). 32-bit arithmetic: a 64-bit division is a called routine, and with it F1 and B1
-    spilled 8 B of stack on sm_80 and sm_90 (build gate); so was clamping stop to `extent`, on
-    sm_90 in F1 with segments at rank 256 (fp32 adapters), where the registers are at their limit."""
+    `extent`). 32-bit arithmetic: a 64-bit division is a called routine, and with it B1 spilled
+    8 B of stack on sm_80 (build gate). No clamp of stop to `extent`: F1 with segments at rank 256
+    (fp32 adapters) sits at its register limit on sm_90, and the clamp spilled 8 B there."""
     steps = tl.cdiv(extent, BLOCK)
     per_split = steps // num_splits
     longer = steps % num_splits
