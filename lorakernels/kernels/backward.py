@@ -28,7 +28,7 @@ def b1_grad_dy_kernel(dy_ptr, b_ptr, u_ptr, v_ptr, db_part_ptr, seg_ptr, seg_ran
     """B1: one pass over a BLOCK_M-row slab of dY gives V and the slab's dB partial.
 
     Split over N: program (i, j) takes the j-th of `num_splits` ranges of N (whole BLOCK_N steps,
-    as even as they divide). v is fp32 [num_splits, M, R]: V itself with one split (no further
+    as even as they divide). v is fp32 [num_splits, M, width]: V itself with one split (no further
     pass), else the splits' partials of V, which `reduce_partials_kernel` sums in split order;
     each holds scaling * dY[:, range] @ B[range] (the launcher passes scaling 1 and lets the
     reduction scale). db_part is fp32 [cdiv(M, BLOCK_M), N, R], unscaled: slab i's partial, whose
@@ -198,8 +198,8 @@ def reduce_partials_kernel(part_ptr, out_ptr, num_parts, numel, cols, stride_ot,
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     # Four partials loaded, then added in order (the same sum as one at a time): the four loads are
     # independent, so they wait on memory together. A split rank-R pass over a small batch leaves up
-    # to one partial per tile step (64 at K = 4096) of a few KiB each; one load in flight per add
-    # would make its reduction a chain of memory latencies.
+    # to one partial per tile step (64 for 4096 columns in 64-wide steps) of a few KiB each; one load
+    # in flight per add would make its reduction a chain of memory latencies.
     for _ in range(0, num_parts // 4):
         p0 = tl.load(part_ptrs, mask=ok, other=0.0)
         part_ptrs += numel

@@ -5,11 +5,10 @@ does that), as the operand descriptions of `lorakernels.operands` and a `LaunchP
 kernel is launched through its spec (`ops.specs`), which builds the argument list and picks
 the config. Math, shapes and dtypes: see the kernel modules.
 
-Forward: F1 (dropout + down-projection: U, split over K for small batches), then F2 (the GEMM
-core: Y). Backward, as named
-passes chosen by `plan_backward`: the pass over dY (B1: V, and at small ranks dB; split over N
-for small batches), the dX GEMM (B2), the adapter gradients (B3: dA, and dB at large ranks; split
-over rows).
+Forward: F1 (dropout + down-projection: U; split over K for small batches), then F2 (the GEMM
+core: Y). Backward, as named passes chosen by `plan_backward`: the pass over dY (B1: V, and at
+small ranks dB; split over N for small batches), the dX GEMM (B2), the adapter gradients (B3: dA,
+and dB at large ranks; split over rows).
 
 Limitations:
 - x, weight and bias share one dtype (fp32, fp16 or bf16); lora_A/lora_B are that dtype
