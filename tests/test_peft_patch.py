@@ -40,13 +40,15 @@ def lora_mlp(dtype=torch.float32, targets=("lin0", "lin1"), **config):
     return peft.get_peft_model(MLP(dtype), peft.LoraConfig(**config))
 
 
-def patched_vs_peft(model, x, backend):
-    """(PEFT's results, the patched model's results) on the same model and input; every patched
-    layer's call was fused (a silent fallback to PEFT's forward would match PEFT trivially)."""
-    expected = run(model, x)
+def patched_vs_peft(model, x, backend, runner=None):
+    """(PEFT's results, the patched model's results) of `runner(model)` (default: `run(model, x)`);
+    every patched layer's call was fused (a silent fallback to PEFT's forward would match PEFT
+    trivially)."""
+    runner = runner or (lambda m: run(m, x))
+    expected = runner(model)
     report = patch_peft(model, backend=backend)
     try:
-        actual = run(model, x)
+        actual = runner(model)
         stats = peft_patch_stats(model)
         assert stats["fallback"] == {} and stats["fused"] == len(report.patched) > 0, stats
         return expected, actual
@@ -184,16 +186,8 @@ def run_mixed(model, x, adapter_names, grad=True):
 
 def mixed_patched_vs_peft(model, x, adapter_names, backend, grad=True):
     """(PEFT's results, the patched model's results) of one mixed batch; every patched layer's call
-    was fused (a fallback to PEFT's forward would match trivially)."""
-    expected = run_mixed(model, x, adapter_names, grad)
-    report = patch_peft(model, backend=backend)
-    try:
-        actual = run_mixed(model, x, adapter_names, grad)
-        stats = peft_patch_stats(model)
-        assert stats["fallback"] == {} and stats["fused"] == len(report.patched) > 0, stats
-        return expected, actual
-    finally:
-        unpatch_peft(model)
+    was fused (`patched_vs_peft`)."""
+    return patched_vs_peft(model, x, backend, lambda m: run_mixed(m, x, adapter_names, grad))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
