@@ -9,7 +9,9 @@ The kernels run through the interpreter's entry point (TRITON_INTERPRET=1 is set
 lorakernels is imported), so no GPU is needed; the tensors are tiny CPU tensors, so the torch
 allocations and the PEFT baseline's CPU ops cost what their dispatch costs.
 
-Reports, per forward + backward of one layer (16 tokens, K = N = 64, r = 16): CPU time (min and
+Reports, per forward + backward of one layer (16 tokens, K = N = 32, r = 16: one reduction step per
+rank-R pass under the interpreter's tiles, as the GPU's tiles take at the suite's host-overhead
+shape, so no pass is split and the launches are those a GPU makes): CPU time (min and
 median of rounds; `time.process_time`, so other processes on the machine do not inflate it),
 the kernel launches, and the Python function calls made inside lorakernels (a count, the same on
 every machine). PEFT's `lora.Linear` runs with its real CPU ops at the same tiny shape for scale.
@@ -26,6 +28,9 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import lorakernels  # noqa: E402
 from lorakernels.ops import specs  # noqa: E402
+
+
+FEATURES = 32
 
 
 class _NoOpCompiledKernel:
@@ -59,8 +64,8 @@ def stub_kernels():
 
 def _layer_step(dropout, backend="triton"):
     torch.manual_seed(0)
-    layer = lorakernels.LoRALinear(64, 64, r=16, lora_alpha=16, lora_dropout=dropout, backend=backend)
-    x = torch.randn(16, 64, requires_grad=True)
+    layer = lorakernels.LoRALinear(FEATURES, FEATURES, r=16, lora_alpha=16, lora_dropout=dropout, backend=backend)
+    x = torch.randn(16, FEATURES, requires_grad=True)
 
     def step():
         y = layer(x)
@@ -72,11 +77,11 @@ def _peft_step(dropout, patched):
     import peft
 
     torch.manual_seed(0)
-    model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 64)),
+    model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(FEATURES, FEATURES)),
                                 peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=dropout, target_modules=["0"]))
     if patched:
         lorakernels.patch_peft(model, backend="triton")
-    x = torch.randn(16, 64, requires_grad=True)
+    x = torch.randn(16, FEATURES, requires_grad=True)
 
     def step():
         y = model(x)
@@ -133,7 +138,7 @@ def main(argv=None):
                   ("PEFT lora.Linear (its CPU ops), p = 0.1", lambda: _peft_step(0.1, False))]
     except ImportError:
         print("peft is not installed: the PEFT rows are left out")
-    print(f"host path of one layer's forward + backward (16 x 64 -> 64, r = 16), kernels stubbed; "
+    print(f"host path of one layer's forward + backward (16 x {FEATURES} -> {FEATURES}, r = 16), kernels stubbed; "
           f"torch {torch.__version__}")
     print(f"{'case':42} {'min us':>8} {'median us':>10} {'launches':>9} {'lorakernels calls':>18}")
     for name, build in cases:
