@@ -19,6 +19,7 @@ every machine). PEFT's `lora.Linear` runs with its real CPU ops at the same tiny
 
 import argparse
 import os
+import sys
 import time
 
 os.environ["TRITON_INTERPRET"] = "1"  # before lorakernels decorates its kernels
@@ -99,7 +100,6 @@ def _python_calls(step, repeats=20):
         if event == "call" and frame.f_code.co_filename.startswith(root):
             calls += 1
 
-    import sys
     sys.setprofile(profile)
     try:
         for _ in range(repeats):

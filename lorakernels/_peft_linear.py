@@ -37,7 +37,7 @@ from peft.tuners.lora import layer as peft_lora_layer
 from torch import nn
 
 from lorakernels import four_bit
-from lorakernels._validation import FLOAT_DTYPES, MAX_RANK
+from lorakernels._validation import FLOAT_DTYPES, LARGEST_FINITE, MAX_RANK
 from lorakernels.functional import lora_linear, lora_linear_segmented
 from lorakernels.modules import BASE_ONLY
 from lorakernels.operands import four_bit_shape_error
@@ -48,7 +48,6 @@ VARIANT_KWARG_KEYS = tuple(getattr(peft_lora_layer, "VARIANT_KWARG_KEYS", ("alor
 PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
 
 FUSED = "fused"
-_LARGEST = {dtype: torch.finfo(dtype).max for dtype in FLOAT_DTYPES}
 
 
 def _has_hooks(module):
@@ -277,7 +276,7 @@ def input_reason(layer, ops, x, casts=None):
         base_dtype = f"4-bit base computing in {ops.base.compute_dtype}" if four_bit_base else f"base {weight.dtype}"
         return (f"dtypes: x {x.dtype}, {base_dtype}, adapters {A.dtype}"
                 + (" (autocast)" if torch.is_autocast_enabled(device.type) else ""))
-    if abs(ops.scaling) > _LARGEST[dtypes[1]]:
+    if abs(ops.scaling) > LARGEST_FINITE[dtypes[1]]:
         return f"scaling not finite in {dtypes[1]}"
     return None
 

@@ -55,7 +55,7 @@ def check_lora_linear_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p
     check_scaling_fits(scaling, lora_A.dtype, f"r = {lora_A.shape[0]}")
 
 
-_LARGEST = {dtype: torch.finfo(dtype).max for dtype in FLOAT_DTYPES}
+LARGEST_FINITE = {dtype: torch.finfo(dtype).max for dtype in FLOAT_DTYPES}  # per float dtype the kernels take
 
 
 def _valid_dense_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
@@ -82,7 +82,7 @@ def _valid_dense_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         return False
     if type(scaling) not in (float, int) or type(dropout_p) not in (float, int) or torch.compiler.is_compiling():
         return False
-    return math.isfinite(scaling) and abs(scaling) <= _LARGEST[lora_A.dtype] and 0.0 <= dropout_p < 1.0
+    return math.isfinite(scaling) and abs(scaling) <= LARGEST_FINITE[lora_A.dtype] and 0.0 <= dropout_p < 1.0
 
 
 def _check_x_matches(x, out_features, in_features, weight_text):
