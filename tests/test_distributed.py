@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from lorakernels import LoRALinear
-from tests.utils import spawn_cpu_workers, worker_log
+from tests.utils import exit_worker, spawn_cpu_workers, worker_log
 
 WORLD = 2
 
@@ -78,6 +78,7 @@ def _worker(rank, init_file, out_dir, mode):
     finally:
         dist.destroy_process_group()
         step("done")
+    exit_worker()
 
 
 def _run(tmp_path, mode):

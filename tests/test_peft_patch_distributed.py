@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lorakernels import patch_peft, peft_patch_stats
-from tests.utils import spawn_cpu_workers, worker_log
+from tests.utils import exit_worker, spawn_cpu_workers, worker_log
 
 pytest.importorskip("peft")
 from tests.test_peft_patch import lora_mlp  # noqa: E402
@@ -73,6 +73,7 @@ def _worker(rank, init_file, out_dir, mode):
     finally:
         dist.destroy_process_group()
         step("done")
+    exit_worker()
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])

@@ -68,6 +68,14 @@ def worker_log(out_dir, rank, timeout=WORKER_TIMEOUT):
     return step
 
 
+def exit_worker():
+    """End a worker whose work succeeded (results saved, process group destroyed) without the
+    interpreter's teardown: a worker that had logged "done" once died there of SIGBUS in torch's
+    own cleanup, which would fail a test whose work had passed. A worker that raised does not get
+    here: its exception reaches `spawn_cpu_workers`."""
+    os._exit(0)
+
+
 def spawn_cpu_workers(fn, args, out_dir, world, timeout=WORKER_TIMEOUT):
     """Runs fn(rank, *args) in `world` fresh processes on the CPU (CPU_WORKER_ENV). A worker that
     dies (an exception, a signal) or a run past `timeout` seconds ends every worker and fails the
