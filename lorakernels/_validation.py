@@ -4,8 +4,6 @@ import math
 
 import torch
 
-from lorakernels.operands import FourBitWeight
-
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 256
 
@@ -15,19 +13,17 @@ def _describe(name, t):
 
 
 def _base_operands(weight):
-    """(name, tensor) of the base weight's tensors: W, or a 4-bit W's codes, absmax and code table."""
-    if isinstance(weight, FourBitWeight):
-        scales = (("weight absmax", weight.absmax),) if weight.absmax is not None else (
-            ("weight nested absmax codes", weight.nested.codes), ("weight nested scales", weight.nested.scales),
-            ("weight nested table", weight.nested.table))
-        return [("weight codes", weight.codes), *scales, ("weight code table", weight.table)]
-    return [("weight", weight)]
+    """(name, tensor) of the base weight's tensors: those a description names, else W itself
+    (checked to be a tensor with the other operands)."""
+    named_tensors = getattr(weight, "named_tensors", None)
+    return [("weight", weight)] if named_tensors is None else named_tensors()
 
 
 def check_lora_linear_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     """Validate the operands of `lora_linear`. Raises TypeError (kind, dtype, device) or ValueError (shape, range).
 
-    weight: a dense tensor, or an `operands.FourBitWeight` (a 4-bit base).
+    weight: a dense tensor, or a base-weight description (`operands`: a 4-bit base, say), whose own
+    `check` says what it accepts.
     """
     if _valid_dense_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         return
@@ -43,10 +39,10 @@ def check_lora_linear_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p
                         + ", ".join(_describe(n, t) for n, t in named))
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
-    if isinstance(weight, FourBitWeight):
-        check_four_bit_weight(x, weight, bias, named)
-    else:
+    if isinstance(weight, torch.Tensor):
         check_dense_weight(x, weight, bias, named)
+    else:
+        weight.check(x, bias, named)
     check_adapter(x, tuple(weight.shape), lora_A, lora_B, named)
     for name, t in named:
         if t is not x and t.dim() >= 1 and t.stride(-1) != 1:
@@ -130,7 +126,7 @@ def check_four_bit_weight(x, weight, bias, named):
     text = f"4-bit weight {tuple(weight.shape)}"
     _check_x_matches(x, *weight.shape, text)
     _check_bias_shape(bias, weight.shape[0])
-    for name, t in _base_operands(weight):
+    for name, t in weight.named_tensors():
         if not t.is_contiguous():
             raise ValueError(f"{name} of the {text} must be contiguous; got shape {tuple(t.shape)}, "
                              f"strides {t.stride()}")

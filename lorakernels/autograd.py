@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from lorakernels import ops
-from lorakernels.operands import Adapter, DenseWeight, FourBitWeight, GradsNeeded, NestedScales, Segments
+from lorakernels.operands import Adapter, DenseWeight, FourBitWeight, GradsNeeded, Segments
 from lorakernels.plan import LaunchPlan
 
 
@@ -114,14 +114,9 @@ class BaseOpArgs(NamedTuple):
 
     @classmethod
     def of(cls, base):
-        """From a dense W (a tensor) or a `FourBitWeight` (its own bias is not carried: see `description`)."""
-        if isinstance(base, FourBitWeight):
-            N, K = base.shape
-            if base.nested is not None:
-                return cls(base.codes.view(N, K // 2), base.nested.codes, base.table, base.blocksize,
-                           base.nested.pack(), base.nested.blocksize)
-            return cls(base.codes.view(N, K // 2), base.absmax, base.table, base.blocksize)
-        return cls(base)
+        """From a dense W (a tensor) or a base-weight description (its `op_fields`; its own bias is
+        not carried: see `description`)."""
+        return cls(base) if isinstance(base, torch.Tensor) else cls(*base.op_fields())
 
     @property
     def four_bit(self):
@@ -134,12 +129,10 @@ class BaseOpArgs(NamedTuple):
         return (N, 2 * columns) if self.four_bit else (N, columns)
 
     def description(self, bias=None):
-        """The `DenseWeight` or `FourBitWeight` the launchers take, with `bias`."""
-        if self.four_bit and self.nested is not None:
-            return FourBitWeight(self.weight.reshape(-1), None, self.table, self.blocksize, self.shape, bias,
-                                 NestedScales.unpack(self.absmax, self.nested, self.nested_blocksize))
+        """The base-weight description the launchers take (`DenseWeight`, `FourBitWeight`), with
+        `bias`. The op schema's fields tell the kinds apart: a 4-bit W has block scales."""
         if self.four_bit:
-            return FourBitWeight(self.weight.reshape(-1), self.absmax, self.table, self.blocksize, self.shape, bias)
+            return FourBitWeight.from_op_fields(*self, bias=bias)
         return DenseWeight(self.weight, bias)
 
 

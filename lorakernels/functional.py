@@ -22,7 +22,7 @@ from lorakernels.autograd import (
     segment_args,
 )
 from lorakernels.four_bit import four_bit_weight, is_params4bit
-from lorakernels.operands import FourBitWeight, Segments
+from lorakernels.operands import Segments
 from lorakernels.plan import resolve_plan
 from lorakernels.reference import lora_linear_ref, lora_linear_segmented_ref
 
@@ -97,7 +97,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         # loaded) carry shapes and dtypes only: the plain composition propagates them, and
         # autograd's, as nn.Linear's does. Backend choices are checked as for a CUDA model.
         resolve_plan(torch.device("cuda"), backend, base_gemm)
-        dense = x.new_empty(weight.shape) if isinstance(weight, FourBitWeight) else weight
+        dense = weight if isinstance(weight, torch.Tensor) else x.new_empty(weight.shape)
         return lora_linear_ref(x, dense, bias, lora_A, lora_B, scaling)
     return _fused(x, weight, bias, lora_A, lora_B, scaling, dropout_p if training else 0.0, backend, base_gemm)
 
@@ -183,7 +183,7 @@ def lora_linear_segmented(x, weight, bias, adapters, row_adapter, dropout_p=0.0,
     index, present, index_key = _row_adapter_index(row_adapter, x, len(adapters))
     if x.is_meta:
         resolve_plan(torch.device("cuda"), backend, base_gemm)
-        dense = x.new_empty(weight.shape) if isinstance(weight, FourBitWeight) else weight
+        dense = weight if isinstance(weight, torch.Tensor) else x.new_empty(weight.shape)
         return lora_linear_segmented_ref(x, dense, bias, adapters, index)
     group_rates = sorted({rates[a] for a in present}) if training else [0.0]
     if len(group_rates) > 1:

@@ -3,10 +3,23 @@
 These are the package's two seams for the capabilities that change operands rather than
 math:
 
-- the base-weight description (`DenseWeight` today): how the frozen W is stored. It decides
-  what validation accepts (`_validation.check_dense_weight`) and, in the kernels, how a weight
-  tile is loaded (`lorakernels.kernels.gemm_core.load_weight_tile`). A quantized base (4-bit
-  codes with per-block scales) is another description with the same two jobs.
+- the base-weight description: how the frozen W is stored (`DenseWeight`, `FourBitWeight`).
+  Every description answers one interface, and nothing above it asks which class it is:
+    shape, out_features, in_features, bias   W's (N, K) and the bias the launch adds;
+    kind                the name of the GEMM-core kernels that read it (`ops.specs.GEMM_CORES`),
+                        and of its kind of call in the base-GEMM strategy's choices;
+    dense_weight        the dense W [N, K] that cuBLAS and TMA read as it is, or None (a packed
+                        W: only its own fused kernels read it);
+    kernel_args(with_base_gemm)  its arguments to those kernels;
+    dense(dtype)        W as a dense tensor (the torch backend; a packed W is expanded for the
+                        call only);
+    named_tensors()     its tensors, named for error messages and device checks;
+    check(x, bias, named)  what validation accepts (TypeError / ValueError);
+    op_fields()         its tensors and integers as the custom ops' base arguments
+                        (`autograd.BaseOpArgs`), the one place it is flattened.
+  In the kernels it decides how a weight tile is loaded
+  (`lorakernels.kernels.gemm_core.load_weight_tile`). A new storage (an 8-bit W, say) is one
+  more class with these members, its tile loader and its GEMM-core specs.
 - the adapter description (`Adapter`): the rank-R operands, scaling, dropout and its seed,
   checked by `_validation.check_adapter`; one adapter for every row, or several adapters in one
   batch (`Segments`: their factors concatenated along the rank, a row-to-adapter table, each
@@ -21,6 +34,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from lorakernels import _validation
+
 
 @dataclasses.dataclass(frozen=True)
 class DenseWeight:
@@ -29,6 +44,12 @@ class DenseWeight:
     weight: torch.Tensor
     bias: Optional[torch.Tensor] = None
 
+    kind = "dense"
+
+    @property
+    def shape(self):
+        return tuple(self.weight.shape)
+
     @property
     def out_features(self):
         return self.weight.shape[0]
@@ -36,6 +57,27 @@ class DenseWeight:
     @property
     def in_features(self):
         return self.weight.shape[1]
+
+    @property
+    def dense_weight(self):
+        return self.weight
+
+    def kernel_args(self, with_base_gemm=True):
+        """The pointer GEMM-core kernels' weight arguments; with_base_gemm False: they add the LoRA
+        term (and bias) alone, cuBLAS adding X W^T."""
+        return {"w": self.weight, "BASE_GEMM": with_base_gemm}
+
+    def dense(self, dtype=None):
+        return self.weight
+
+    def named_tensors(self):
+        return [("weight", self.weight)]
+
+    def check(self, x, bias, named):
+        _validation.check_dense_weight(x, self.weight, bias, named)
+
+    def op_fields(self):
+        return (self.weight,)
 
 
 class Segments(NamedTuple):
@@ -211,6 +253,9 @@ class FourBitWeight:
     bias: Optional[torch.Tensor] = None
     nested: Optional[NestedScales] = None
 
+    kind = "4bit"
+    dense_weight = None  # packed: only the 4-bit GEMM-core kernels read it
+
     @property
     def out_features(self):
         return self.shape[0]
@@ -218,6 +263,46 @@ class FourBitWeight:
     @property
     def in_features(self):
         return self.shape[1]
+
+    def kernel_args(self, with_base_gemm=True):
+        """The 4-bit GEMM-core kernels' weight arguments (double quantization: the fp32 scales
+        expanded for this launch only). They always compute X W^T (nothing else reads the codes)."""
+        if not with_base_gemm:
+            raise ValueError("a 4-bit base weight is multiplied by its own kernels only (base_gemm 'triton')")
+        base = self.with_scales()
+        return dict(codes=base.codes, absmax=base.absmax, table=base.table, quant_shift=base.quant_shift)
+
+    def dense(self, dtype):
+        return self.dequantize(dtype)
+
+    def named_tensors(self):
+        """The codes, the block scales (or their nested form) and the code table."""
+        scales = (("weight absmax", self.absmax),) if self.absmax is not None else (
+            ("weight nested absmax codes", self.nested.codes), ("weight nested scales", self.nested.scales),
+            ("weight nested table", self.nested.table))
+        return [("weight codes", self.codes), *scales, ("weight code table", self.table)]
+
+    def check(self, x, bias, named):
+        _validation.check_four_bit_weight(x, self, bias, named)
+
+    def op_fields(self):
+        """(codes viewed as uint8 [N, K / 2] (the view's shape carries N and K), absmax, table,
+        blocksize, nested, nested blocksize): under double quantization absmax is the scales' uint8
+        codes and nested the rest of their `NestedScales` (`pack()`), kept compressed across the ops."""
+        N, K = self.shape
+        if self.nested is not None:
+            return (self.codes.view(N, K // 2), self.nested.codes, self.table, self.blocksize, self.nested.pack(),
+                    self.nested.blocksize)
+        return (self.codes.view(N, K // 2), self.absmax, self.table, self.blocksize)
+
+    @classmethod
+    def from_op_fields(cls, codes, absmax, table, blocksize, nested=None, nested_blocksize=0, bias=None):
+        """The weight `op_fields` flattened, with `bias`."""
+        N, half_K = codes.shape
+        if nested is not None:
+            return cls(codes.reshape(-1), None, table, blocksize, (N, 2 * half_K), bias,
+                       NestedScales.unpack(absmax, nested, nested_blocksize))
+        return cls(codes.reshape(-1), absmax, table, blocksize, (N, 2 * half_K), bias)
 
     def __post_init__(self):
         N, K = self.shape

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lorakernels import LoRALinear, lora_linear
+from lorakernels.operands import FourBitWeight
 from lorakernels.ops import gemm_strategy, specs
 from lorakernels.plan import BaseGemm
 from tests.utils import make_inputs
@@ -37,6 +38,8 @@ def timings(monkeypatch):
             launched.append(BaseGemm.TRITON if values["BASE_GEMM"] else BaseGemm.CUBLAS)
         elif self.code in ("F2-TMA", "B2-TMA"):
             launched.append(BaseGemm.TRITON_TMA)
+        elif self.code in ("F2-4bit", "B2-4bit"):
+            launched.append(self.code)
         return original(self, grid, config, **values)
 
     monkeypatch.setattr(specs.KernelSpec, "launch", spy)
@@ -59,7 +62,7 @@ def test_the_fastest_measured_strategy_runs(timings, fastest):
     times, measured, launched = timings
     times[fastest] = 0.5
     _call(33)
-    options = set(gemm_strategy.candidates(torch.device("cpu"), False, False))
+    options = set(gemm_strategy.candidates(torch.device("cpu"), False))
     # Forward and dX were each timed once per strategy the call could take ...
     assert sorted(measured, key=str) == sorted([*options, *options], key=str)
     chosen = gemm_strategy.chosen_strategies()
@@ -124,6 +127,24 @@ def test_either_choice_gives_the_result_of_the_explicit_strategy(timings, fastes
             assert torch.equal(a, e), name
 
 
-def test_a_four_bit_base_has_one_strategy():
-    assert gemm_strategy.candidates(torch.device("cpu"), True, True) == (BaseGemm.TRITON,)
-    assert BaseGemm.CUBLAS in gemm_strategy.candidates(torch.device("cpu"), False, False)
+def test_a_four_bit_base_runs_its_own_kernels_unmeasured(timings):
+    """A packed W (a 4-bit base) has one strategy, its own fused kernels, never timed, whatever
+    base_gemm asks: cuBLAS and TMA cannot read its codes. Would catch a 4-bit call being timed,
+    sent to cuBLAS or TMA, or computing otherwise under another base_gemm."""
+    _, measured, launched = timings
+    N, K, blocksize = 40, 48, 32
+    codes = torch.randint(0, 256, (N * K // 2,), dtype=torch.uint8)
+    base = FourBitWeight(codes, torch.rand(N * K // blocksize) + 0.5, torch.randn(16), blocksize, (N, K))
+    x, _, bias, lora_A, lora_B = make_inputs(33, K, N, 4, torch.float32)
+    results = []
+    for base_gemm in ("auto", "cublas", "triton-tma", "triton"):
+        x_in = x.clone().requires_grad_()
+        torch.manual_seed(5)  # one dropout seed for every call
+        y = lora_linear(x_in, base, bias, lora_A, lora_B, 0.5, 0.1, backend="triton", base_gemm=base_gemm)
+        y.sum().backward()
+        results.append((y, x_in.grad))
+    assert measured == [] and gemm_strategy.chosen_strategies() == {}
+    assert launched == ["F2-4bit", "B2-4bit"] * 4
+    for y, dx in results[1:]:
+        assert torch.equal(y, results[0][0]) and torch.equal(dx, results[0][1])
+    assert BaseGemm.CUBLAS in gemm_strategy.candidates(torch.device("cpu"), False)

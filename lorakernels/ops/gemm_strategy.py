@@ -35,10 +35,9 @@ def time_ms(run):
     return triton.testing.do_bench(run, warmup=MEASURE_WARMUP_MS, rep=MEASURE_MS, return_mode="median")
 
 
-def candidates(device, four_bit, tma_operands):
-    """The strategies that can run a pass: the fused kernel first (the choice where none is measured)."""
-    if four_bit:
-        return (BaseGemm.TRITON,)
+def candidates(device, tma_operands):
+    """The strategies that can run a pass over a dense W: the fused kernel first (the choice where
+    none is measured). A packed W (a 4-bit base) has one: its fused kernel, never measured."""
     if tma_operands and has_tma(device):
         return BaseGemm.TRITON, BaseGemm.CUBLAS, BaseGemm.TRITON_TMA
     return BaseGemm.TRITON, BaseGemm.CUBLAS

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from lorakernels.operands import Adapter, DenseWeight, FourBitWeight, GradsNeeded
+from lorakernels.operands import Adapter, DenseWeight, GradsNeeded
 from lorakernels.ops import configs, gemm_strategy, specs
 from lorakernels.plan import Backend, BaseGemm, resolve_plan
 
@@ -60,12 +60,6 @@ def tma_addressable(*tensors):
                and (t.stride(0) * 2) % 16 == 0 for t in tensors)
 
 
-def _four_bit(base):
-    """The 4-bit weight's kernel arguments (see `operands.FourBitWeight`)."""
-    base = base.with_scales()  # double quantization: the fp32 scales for this launch only
-    return dict(codes=base.codes, absmax=base.absmax, table=base.table, quant_shift=base.quant_shift)
-
-
 def _segment_args(segments):
     """The segment-table arguments of a kernel (`operands.Segments`; absent for one adapter)."""
     if segments is None:
@@ -85,20 +79,19 @@ def _segment_count(segments):
 
 def _launch_gemm_core(kernels, base, strategy, operand, out, shared):
     """Launch the GEMM core on `operand` (its name, its [M, reduction] tensor) into `out` (name,
-    [M, n_out] tensor): the 4-bit kernel over a 4-bit base, the TMA-persistent kernel where the
-    strategy (a concrete `BaseGemm`) asks for it and TMA can address the operands, else the pointer
-    kernel (without the base GEMM under CUBLAS). kernels: the (4-bit, TMA, pointer) specs of F2 or of B2."""
-    four_bit_kernel, tma_kernel, pointer_kernel = kernels
+    [M, n_out] tensor): the TMA-persistent kernel where the strategy (a concrete `BaseGemm`) asks for
+    it and TMA can address a dense W and the operands, else the kernel of the base weight's kind
+    (`specs.GEMM_CORES`; under CUBLAS without the base GEMM, which cuBLAS then adds). kernels: F2's
+    or B2's entry of `specs.GEMM_CORES`."""
     (a_name, a), (out_name, y) = operand, out
     M, n_out = y.shape
     tensors = {a_name: a, out_name: y}
-    if isinstance(base, FourBitWeight):
-        four_bit_kernel.launch(_gemm_grid(M, n_out), **tensors, **_four_bit(base), **shared)
-    elif strategy is BaseGemm.TRITON_TMA and tma_addressable(a, base.weight, y):
-        tma_kernel.launch(_persistent_grid(M, n_out, a.device), **tensors, w=base.weight, **shared)
+    w = base.dense_weight
+    if strategy is BaseGemm.TRITON_TMA and w is not None and tma_addressable(a, w, y):
+        kernels["tma"].launch(_persistent_grid(M, n_out, a.device), **tensors, w=w, **shared)
     else:
-        pointer_kernel.launch(_gemm_grid(M, n_out), **tensors, w=base.weight,
-                              BASE_GEMM=strategy is not BaseGemm.CUBLAS, **shared)
+        kernels[base.kind].launch(_gemm_grid(M, n_out), **tensors, **base.kernel_args(strategy is not BaseGemm.CUBLAS),
+                                  **shared)
 
 
 def _f2(x, base, u, lora_B, y, scaling, plan, strategy, segments=None):
@@ -108,9 +101,9 @@ def _f2(x, base, u, lora_B, y, scaling, plan, strategy, segments=None):
     shared = dict(bias=base.bias, u=u, b=lora_B, M=M, N=N, K=K, R=R, scaling=scaling, HAS_BIAS=base.bias is not None,
                   INPUT_PRECISION=plan.input_precision(x.dtype), **plan.split_rank(x.dtype, lora_B.dtype),
                   **_segment_scale_args(segments))
-    _launch_gemm_core((specs.F2_4BIT, specs.F2_TMA, specs.F2), base, strategy, ("x", x), ("y", y), shared)
-    if strategy is BaseGemm.CUBLAS and not isinstance(base, FourBitWeight):
-        y.addmm_(x, base.weight.t())  # cuBLAS adds X W^T to b + s U B^T in its epilogue (beta = 1).
+    _launch_gemm_core(specs.GEMM_CORES["F2"], base, strategy, ("x", x), ("y", y), shared)
+    if strategy is BaseGemm.CUBLAS:
+        y.addmm_(x, base.dense_weight.t())  # cuBLAS adds X W^T to b + s U B^T in its epilogue (beta = 1).
 
 
 def _b2(dy, base, v, lora_A, dx, adapter, plan, strategy):
@@ -120,9 +113,9 @@ def _b2(dy, base, v, lora_A, dx, adapter, plan, strategy):
     shared = dict(v=v, a=lora_A, M=M, N=N, K=K, R=R, seed=adapter.seed, p=adapter.dropout_p,
                   HAS_DROPOUT=adapter.has_dropout, INPUT_PRECISION=plan.input_precision(dy.dtype),
                   **plan.split_rank(dy.dtype, lora_A.dtype), **_segment_scale_args(adapter.segments))
-    _launch_gemm_core((specs.B2_4BIT, specs.B2_TMA, specs.B2), base, strategy, ("dy", dy), ("dx", dx), shared)
-    if strategy is BaseGemm.CUBLAS and not isinstance(base, FourBitWeight):
-        dx.addmm_(dy, base.weight)
+    _launch_gemm_core(specs.GEMM_CORES["B2"], base, strategy, ("dy", dy), ("dx", dx), shared)
+    if strategy is BaseGemm.CUBLAS:
+        dx.addmm_(dy, base.dense_weight)
 
 
 def _reduce_partials(partials, out, scaling):
@@ -157,7 +150,7 @@ def _split_output(out, splits, zeroed):
 def lora_forward(x, base, adapter, plan):
     """Forward on 2-D inputs: (y [M, N] in x's dtype, u [M, R] fp32), u = Xd @ A^T saved for backward.
 
-    x: [M, K], unit last-dim stride. base: DenseWeight or FourBitWeight. adapter: Adapter (with
+    x: [M, K], unit last-dim stride. base: a base-weight description (`operands`). adapter: Adapter (with
     segments, u is compact: [M, max_rank], each row its own adapter's columns). plan: LaunchPlan.
     """
     y = torch.empty((x.shape[0], base.out_features), device=x.device, dtype=x.dtype)
@@ -203,16 +196,18 @@ def forward_gemm_pass(x, base, u, adapter, plan, y):
 def _with_strategy(pass_name, a, base, out, adapter, plan, has_dropout, run):
     """run(strategy) with the plan's base-GEMM strategy; under AUTO the one `ops.gemm_strategy` chose for
     this kind of pass (timed on its first call). a: the GEMM's streamed operand, out: its output."""
+    if base.dense_weight is None:  # a packed W: only its own fused kernels read it
+        run(BaseGemm.TRITON)
+        return
     if plan.base_gemm is not BaseGemm.AUTO:
         run(plan.base_gemm)
         return
-    four_bit = isinstance(base, FourBitWeight)
     M, n_out = out.shape
     kind = (pass_name, specs.token_bucket(M), n_out, a.shape[1], a.dtype, adapter.lora_A.dtype, base.bias is not None,
-            has_dropout, adapter.segments is not None, configs.padded_rank(adapter.rank_width), plan.tf32, four_bit,
+            has_dropout, adapter.segments is not None, configs.padded_rank(adapter.rank_width), plan.tf32, base.kind,
             a.device)
     gemm_strategy.run_chosen(kind, a.device, lambda: gemm_strategy.candidates(
-        a.device, four_bit, not four_bit and tma_addressable(a, base.weight, out)), run)
+        a.device, tma_addressable(a, base.dense_weight, out)), run)
 
 
 class BackwardPlan(NamedTuple):

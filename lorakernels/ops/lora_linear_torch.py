@@ -9,7 +9,7 @@ Philox mask.
 
 import torch
 
-from lorakernels.operands import FourBitWeight, GradsNeeded
+from lorakernels.operands import GradsNeeded
 
 
 def torch_keep_mask(seed, M, K, dropout_p, device):
@@ -33,11 +33,6 @@ def _dropped(x, keep_scale):
     return x if keep_scale is None else x * keep_scale
 
 
-def _dense(base, dtype):
-    """W as a dense tensor: a 4-bit base is dequantized for the duration of the call."""
-    return base.dequantize(dtype) if isinstance(base, FourBitWeight) else base.weight
-
-
 def _rank_scale(adapter):
     """What multiplies every adapter's columns of U or V [M, R] into the rank-R term's left operand:
     the scaling; with segments, each column's adapter scaling where the row owns the column, else 0."""
@@ -48,7 +43,7 @@ def lora_forward(x, base, adapter, plan):
     """Torch forward: returns (y [M, N] in x's dtype, u = Xd A^T [M, R] fp32; with segments, each
     row's own adapter's columns [M, max_rank], as the kernels keep it)."""
     u = _dropped(x, _keep_scale(adapter, x.shape[0], x.shape[1], x.device)) @ adapter.lora_A.float().t()
-    y = torch.nn.functional.linear(x, _dense(base, x.dtype), base.bias)
+    y = torch.nn.functional.linear(x, base.dense(x.dtype), base.bias)
     y = y.addmm_((u * _rank_scale(adapter)).to(x.dtype), adapter.lora_B.to(x.dtype).t())
     return y, u if adapter.segments is None else adapter.segments.compact(u)
 
@@ -74,5 +69,5 @@ def lora_backward(dy, x, u, base, adapter, plan, needs=GradsNeeded()):
         lora_term = v @ adapter.lora_A.float()
         if keep_scale is not None:
             lora_term = lora_term * keep_scale
-        dx = (dy @ _dense(base, dy.dtype)).add_(lora_term.to(dy.dtype))
+        dx = (dy @ base.dense(dy.dtype)).add_(lora_term.to(dy.dtype))
     return dx, da, db

@@ -35,6 +35,7 @@ from lorakernels.kernels.dropout import dropout_keep_mask_kernel
 from lorakernels.kernels.forward import f1_dropout_down_kernel, f2_forward_gemm_4bit_kernel, f2_forward_gemm_kernel, \
     f2_forward_gemm_tma_kernel
 from lorakernels.kernels.merge import merge_kernel
+from lorakernels.operands import DenseWeight, FourBitWeight
 from lorakernels.ops import configs
 from lorakernels.plan import interpreter_hint, interpreting
 
@@ -555,5 +556,10 @@ DROPOUT_MASK = KernelSpec(
      Scalar("p")),
     {}, lambda elem_bytes, r_pad: [configs.DROPOUT_MASK_CONFIG], configs.DROPOUT_MASK_CONFIG,
     gate_cases=(("fp32", "fp32", "ieee"),))
+
+# The GEMM-core kernels of F2 and B2 by the kind of base weight they read (`operands`: a
+# description's `kind`), and Hopper's TMA kernels over a dense W.
+GEMM_CORES = {"F2": {DenseWeight.kind: F2, FourBitWeight.kind: F2_4BIT, "tma": F2_TMA},
+              "B2": {DenseWeight.kind: B2, FourBitWeight.kind: B2_4BIT, "tma": B2_TMA}}
 
 ALL = (F1, F2, F2_TMA, F2_4BIT, B1, B2, B2_TMA, B2_4BIT, B3, REDUCE, MERGE, DROPOUT_MASK)
