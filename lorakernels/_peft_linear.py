@@ -351,6 +351,60 @@ def mixed_route(layer, x, adapter_names, casts):
                          first.bias, first.four_bit), None
 
 
+ROUTE_CACHE_ATTR = "_lorakernels_route"
+
+
+def state_witness(layer):
+    """Everything `layer_state`'s answer depends on, over a plain (not 4-bit) base, read without
+    judging it: the layer's adapter switches, active adapter and adapter names; the identity,
+    class and hooks of the modules of the one active adapter (base layer, lora_A, lora_B,
+    dropout), its scaling, variant flags and dropout settings; the identity, class, requires_grad,
+    last stride and shape of their tensors; and whether any global hook is set. None where the
+    answer is not cached (several or no active adapters, a 4-bit base, a missing weight:
+    `layer_state` decides each call). Equal witnesses, equal answers: a fused answer holds the
+    witnessed objects, so their identities cannot be reused while it is cached, and a fallback
+    answer depends on the witnessed properties alone."""
+    modules = layer._modules
+    base, lora_A, lora_B, dropout = (modules["base_layer"], modules["lora_A"]._modules, modules["lora_B"]._modules,
+                                     modules["lora_dropout"]._modules)
+    names = [a for a in layer.active_adapters if a in lora_A]
+    if len(names) != 1 or type(base) is not nn.Linear:
+        return None
+    name = names[0]
+    a, b, drop = lora_A[name], lora_B.get(name), dropout.get(name)
+    if b is None or drop is None:
+        return None
+    weight, bias = base._parameters.get("weight"), base._parameters.get("bias")
+    A, B = a._parameters.get("weight"), b._parameters.get("weight")
+    if weight is None or A is None or B is None or "bias" in base.__dict__ or "bias" in b.__dict__:
+        return None  # a tensor outside `_parameters` (deleted, then set as a plain attribute): not witnessed
+    scaling = layer.scaling.get(name)
+    return (layer.disable_adapters, tuple(layer.merged_adapters), name, tuple(lora_A), layer.fan_in_fan_out,
+            name in layer.lora_variant, layer.use_dora.get(name, False), layer.lora_bias.get(name, False),
+            type(scaling), scaling, id(base), id(a), id(b), id(drop), type(base), type(a), type(b), type(drop),
+            _has_hooks(base) or _has_hooks(a) or _has_hooks(b) or _has_hooks(drop) or _global_hooks(),
+            drop.__dict__.get("p"), drop.__dict__.get("inplace"), id(weight), id(bias), id(A), id(B),
+            weight.requires_grad, weight.shape[1], A.shape[0], b._parameters.get("bias") is None,
+            type(weight), weight.stride(-1), type(A), A.stride(-1), type(B), B.stride(-1),
+            None if bias is None else (type(bias), bias.stride(-1)))
+
+
+def cached_layer_state(layer):
+    """`layer_state(layer)`, recomputed only when the layer's `state_witness` changes (a new active
+    adapter, merge, disable, a hook, a module or weight swapped, a frozen weight unfrozen, ...);
+    per call the witness is read and compared, not judged. Under torch.compile, `layer_state` (the
+    graph is specialized on the layer's state there)."""
+    witness = None if torch.compiler.is_compiling() else state_witness(layer)
+    if witness is None:
+        return layer_state(layer)
+    cached = layer.__dict__.get(ROUTE_CACHE_ATTR)
+    if cached is not None and cached[0] == witness:
+        return cached[1]
+    state = layer_state(layer)
+    layer.__dict__[ROUTE_CACHE_ATTR] = (witness, state)
+    return state
+
+
 def route(layer, x, args, kwargs, mixed_casts=None):
     """(`Operands` of the active adapter, or `MixedOperands` of an `adapter_names` call, None) when
     `lora_linear` (or `lora_linear_segmented`) computes this call of PEFT's `lora.Linear.forward`
@@ -361,7 +415,7 @@ def route(layer, x, args, kwargs, mixed_casts=None):
     adapter_names = kwargs.get("adapter_names")
     if adapter_names is not None:
         return mixed_route(layer, x, adapter_names, mixed_casts)
-    ops, reason = layer_state(layer)
+    ops, reason = cached_layer_state(layer)
     reason = reason or input_reason(layer, ops, x)
     return (ops, None) if reason is None else (None, reason)
 

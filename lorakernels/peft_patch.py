@@ -40,7 +40,7 @@ from lorakernels.plan import check_options
 
 logger = logging.getLogger("lorakernels")
 
-_STATE_ATTRS = ("_lorakernels_calls", "_lorakernels_options")
+_STATE_ATTRS = ("_lorakernels_calls", "_lorakernels_options", "_lorakernels_route")
 # The peft release whose `lora.Linear.forward` the per-call conditions mirror, and whose own
 # test suite judged them (tests/peft_suite/run.py).
 CHECKED_PEFT_VERSION = "0.21.2"

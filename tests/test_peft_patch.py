@@ -486,3 +486,76 @@ def test_unpatch_restores_peft_classes():
     assert not any(k.startswith("_lorakernels") for k in vars(layer))
     assert unpatch_peft(model) == 0
     assert peft_patch_stats(model) == {"fused": 0, "fallback": {}, "layers": {}}
+
+
+def _lin0(model):
+    return model.base_model.model.lin0
+
+
+def _set_dropout(model, module):
+    _lin0(model).lora_dropout["default"] = module
+
+
+def _global_hook(model):
+    return nn.modules.module.register_module_forward_hook(lambda *args: None)
+
+
+# Changes to a patched layer after a fused call has cached its route: (set up before that call,
+# the change, what the next call of lin0 does). Fallback changes cover what the route judges
+# (flags, PEFT's dicts mutated in place, modules, parameters, hooks); fused ones what it reads
+# (the new scaling, module or weight must be the one computed with).
+ROUTE_CHANGES = {
+    **{case: (None, prepare, reason) for case, (config, prepare, reason) in FALLBACKS.items() if not config},
+    "disabled": (None, lambda m: m.base_model.disable_adapter_layers(), "adapters disabled"),
+    "hook_on_lora_B": (None, lambda m: _lin0(m).lora_B["default"].register_forward_pre_hook(lambda *a: None),
+                       "hooks on the base layer or the adapter modules"),
+    "global_hook": (None, _global_hook, "hooks on the base layer or the adapter modules"),
+    "dropout_p_1": (lambda m: _set_dropout(m, nn.Dropout(0.0)), lambda m: setattr(_lin0(m).lora_dropout["default"],
+                    "p", 1.0), "dropout is not nn.Dropout(p < 1) or nn.Identity"),
+    "strided_lora_B": (None, lambda m: setattr(_lin0(m).lora_B["default"], "weight", nn.Parameter(
+        torch.randn(4, 24).t())), "a weight without a unit last-dim stride"),
+    "scaling_in_place": (None, lambda m: _lin0(m).scaling.__setitem__("default", 0.75), "fused"),
+    "set_scale": (None, lambda m: _lin0(m).set_scale("default", 3.0), "fused"),
+    "other_adapter": (_add_second_adapter, lambda m: m.set_adapter("other"), "fused"),
+    "lora_A_swapped": (None, lambda m: _lin0(m).lora_A.__setitem__("default", nn.Linear(20, 4, bias=False)), "fused"),
+    "base_weight_swapped": (None, lambda m: setattr(_lin0(m).base_layer, "weight", nn.Parameter(
+        torch.randn(24, 20), requires_grad=False)), "fused"),
+    "rank_changed_in_place": (None, lambda m: (setattr(_lin0(m).lora_A["default"].weight, "data", torch.randn(6, 20)),
+                                               setattr(_lin0(m).lora_B["default"].weight, "data", torch.randn(24, 6))),
+                              "fused"),
+    "dropout_swapped": (None, lambda m: _set_dropout(m, nn.Dropout(0.0)), "fused"),
+}
+
+
+@pytest.mark.parametrize("case", list(ROUTE_CHANGES))
+def test_a_cached_route_follows_every_change_of_the_layer(case):
+    """The route of a patched layer is cached after its first call and judged again when anything
+    it depends on changes. Would catch a stale route: a fused call after a change that PEFT
+    computes otherwise (merged, hooked, unfrozen base, ...), or one computing with the old
+    scaling, module or weight. An unpatched twin takes the same changes (same seeds)."""
+    setup, change, outcome = ROUTE_CHANGES[case]
+    x = torch.randn(4, 20)
+    peft_model, model = lora_mlp(), lora_mlp()
+    patch_peft(model, backend="torch")
+    for m in (peft_model, model):
+        if setup is not None:
+            torch.manual_seed(1)
+            setup(m)
+    run(model, x)
+    assert peft_patch_stats(model, reset=True)["layers"]["base_model.model.lin0"] == {"fused": 1}
+    handles = []
+    try:
+        for m in (peft_model, model):
+            torch.manual_seed(2)
+            handles.append(change(m))
+        expected, actual = run(peft_model, x), run(model, x)
+    finally:
+        for handle in handles:
+            if hasattr(handle, "remove"):
+                handle.remove()
+    assert peft_patch_stats(model)["layers"]["base_model.model.lin0"] == {outcome: 1}
+    if outcome == "fused":
+        assert_same(actual, expected)
+    else:  # PEFT's own forward ran: the same bits (None: no gradient, as when merged)
+        for key in expected:
+            assert (actual[key] is None and expected[key] is None) or torch.equal(actual[key], expected[key]), key
