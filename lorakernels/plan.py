@@ -2,7 +2,8 @@
 
 `resolve_plan` is the only reader of the environment in the package (LORAKERNELS_BACKEND,
 LORAKERNELS_BASE_GEMM; TRITON_INTERPRET is read once, at import, when the kernels are decorated:
-`interpreting()`) and of torch's TF32 switch. What it returns is typed
+`interpreting()`; LORAKERNELS_TUNING_CACHE by `tuning_cache_dir`, for `ops.tuning_store`) and
+of torch's TF32 switch. What it returns is typed
 (enums and booleans) and travels unchanged down to the launchers; no layer below it looks at a
 string or an environment variable again. At the custom-op boundary (torch.library ops take
 only plain values) the plan crosses as `to_op_args()` and comes back as `LaunchPlan.from_op_args`.
@@ -16,6 +17,7 @@ import torch
 
 BACKEND_ENV = "LORAKERNELS_BACKEND"
 BASE_GEMM_ENV = "LORAKERNELS_BASE_GEMM"
+TUNING_CACHE_ENV = "LORAKERNELS_TUNING_CACHE"
 
 
 class Backend(enum.Enum):
@@ -204,6 +206,12 @@ def has_tma(device):
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 9
     return interpreting()
+
+
+def tuning_cache_dir():
+    """The directory where tuning choices are kept across processes (LORAKERNELS_TUNING_CACHE;
+    None, the default: each process measures its own; see `ops.tuning_store`)."""
+    return os.environ.get(TUNING_CACHE_ENV) or None
 
 
 _RESOLVED = {}  # (device, backend, base GEMM (arguments, else the environment), tf32, interpreter) -> plan

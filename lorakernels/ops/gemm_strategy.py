@@ -9,7 +9,8 @@ choice costs one dictionary lookup per pass. Candidates: the fused kernel, cuBLA
 term, and on Hopper the TMA-persistent fused kernel where TMA can address the operands. A 4-bit
 base has one strategy (the 4-bit fused kernel).
 
-Measured only on CUDA tensors outside CUDA graph capture: elsewhere (the interpreter, a capture
+With LORAKERNELS_TUNING_CACHE set, each choice measured is kept on disk and later processes start
+from it (`ops.tuning_store`). Measured only on CUDA tensors outside CUDA graph capture: elsewhere (the interpreter, a capture
 with no choice made yet) the fused kernel runs, and nothing is recorded. Each strategy writes the
 whole output, so a measured run leaves the output of the last one, which is then recomputed by
 the winner: what a call returns never depends on what was timed.
@@ -17,6 +18,7 @@ the winner: what a call returns never depends on what was timed.
 
 import torch
 
+from lorakernels.ops import tuning_store
 from lorakernels.plan import BaseGemm, has_tma
 
 _CHOSEN = {}  # kind -> BaseGemm
@@ -53,13 +55,17 @@ def run_chosen(kind, device, options, run):
     chosen = _CHOSEN.get(kind)
     if chosen is None:
         options = options()
-        if len(options) == 1 or not _measurable(device):
+        stored = tuning_store.stored_strategy(kind, device) if len(options) > 1 else None
+        if stored in {option.value for option in options}:  # a strategy this pass can take
+            chosen = _CHOSEN[kind] = BaseGemm(stored)
+        elif len(options) == 1 or not _measurable(device):
             chosen = options[0]
             if device.type != "cuda":  # never measurable there (a capture, though, ends)
                 _CHOSEN[kind] = chosen
         else:
             timings = {option: time_ms(lambda option=option: run(option)) for option in options}
             chosen = _CHOSEN[kind] = min(options, key=timings.__getitem__)
+            tuning_store.store_strategy(kind, device, chosen.value)
     run(chosen)
     return chosen
 

@@ -36,7 +36,7 @@ from lorakernels.kernels.forward import f1_dropout_down_kernel, f2_forward_gemm_
     f2_forward_gemm_tma_kernel
 from lorakernels.kernels.merge import merge_kernel
 from lorakernels.operands import DenseWeight, FourBitWeight
-from lorakernels.ops import configs
+from lorakernels.ops import configs, tuning_store
 from lorakernels.plan import interpreter_hint, interpreting
 
 
@@ -178,13 +178,15 @@ class KernelSpec:
         combos = (dict(zip(names, values)) for values in itertools.product(*self.flags.values()))
         return [c for c in combos if self.valid_flags(c, r_pad)]
 
-    def _check_devices(self, arguments):
-        """Compiled kernels take CUDA tensors (the interpreter, CPU tensors). The callers put every
-        operand on one device (validated at the public boundary), so the first tensor tells."""
+    def _device(self, arguments):
+        """The launch's device, checked: compiled kernels take CUDA tensors (the interpreter, CPU
+        tensors). The callers put every operand on one device (validated at the public boundary),
+        so the first tensor tells."""
         first = arguments[0].base if isinstance(arguments[0], TensorDescriptor) else arguments[0]
         if not interpreting() and first.device.type != "cuda":
             raise ValueError(f"{self.code} ({self.name}) runs on CUDA tensors; got tensors on "
                              f"{first.device} ({interpreter_hint()})")
+        return first.device
 
     def activation_bytes(self, values):
         """Element size of the activations (what the configs are chosen by); 4 without any."""
@@ -254,15 +256,16 @@ class KernelSpec:
         if interpreting():
             ensure_interpreter_fixes()  # bf16 would be garbage without them (lorakernels._interpreter)
         arguments = self._descriptors(arguments, values)
-        self._check_devices(arguments)
+        device = self._device(arguments)
         constexprs = {n: values[n] for n in (*self.flags, *self.case_constexprs)}
         elem_bytes = self.config_bytes(self.activation_bytes(values), constexprs)
         r_pad = constexprs.get("R_PAD")
         chosen = config if config is not None else self.pick_config(arguments, elem_bytes, r_pad)
         if chosen == "autotune":
-            tuner = self.autotuner(values["M"], elem_bytes, r_pad)
+            tuner = self.autotuner(values["M"], elem_bytes, r_pad, device)
             compiled = tuner[grid](*arguments, **constexprs)
             meta = dict(tuner.best_config.kwargs)
+            tuning_store.store_autotuner(self._tuner_id(values["M"], elem_bytes, r_pad), tuner, device)
         else:
             meta = {k: v for k, v in chosen.items() if k not in ("num_warps", "num_stages")}
             self._set_desc_blocks({**dict(zip((a.name for a in self.args), arguments)), **meta})
@@ -301,8 +304,9 @@ class KernelSpec:
             self._fixed[(elem_bytes, r_pad)] = config
         return config
 
-    def autotuner(self, M, elem_bytes, r_pad=None):
-        """The autotuner for launches with M rows: one per (token bucket, activation size, rank).
+    def autotuner(self, M, elem_bytes, r_pad=None, device=None):
+        """The autotuner for launches with M rows: one per (token bucket, activation size, rank),
+        starting from the configs the tuning store holds for it on `device` (`ops.tuning_store`).
 
         The best tile for 512 tokens is not the best for 16k, and an autotune key can only name
         kernel arguments (M itself would retune at every new sequence length); the compiled
@@ -314,8 +318,14 @@ class KernelSpec:
             candidates = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
                                         num_warps=c["num_warps"], num_stages=c["num_stages"], pre_hook=hook)
                           for c in self.configs(elem_bytes, r_pad)]
-            self._autotuners[key] = triton.autotune(configs=candidates, key=list(self.autotune_key))(self.kernel)
+            tuner = triton.autotune(configs=candidates, key=list(self.autotune_key))(self.kernel)
+            tuning_store.prefill_autotuner(self._tuner_id(M, elem_bytes, r_pad), tuner, device)
+            self._autotuners[key] = tuner
         return self._autotuners[key]
+
+    def _tuner_id(self, M, elem_bytes, r_pad):
+        """The name of an autotuner in the tuning store: the kernel and `autotuner`'s key."""
+        return f"{self.code}/bucket{token_bucket(M)}/elem{elem_bytes}/rpad{r_pad}"
 
     def _set_desc_blocks(self, named):
         """Give every descriptor argument in `named` (arguments and config constexprs by name) the
