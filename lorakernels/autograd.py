@@ -155,7 +155,8 @@ class SavedState(NamedTuple):
     x: the input [M, K], only when lora_A needs a gradient (dA = s (dY B)^T dropout(X)).
     base: the `BaseOpArgs` of W, for dX. lora_A, lora_B: the adapter.
     u: U = dropout(X) A^T [M, R] fp32, only when lora_B needs a gradient (dB = s dY^T U).
-    scalars: the scalar pack [seed, scaling, p].
+    scalars: the scalar pack [seed, scaling, p] (the custom ops), or the tuple (seed, scaling, p)
+    (eager autograd, which keeps Python numbers on ctx instead of a tensor).
     segments: several adapters in one batch (`Segments`), or None. U is then [M, max_rank].
     seed: the dropout seed as a one-element tensor on the device (`device_seed`), which then
     replaces the pack's; or None.
@@ -166,7 +167,7 @@ class SavedState(NamedTuple):
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     u: Optional[torch.Tensor]
-    scalars: torch.Tensor
+    scalars: object
     segments: Optional[Segments] = None
     seed: Optional[torch.Tensor] = None
 
@@ -178,8 +179,11 @@ class SavedState(NamedTuple):
 
     def save(self, ctx, plan, has_bias):
         *segment_tensors, max_rank = segment_args(self.segments)
+        scalar_pack = self.scalars if isinstance(self.scalars, torch.Tensor) else None
+        if scalar_pack is None:
+            ctx.scalar_values = self.scalars
         ctx.save_for_backward(self.x, self.base.weight, self.base.absmax, self.base.table, self.base.nested,
-                              self.lora_A, self.lora_B, self.u, self.scalars, *segment_tensors, self.seed)
+                              self.lora_A, self.lora_B, self.u, scalar_pack, *segment_tensors, self.seed)
         ctx.segment_max_rank = max_rank
         ctx.blocksizes = (self.base.blocksize, self.base.nested_blocksize)
         ctx.plan = plan
@@ -188,6 +192,8 @@ class SavedState(NamedTuple):
     @classmethod
     def load(cls, ctx):
         x, weight, absmax, table, nested, lora_A, lora_B, u, scalars, *segments, seed = ctx.saved_tensors
+        if scalars is None:
+            scalars = ctx.scalar_values
         if lora_A is None and getattr(ctx, "parts", None) is not None:  # `EagerLoRALinear`'s parts
             lora_A, lora_B = ctx.parts.concatenated()
         blocksize, nested_blocksize = ctx.blocksizes
@@ -204,7 +210,7 @@ def _autocast_off(device_type):
 
 def _adapter(lora_A, lora_B, scalars, segments=None, seed=None):
     """The `Adapter` of the scalar pack's values; a device seed tensor, where given, replaces the pack's seed."""
-    pack_seed, scaling, dropout_p = unpack_scalars(scalars)
+    pack_seed, scaling, dropout_p = scalars if type(scalars) is tuple else unpack_scalars(scalars)
     return Adapter(lora_A, lora_B, scaling, dropout_p, pack_seed if seed is None else seed, segments)
 
 
@@ -377,11 +383,13 @@ lora_linear_forward_op.register_autograd(_op_backward, setup_context=_setup_cont
 class EagerCall(NamedTuple):
     """What an eager call passes through autograd besides the tensors autograd tracks: its
     `LaunchPlan`, the base weight's `BaseOpArgs` (its .weight is the `weight` argument), the
-    several-adapter `Segments` (or None) and, with segments, the (adapter index, lora_A, lora_B)
-    triples whose factors lora_A and lora_B concatenate (or None)."""
+    scalars (seed, scaling, dropout_p) as Python numbers (no scalar pack: a tensor built per call
+    and read back costs microseconds), the several-adapter `Segments` (or None) and, with segments,
+    the (adapter index, lora_A, lora_B) triples whose factors lora_A and lora_B concatenate (or None)."""
 
     plan: LaunchPlan
     base: BaseOpArgs
+    scalars: tuple
     segments: Optional[Segments] = None
     parts: Optional[tuple] = None
     seed: Optional[torch.Tensor] = None  # a device seed (`device_seed`) replacing the scalar pack's
@@ -390,7 +398,7 @@ class EagerCall(NamedTuple):
 class EagerLoRALinear(torch.autograd.Function):
     """The same forward, backward and saved state as the custom ops, for eager mode.
 
-    apply(x, weight, bias, lora_A, lora_B, scalars, call) -> y: the custom op's tensors, then an
+    apply(x, weight, bias, lora_A, lora_B, call) -> y: the custom op's tensors, then an
     `EagerCall` with the rest (plan, base weight, segments) as objects, not flattened to the op's
     plain arguments.
 
@@ -407,9 +415,9 @@ class EagerLoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scalars, call):
-        y, u = _forward(x, call.base, bias, lora_A, lora_B, scalars, call.plan, call.segments, call.seed)
-        state = SavedState.of_forward(x, call.base, lora_A, lora_B, u, scalars, call.segments, call.seed)
+    def forward(ctx, x, weight, bias, lora_A, lora_B, call):
+        y, u = _forward(x, call.base, bias, lora_A, lora_B, call.scalars, call.plan, call.segments, call.seed)
+        state = SavedState.of_forward(x, call.base, lora_A, lora_B, u, call.scalars, call.segments, call.seed)
         if call.parts is not None:
             state = state._replace(lora_A=None, lora_B=None)
             ctx.parts = _ConcatenatedParts(call.parts)

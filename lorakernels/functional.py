@@ -115,9 +115,9 @@ def _fused(x, weight, bias, lora_A, lora_B, scaling, p, backend, base_gemm, segm
                                       *base[1:], *segment_args(segments))
     else:
         seed = _device_seed(x, segments) if p > 0 else None  # drawn on the device (graph capture), else the host's
-        scalars = pack_scalars(draw_seed() if p > 0 and seed is None else 0, scaling, p)
-        y = EagerLoRALinear.apply(rows, base.weight, bias, lora_A, lora_B, scalars,
-                                  EagerCall(plan, base, segments, parts, seed))
+        scalars = (int(draw_seed()) if p > 0 and seed is None else 0, float(scaling), float(p))
+        y = EagerLoRALinear.apply(rows, base.weight, bias, lora_A, lora_B,
+                                  EagerCall(plan, base, scalars, segments, parts, seed))
     return y if x.dim() == 2 else y.view(*x.shape[:-1], base.shape[0])
 
 

@@ -9,7 +9,7 @@ import torch
 
 import lorakernels
 from lorakernels import autograd, functional, lora_linear
-from lorakernels.autograd import BaseOpArgs, EagerCall, EagerLoRALinear, pack_scalars
+from lorakernels.autograd import BaseOpArgs, EagerCall, EagerLoRALinear
 from lorakernels.plan import resolve_plan
 from tests.utils import DEVICE, make_inputs
 
@@ -51,15 +51,15 @@ def test_a_device_seed_gives_the_mask_of_the_same_seed_on_the_host(device_seeds,
     (seed,) = seeds
     assert seed.shape == (1,) and seed.dtype == torch.int64 and seed.device == x.device
     plan = resolve_plan(x.device, backend)
-    host = pack_scalars(int(seed), 0.5, 0.3)
-    with_host_seed = _run(lambda x_, A, B: EagerLoRALinear.apply(x_, weight, bias, A, B, host,
-                                                                 EagerCall(plan, BaseOpArgs(weight))),
+    host = (int(seed), 0.5, 0.3)
+    with_host_seed = _run(lambda x_, A, B: EagerLoRALinear.apply(x_, weight, bias, A, B,
+                                                                 EagerCall(plan, BaseOpArgs(weight), host)),
                           x, lora_A, lora_B, dy)
     for name, a, b in zip(("y", "dx", "dA", "dB"), with_device_seed, with_host_seed):
         assert torch.equal(a, b), name
     # ... and that mask is a real draw: another seed gives another output.
-    other = pack_scalars(int(seed) + 1, 0.5, 0.3)
-    y_other = EagerLoRALinear.apply(x, weight, bias, lora_A, lora_B, other, EagerCall(plan, BaseOpArgs(weight)))
+    other = (int(seed) + 1, 0.5, 0.3)
+    y_other = EagerLoRALinear.apply(x, weight, bias, lora_A, lora_B, EagerCall(plan, BaseOpArgs(weight), other))
     assert not torch.equal(y_other, with_device_seed[0])
 
 
