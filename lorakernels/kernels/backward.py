@@ -134,7 +134,8 @@ def b3_adapter_grad_kernel(x_ptr, v_ptr, part_ptr, seg_ptr, seg_rank_start_ptr, 
     Grid: (cdiv(K, BLOCK_K), S, number of segments; 1 without).
     """
     dot_dtype: tl.constexpr = tl.float32 if RANK_FP32 else x_ptr.dtype.element_ty
-    cols = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col0 = tl.program_id(0).to(tl.int64) * BLOCK_K
+    cols = col0 + tl.arange(0, BLOCK_K)
     split = tl.program_id(1).to(tl.int64)
     ranks = tl.arange(0, R_PAD)
     col_ok = cols < K
@@ -156,13 +157,13 @@ def b3_adapter_grad_kernel(x_ptr, v_ptr, part_ptr, seg_ptr, seg_rank_start_ptr, 
             rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
             row_ok = rows < row_end
             row_ok = row_ok & (tl.load(seg_ptr + rows, mask=row_ok, other=-1) == segment)
-            acc = _adapter_grad_step(acc, x_ptr, v_ptr, rows, cols, ranks, row_ok, col_ok, rank_ok, stride_xm,
+            acc = _adapter_grad_step(acc, x_ptr, v_ptr, rows, col0, cols, ranks, row_ok, col_ok, rank_ok, stride_xm,
                                      stride_vm, seed, p, HAS_DROPOUT, dot_dtype, RANK_PRECISION)
     else:
         for m0 in range(row_start, row_end, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
             row_ok = rows < row_end
-            acc = _adapter_grad_step(acc, x_ptr, v_ptr, rows, cols, ranks, row_ok, col_ok, rank_ok, stride_xm,
+            acc = _adapter_grad_step(acc, x_ptr, v_ptr, rows, col0, cols, ranks, row_ok, col_ok, rank_ok, stride_xm,
                                      stride_vm, seed, p, HAS_DROPOUT, dot_dtype, RANK_PRECISION)
     if SEGMENTED:
         acc = acc * tl.load(seg_scale_ptr + segment)
@@ -171,10 +172,10 @@ def b3_adapter_grad_kernel(x_ptr, v_ptr, part_ptr, seg_ptr, seg_rank_start_ptr, 
 
 
 @triton.jit
-def _adapter_grad_step(acc, x_ptr, v_ptr, rows, cols, ranks, row_ok, col_ok, rank_ok, stride_xm, stride_vm, seed, p,
-                       HAS_DROPOUT: tl.constexpr, dot_dtype: tl.constexpr, RANK_PRECISION: tl.constexpr):
+def _adapter_grad_step(acc, x_ptr, v_ptr, rows, col0, cols, ranks, row_ok, col_ok, rank_ok, stride_xm, stride_vm, seed,
+                       p, HAS_DROPOUT: tl.constexpr, dot_dtype: tl.constexpr, RANK_PRECISION: tl.constexpr):
     """acc + V[rows]^T @ Xd[rows, cols] for one block of B3's rows."""
-    x = load_dropped(x_ptr, rows, cols, stride_xm, row_ok[:, None] & col_ok[None, :], seed, p, HAS_DROPOUT,
+    x = load_dropped(x_ptr, rows, col0, cols, stride_xm, row_ok[:, None] & col_ok[None, :], seed, p, HAS_DROPOUT,
                      dot_dtype)
     v_t = tl.load(v_ptr + rows[None, :] * stride_vm + ranks[:, None],
                   mask=rank_ok[:, None] & row_ok[None, :], other=0.0)

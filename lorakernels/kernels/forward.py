@@ -75,7 +75,8 @@ def _down_step(acc, x_ptr, a_ptr, rows, ranks, row_ok, rank_ok, k0, K, stride_xm
     """acc + Xd[rows, k0:k0 + BLOCK_K] @ A[:, k0:k0 + BLOCK_K]^T: one step of F1's pass over X."""
     cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
     col_ok = cols < K
-    x = load_dropped(x_ptr, rows, cols, stride_xm, row_ok[:, None] & col_ok[None, :], seed, p, HAS_DROPOUT, dot_dtype)
+    x = load_dropped(x_ptr, rows, k0, cols, stride_xm, row_ok[:, None] & col_ok[None, :], seed, p, HAS_DROPOUT,
+                     dot_dtype)
     a_t = tl.load(a_ptr + ranks[None, :] * stride_am + cols[:, None], mask=col_ok[:, None] & rank_ok[None, :],
                   other=0.0)
     return rank_dot(x, a_t.to(dot_dtype), acc, RANK_PRECISION)

@@ -108,17 +108,18 @@ def gemm_main_loop(acc, a_ptr, stride_am, w_ptr, stride_wn, scale_ptr, table_ptr
 
 @triton.jit
 def rank_term_tile(p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, seg_ptr, seg_rank_start_ptr, seg_scale_ptr, rows,
-                   outs, row_ok, out_ok, R, scaling, seed, p, dot_dtype: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                   out0, outs, row_ok, out_ok, R, scaling, seed, p, dot_dtype: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                    SEGMENTED: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_RANK: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The rank-R term of one output tile in a tile of its own, dropout-masked with HAS_DROPOUT
-    (B2: the mask of X's element (row, column) regenerated from the seed)."""
+    (B2: the mask of X's element (row, column) regenerated from the seed).
+    outs: out0 + tl.arange(0, BLOCK_N), out0 a multiple of BLOCK_N (hence of 4, `dropout_keep`)."""
     acc = add_rank_term(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), p_ptr, stride_pm, q_ptr, stride_qr, stride_qc,
                         seg_ptr, seg_rank_start_ptr, seg_scale_ptr, rows, outs, row_ok, out_ok, R, scaling,
                         dot_dtype, SEGMENTED, INPUT_PRECISION, SPLIT_RANK)
     if HAS_DROPOUT:
         p = tl.cast(p, tl.float32)
-        keep = dropout_keep(seed, rows, outs, p)
+        keep = dropout_keep(seed, rows, out0, p, BLOCK_N)
         acc = tl.where(keep, acc * keep_scale(p), 0.0)
     return acc
 
@@ -166,7 +167,8 @@ def fused_gemm_tile(a_ptr, stride_am, w_ptr, stride_wn, scale_ptr, table_ptr, qu
     """
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N_OUT, BLOCK_N), GROUP_M)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    outs = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    out0 = pid_n.to(tl.int64) * BLOCK_N
+    outs = out0 + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     out_ok = outs < N_OUT
     if a_ptr.dtype.element_ty == tl.float32:
@@ -183,12 +185,13 @@ def fused_gemm_tile(a_ptr, stride_am, w_ptr, stride_wn, scale_ptr, table_ptr, qu
                                 INPUT_PRECISION, SPLIT_RANK)
         else:  # B2: in a tile of its own, which the dropout mask applies to
             acc += rank_term_tile(p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, seg_ptr, seg_rank_start_ptr,
-                                  seg_scale_ptr, rows, outs, row_ok, out_ok, R, scaling, seed, p, tl.float32,
+                                  seg_scale_ptr, rows, out0, outs, row_ok, out_ok, R, scaling, seed, p, tl.float32,
                                   HAS_DROPOUT, SEGMENTED, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N)
     else:
         acc = rank_term_tile(p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, seg_ptr, seg_rank_start_ptr,
-                             seg_scale_ptr, rows, outs, row_ok, out_ok, R, scaling, seed, p, a_ptr.dtype.element_ty,
-                             HAS_DROPOUT, SEGMENTED, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N)
+                             seg_scale_ptr, rows, out0, outs, row_ok, out_ok, R, scaling, seed, p,
+                             a_ptr.dtype.element_ty, HAS_DROPOUT, SEGMENTED, INPUT_PRECISION, SPLIT_RANK, BLOCK_M,
+                             BLOCK_N)
         if BASE_GEMM:
             acc = gemm_main_loop(acc, a_ptr, stride_am, w_ptr, stride_wn, scale_ptr, table_ptr, quant_shift, rows,
                                  outs, row_ok, out_ok, K_RED, REDUCE_OVER_K, WEIGHT_4BIT, INPUT_PRECISION, BLOCK_K)
@@ -234,8 +237,8 @@ def fused_gemm_persistent_tma(a_desc, w_desc, p_ptr, stride_pm, q_ptr, stride_qr
         row_ok = rows < M
         out_ok = outs < N_OUT
         acc = rank_term_tile(p_ptr, stride_pm, q_ptr, stride_qr, stride_qc, seg_ptr, seg_rank_start_ptr,
-                             seg_scale_ptr, rows, outs, row_ok, out_ok, R, scaling, seed, p, a_desc.dtype, HAS_DROPOUT,
-                             SEGMENTED, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N)
+                             seg_scale_ptr, rows, off_n, outs, row_ok, out_ok, R, scaling, seed, p, a_desc.dtype,
+                             HAS_DROPOUT, SEGMENTED, INPUT_PRECISION, SPLIT_RANK, BLOCK_M, BLOCK_N)
         for k0 in range(0, K_RED, BLOCK_K):
             a = a_desc.load([off_m, k0])
             acc = tl.dot(a, load_weight_tile_tma(w_desc, k0, off_n, REDUCE_OVER_K), acc,
