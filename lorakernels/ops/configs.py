@@ -153,7 +153,8 @@ def b2_unaligned_config(elem_bytes):
 
 
 # The rank-R kernels keep an fp32 [BLOCK, R_PAD] accumulator in registers: past rank 64 they
-# use 8 warps and 32-row tiles so that it and the V/U tiles fit without spills. fp32
+# use 8 warps and 32-row tiles so that it and the V/U tiles fit without spills (one exception,
+# measured: B3 with fp32 rank math at rank 256, see `b3_configs`). fp32
 # activations halve the K/N tile so that tiles (and the Philox work on them) cost the same
 # registers. Each choice here was checked for spills by the build gate.
 INTERPRETER_RANK_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
@@ -188,7 +189,12 @@ def b3_configs(elem_bytes, r_pad):
     """B3: dA and (at large ranks) dB^T partials, V^T Xd over slices of rows."""
     if elem_bytes == 2:
         return [{"BLOCK_M": 64 if r_pad <= 64 else 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}]
-    return [{"BLOCK_M": 32 if r_pad <= 64 else 16, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}]
+    # Rank 256 takes 4 warps: with 8, ptxas (triton 3.9) fitted the TF32 segmented kernel into 128
+    # registers on sm_80 with an 8 B spill once the dropout mask cost one Philox call per 4 elements
+    # (164 registers, no spill, at one call per element); with 4: 158-192 registers, no spill, on
+    # sm_80 and sm_90 (build gate).
+    return [{"BLOCK_M": 32 if r_pad <= 64 else 16, "BLOCK_K": 32, "num_warps": 4 if r_pad > 128 else 8,
+             "num_stages": 2}]
 
 
 # dB joins B1's pass over dY up to this padded rank. Its partials cost 2 x (M / BLOCK_M) x N x R x 4
