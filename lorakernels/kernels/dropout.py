@@ -42,13 +42,13 @@ def dropout_keep(seed, rows, col0, p, BLOCK_COLS: tl.constexpr):
     caller's tile has, so no layout conversion is needed. i // 4 and i % 4 are constants of each
     register of a thread, so the elements of one group that a thread holds call Philox with
     identical arguments and the compiler keeps one call. A thread that holds 4 consecutive
-    columns (the loaded tiles of F1, B3 and the mask kernel: 8 x 16-bit or 4 x 32-bit) pays one
-    call per 4 elements; one that holds column pairs (B2's MMA accumulator tile, sm_80 and sm_90)
-    one per 2. sm_90 builds, PTX mul.hi.u32 per element and thread (Philox-10: 20 per call, fewer
-    where rows or columns repeat): 14 -> 4 in F1 and B3, 14.5 -> 8 in B2. A [BM, BLOCK_COLS // 4]
-    tile of calls interleaved with tl.join and tl.reshape costs the same in F1, but B2's
-    epilogue then converted the mask to the accumulator's layout through shared memory and B3
-    spilled 16 B on sm_90.
+    columns (the tiles F1, B3 and the mask kernel load 16 bytes at a time) pays one call per 4
+    elements; one that holds column pairs (B2's MMA accumulator tile on sm_80 and sm_90, B3's
+    16 x 32 fp32 tile) one per 2. sm_90 builds, PTX mul.hi.u32 per element and thread
+    (Philox-10: 20 per call, fewer where rows or columns repeat): 14 -> 4 in F1 and B3, 14.5 -> 8
+    in B2. A [BM, BLOCK_COLS // 4] tile of calls interleaved with tl.join and tl.reshape costs
+    the same in F1, but B2's epilogue then converted the mask to the accumulator's layout
+    through shared memory and B3 spilled 16 B on sm_90.
     """
     tl.static_assert(BLOCK_COLS % 4 == 0, "dropout_keep: BLOCK_COLS must be a multiple of 4")
     seed = load_seed(seed)
