@@ -32,8 +32,9 @@ def rank_dot(a, b, acc, INPUT_PRECISION: tl.constexpr):
     a step at a time, only BLOCK products are, at one extra add per BLOCK FMAs. In place, fp32 y
     came out 1.4-2x PEFT's error through U (K = 97, tests/gpu_dots.py's model of the FMA dot);
     a step at a time 0.6-1.5x there (PEFT's CPU GEMM sums a short reduction in vector lanes) and
-    0.7-1.1x at K >= 1024. Tensor-core dots (16-bit, TF32) accumulate in place: the rounding of
-    their operands dominates.
+    0.7-1.1x at K >= 1024. F1 halves its fp32 steps further (`forward._down_step`: two 16-deep
+    chains per 32-column step). Tensor-core dots (16-bit, TF32) accumulate in place: the rounding
+    of their operands dominates.
     """
     if a.dtype == tl.float32 and INPUT_PRECISION == "ieee":
         acc += tl.dot(a, b, input_precision=INPUT_PRECISION)
