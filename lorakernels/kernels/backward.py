@@ -219,7 +219,15 @@ def reduce_partials_kernel(part_ptr, out_ptr, num_parts, numel, cols, stride_ot,
         part_ptrs += numel
     out_offs = offs
     if TRANSPOSED:
-        out_offs = (offs % cols) * stride_ot + offs // cols
+        # Element (i, j) of a [rows, cols] partial goes to j * stride_ot + i; in 32 bits where a
+        # partial holds fewer than 2**31 elements (numel then arrives as an int32): a 64-bit
+        # division by a runtime value compiles to a subroutine call (8 B of stack on sm_90 under
+        # triton 3.6, build gate).
+        if numel.dtype == tl.int32:
+            small = offs.to(tl.int32)
+            out_offs = (small % cols) * stride_ot + small // cols
+        else:
+            out_offs = (offs % cols) * stride_ot + offs // cols
     tl.store(out_ptr + out_offs, (acc * tl.cast(scaling, tl.float32)).to(out_ptr.dtype.element_ty), mask=ok)
 
 
