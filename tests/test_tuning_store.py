@@ -89,6 +89,7 @@ def test_nothing_is_written_without_the_variable(timings, tmp_path, monkeypatch)
     tuning_store.forget_loaded()
     _call(33)
     assert list(tmp_path.iterdir()) == []
+    assert tuning_store._store(torch.device("cpu")) == (None, None) and tuning_store._STORES == {}
 
 
 class _Tuner:

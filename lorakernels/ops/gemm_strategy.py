@@ -10,10 +10,10 @@ term, and on Hopper the TMA-persistent fused kernel where TMA can address the op
 base has one strategy (the 4-bit fused kernel).
 
 With LORAKERNELS_TUNING_CACHE set, each choice measured is kept on disk and later processes start
-from it (`ops.tuning_store`). Measured only on CUDA tensors outside CUDA graph capture: elsewhere (the interpreter, a capture
-with no choice made yet) the fused kernel runs, and nothing is recorded. Each strategy writes the
-whole output, so a measured run leaves the output of the last one, which is then recomputed by
-the winner: what a call returns never depends on what was timed.
+from it (`ops.tuning_store`). Measured only on CUDA tensors outside CUDA graph capture: elsewhere
+(the interpreter, a capture with no choice made yet) the fused kernel runs, and nothing is
+recorded. Each strategy writes the whole output, so a measured run leaves the output of the last
+one, which is then recomputed by the winner: what a call returns never depends on what was timed.
 """
 
 import torch
